@@ -1,0 +1,55 @@
+# Periscope: the two commands a newcomer needs are `make demo` and `make test`.
+# Everything else is a step of those, runnable on its own.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-fast bench kafka-fetch kafka-up kafka-down kafka-status clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install the pinned dependencies
+
+$(STAMP): requirements.txt
+	@command -v java >/dev/null || { echo "error: java (17+) is needed for Kafka and Spark: apt-get install openjdk-17-jre-headless"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@touch $@
+
+demo: setup  ## train the model, build master data and batch views from the sample, print a summary
+	$(PY) train_model.py
+	$(PY) batch_processor.py
+	@echo
+	@echo "== what the demo made =="
+	$(PY) -m periscope.summary
+
+test: setup kafka-fetch  ## run every test: unit, property and integration against real services
+	$(PY) -m pytest
+
+test-fast: setup  ## only the tests that need no broker
+	$(PY) -m pytest -m "not kafka"
+
+bench: setup  ## run the benchmarks (minutes; see docs/BENCHMARKS.md)
+	$(PY) bench/bench_model.py
+	$(PY) bench/bench_batch.py
+
+kafka-fetch: setup  ## fetch the Apache Kafka jars with Maven (once)
+	$(PY) -m periscope.kafka_local fetch
+
+kafka-up: setup  ## start the local Kafka broker on 127.0.0.1:9092 and create the topics
+	$(PY) -m periscope.kafka_local start
+
+kafka-down:  ## stop the local Kafka broker (only the one this project started)
+	$(PY) -m periscope.kafka_local stop
+
+kafka-status:  ## is the broker up?
+	$(PY) -m periscope.kafka_local status
+
+clean:  ## stop the broker, remove everything the pipeline made (model, data, local state); keep .venv
+	-[ -x $(PY) ] && $(PY) -m periscope.kafka_local stop
+	rm -rf model data/master data/views data/speed var test-artifacts

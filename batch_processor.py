@@ -1,0 +1,314 @@
+"""The batch layer: immutable Avro master data in, versioned Parquet batch views out.
+
+In the Lambda architecture the batch layer owns the truth. It appends raw
+trips to the *master dataset* — Avro files that are never edited — and
+periodically recomputes every *batch view* from all of it, so a bug fixed or a
+cleaning rule changed is corrected everywhere by the next run. Each run
+publishes a complete new version atomically; the dashboard adds the speed
+layer's recent trips on top of it.
+
+Commands::
+
+    python batch_processor.py                    # import the sample (once) + recompute + publish
+    python batch_processor.py import FILE ...    # append CSV history to master data
+    python batch_processor.py recompute          # recompute and publish the views
+    python batch_processor.py status             # what master data and views hold
+
+Importing is idempotent: a source is identified by its SHA-256, so importing
+the same file twice adds nothing. A recompute is a map-reduce over master
+files: each worker turns a file into small mergeable views (see
+``periscope.views``) chunk by chunk, so memory does not grow with the data;
+the parts are merged and written as ``data/views/vNNNNNN/`` with a manifest,
+then ``data/views/current.json`` is switched to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from periscope import config, views
+from periscope.schema import RULE_NAMES, first_broken_rule
+from periscope.sources import CsvLayoutError, LoadReport, iter_trip_chunks
+from periscope.storage import (
+    avro_metadata,
+    current_version,
+    file_sha256,
+    frame_to_records,
+    iter_avro_columns,
+    locked,
+    master_files,
+    publish_dir,
+    read_json,
+    read_version,
+    write_avro,
+    write_version,
+)
+
+PART_ROWS = 250_000
+READ_CHUNK_ROWS = 100_000
+KEEP_VERSIONS = 5
+
+
+# --- import: CSV history -> master data ------------------------------------------------
+
+
+@dataclass
+class ImportResult:
+    source: Path
+    target: Path
+    added: bool
+    rows: int
+    report: dict
+
+
+def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS) -> ImportResult:
+    """Append a Kaggle CSV to the master dataset, unless this exact content is already there.
+
+    Well-formed rows are stored as they are, outliers included (the cleaning
+    rules apply when views are computed); malformed rows are counted in the
+    import report. The files appear all at once, under ``csv/<sha256>/``.
+    """
+    path = Path(path)
+    digest = file_sha256(path)
+    target = master_dir / "csv" / digest[:24]
+    if target.exists():
+        return ImportResult(path, target, False, int(read_json(target / "import.json")["rows"]), {})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with locked(master_dir):
+        if target.exists():
+            return ImportResult(path, target, False, int(read_json(target / "import.json")["rows"]), {})
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            report = LoadReport(source=str(path))
+            rows = 0
+            for part, chunk in enumerate(iter_trip_chunks(path, report, chunk_rows=part_rows)):
+                metadata = {"kind": "csv", "source": path.name, "source_sha256": digest, "part": part, "rows": len(chunk)}
+                write_avro(staging / f"part-{part:05d}.avro", frame_to_records(chunk), metadata)
+                rows += len(chunk)
+            summary = {"source": str(path), "sha256": digest, "rows": rows, "load_report": report.as_dict(),
+                       "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            (staging / "import.json").write_text(json.dumps(summary, indent=2))
+            publish_dir(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return ImportResult(path, target, True, rows, report.as_dict())
+
+
+# --- recompute: master data -> batch views ---------------------------------------------
+
+
+@dataclass
+class FileSummary:
+    """One master file reduced to mergeable views and counts (a worker's output)."""
+
+    path: Path
+    metadata: dict[str, str]
+    rows: int = 0
+    clean_rows: int = 0
+    broken_rules: Counter = field(default_factory=Counter)
+    views: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+
+def summarise_file(path: Path, chunk_rows: int = READ_CHUNK_ROWS) -> FileSummary:
+    """Read one master file chunk by chunk: apply the cleaning rules, aggregate every view."""
+    summary = FileSummary(path=path, metadata=avro_metadata(path))
+    parts: list[dict[str, pd.DataFrame]] = []
+    for columns in iter_avro_columns(path, chunk_rows):
+        broken = first_broken_rule(columns)
+        keep = broken < 0
+        summary.rows += len(keep)
+        summary.clean_rows += int(keep.sum())
+        for index, count in zip(*np.unique(broken[~keep], return_counts=True)):
+            summary.broken_rules[RULE_NAMES[index]] += int(count)
+        parts.append(views.aggregate({name: values[keep] for name, values in columns.items()}))
+    summary.views = views.merge(*parts)
+    return summary
+
+
+def summarise_all(files: list[Path], workers: int, progress: bool = True) -> list[FileSummary]:
+    """Map ``summarise_file`` over master files on ``workers`` processes."""
+    if workers <= 1 or len(files) <= 1:
+        results = map(summarise_file, files)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(summarise_file, files)
+    summaries: list[FileSummary] = []
+    last_print = time.monotonic()
+    try:
+        for summary in results:
+            summaries.append(summary)
+            now = time.monotonic()
+            if progress and (now - last_print >= 1.0 or len(summaries) == len(files)) and len(files) > 1:
+                rows = sum(s.rows for s in summaries)
+                print(f"  read {len(summaries)}/{len(files)} master files, {rows:,} trips", flush=True)
+                last_print = now
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return summaries
+
+
+def stream_watermark(summaries: list[FileSummary]) -> dict[str, int]:
+    """Highest Kafka offset per partition covered by stream files (empty for CSV-only data)."""
+    watermark: dict[str, int] = {}
+    for summary in summaries:
+        meta = summary.metadata
+        if meta.get("kind") == "stream":
+            partition, last = meta["kafka_partition"], int(meta["kafka_last_offset"])
+            watermark[partition] = max(last, watermark.get(partition, -1))
+    return dict(sorted(watermark.items(), key=lambda item: int(item[0])))
+
+
+def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progress: bool = True) -> dict:
+    """Recompute every view from the whole master dataset and publish a new version.
+
+    Returns the manifest of the published version.
+    """
+    started = time.perf_counter()
+    files = master_files(master_dir)
+    if progress:
+        print(f"recomputing batch views from {len(files)} master files with {workers} worker(s)", flush=True)
+    summaries = summarise_all(files, workers, progress)
+    read_done = time.perf_counter()
+    batch_views = views.merge(*(s.views for s in summaries))
+    merge_done = time.perf_counter()
+    rules = Counter()
+    for summary in summaries:
+        rules.update(summary.broken_rules)
+    manifest = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "engine": "python",
+        "watermark": stream_watermark(summaries),
+        "rows": {
+            "master": sum(s.rows for s in summaries),
+            "clean": sum(s.clean_rows for s in summaries),
+            "views": {name: len(frame) for name, frame in batch_views.items()},
+        },
+        "cleaning": {name: rules.get(name, 0) for name in RULE_NAMES},
+        "input_files": [
+            {**s.metadata, "path": str(s.path.relative_to(master_dir)), "rows": s.rows} for s in summaries
+        ],
+        "timings_s": {
+            "read_and_aggregate": round(read_done - started, 3),
+            "merge": round(merge_done - read_done, 3),
+        },
+    }
+    return write_version(views_dir, batch_views, manifest, keep)
+
+
+# --- command line ------------------------------------------------------------------------
+
+
+def print_import(result: ImportResult) -> None:
+    if not result.added:
+        print(f"{result.source}: already in master data ({result.rows:,} trips in {result.target}); nothing added")
+        return
+    report = result.report
+    print(f"{result.source}: imported {result.rows:,} trips into {result.target} "
+          f"({report['rows_malformed']:,} malformed rows rejected)")
+    for reason, count in report["malformed"].items():
+        print(f"  malformed  {reason:<30} {count:>9,}")
+    for example in report["examples"]:
+        print(f"  e.g. {example}")
+
+
+def print_manifest(manifest: dict) -> None:
+    rows = manifest["rows"]
+    print(f"published batch version {manifest['version']}: {rows['master']:,} master trips, "
+          f"{rows['clean']:,} pass the cleaning rules, {len(manifest['input_files'])} input files")
+    for name, count in manifest["cleaning"].items():
+        if count:
+            print(f"  rule       {name:<30} {count:>9,} removed")
+    print("  views: " + ", ".join(f"{name} ({count:,} rows)" for name, count in rows["views"].items()))
+    print(f"  watermark: {manifest['watermark'] or 'none (no stream data yet)'}")
+    timings = manifest["timings_s"]
+    print(f"  took {sum(timings.values()):.2f} s (read+aggregate {timings['read_and_aggregate']:.2f} s, "
+          f"merge {timings['merge']:.2f} s, write {timings['write']:.2f} s)")
+
+
+def print_status(master_dir: Path, views_dir: Path) -> None:
+    files = master_files(master_dir)
+    print(f"master data: {len(files)} files under {master_dir}")
+    version = current_version(views_dir)
+    if version is None:
+        print(f"batch views: none yet in {views_dir} (run `python batch_processor.py recompute`)")
+        return
+    _, manifest = read_version(views_dir, version)
+    print(f"batch views: current version {version} in {views_dir}, created {manifest['created_at']}, "
+          f"{manifest['rows']['clean']:,} clean trips, watermark {manifest['watermark'] or 'none'}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Batch layer: import CSV history into Avro master data, recompute and publish Parquet views.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--master-dir", type=Path, default=config.MASTER_DIR,
+                        help="Avro master dataset (env PERISCOPE_MASTER_DIR)")
+    parser.add_argument("--views-dir", type=Path, default=config.VIEWS_DIR,
+                        help="published batch views (env PERISCOPE_VIEWS_DIR)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     help="run (default), import, recompute or status")
+
+    def recompute_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                         help="processes reading master files in parallel")
+        sub.add_argument("--keep", type=int, default=KEEP_VERSIONS, help="published versions to keep")
+
+    run = commands.add_parser("run", help="import --input (once) then recompute",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--input", type=Path, default=config.SAMPLE_CSV, help="CSV history to import first")
+    recompute_flags(run)
+    imp = commands.add_parser("import", help="append CSV files to the master dataset",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    imp.add_argument("files", type=Path, nargs="+", metavar="FILE", help="Kaggle-layout CSV, plain or .gz")
+    imp.add_argument("--part-rows", type=int, default=PART_ROWS, help="trips per master file")
+    recompute_flags(commands.add_parser("recompute", help="recompute all views and publish a new version",
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    commands.add_parser("status", help="show master data and the current batch version")
+
+    parser.set_defaults(command="run", input=config.SAMPLE_CSV, workers=os.cpu_count() or 1, keep=KEEP_VERSIONS)
+    args = parser.parse_args(argv)
+    if getattr(args, "workers", 1) < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if getattr(args, "keep", 1) < 1:
+        parser.error(f"--keep must be at least 1, got {args.keep}")
+    if getattr(args, "part_rows", PART_ROWS) < 1000:
+        parser.error(f"--part-rows must be at least 1000, got {args.part_rows}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "status":
+            print_status(args.master_dir, args.views_dir)
+            return 0
+        for path in [args.input] if args.command == "run" else getattr(args, "files", []):
+            print_import(import_csv(path, args.master_dir, getattr(args, "part_rows", PART_ROWS)))
+        if args.command in ("run", "recompute"):
+            print_manifest(recompute(args.master_dir, args.views_dir, args.workers, args.keep))
+    except (FileNotFoundError, CsvLayoutError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Paths and service addresses, with environment-variable fallbacks.
+
+Every script takes its defaults from here so that one exported variable (for
+example ``PERISCOPE_DATA_DIR`` in a classroom where the repository is
+read-only) moves every layer at once.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _path_from_env(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else default
+
+
+DATA_DIR = _path_from_env("PERISCOPE_DATA_DIR", PROJECT_ROOT / "data")
+"""Shipped sample data plus everything the pipeline writes (master, views, speed)."""
+
+STATE_DIR = _path_from_env("PERISCOPE_STATE_DIR", PROJECT_ROOT / "var")
+"""Local infrastructure state: Kafka logs and data, Airflow home, pid files."""
+
+SAMPLE_CSV = _path_from_env("PERISCOPE_SAMPLE_CSV", DATA_DIR / "nyc_taxi_trip_duration_sample.csv.gz")
+MASTER_DIR = _path_from_env("PERISCOPE_MASTER_DIR", DATA_DIR / "master")
+VIEWS_DIR = _path_from_env("PERISCOPE_VIEWS_DIR", DATA_DIR / "views")
+MODEL_DIR = _path_from_env("PERISCOPE_MODEL_DIR", PROJECT_ROOT / "model")
+
+KAFKA_BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+TRIPS_TOPIC = os.environ.get("PERISCOPE_TRIPS_TOPIC", "taxi-trips")
+DLQ_TOPIC = os.environ.get("PERISCOPE_DLQ_TOPIC", "taxi-trips-dlq")

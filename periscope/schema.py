@@ -1,0 +1,307 @@
+"""The one trip schema: fields, Avro schema, parsing, validation rules.
+
+Every layer speaks about a trip in the same three shapes, converted here and
+nowhere else:
+
+* a **CSV row** in the Kaggle "NYC Taxi Trip Duration" layout (all strings);
+* a **JSON message** on the ``taxi-trips`` topic: the same eleven fields with
+  JSON types, times as ``"YYYY-MM-DD HH:MM:SS"`` (New York wall-clock time,
+  as in the Kaggle data), ``store_and_fwd_flag`` as ``"Y"``/``"N"``;
+* an **Avro record** in the master dataset, which is also the in-memory
+  "record" form: times as integer milliseconds since 1970-01-01 00:00 of the
+  same wall clock (no time zone is attached to the data, so none is invented),
+  the flag as a boolean.
+
+Validation has two stages, and every failure has a reason code:
+
+1. *parsing* (``InvalidTrip``): the value cannot be a trip at all — invalid
+   JSON, a missing field, text where a number belongs, an impossible date;
+2. *cleaning rules* (``RULES``): the trip is well formed but not plausible —
+   a one-second trip, a pickup in the Atlantic, zero passengers.
+
+The master dataset keeps every well-formed trip (raw facts are immutable;
+rules may change and views are recomputed). Views, the model's live error and
+the speed layer apply the rules, counting each rejection under the first rule
+it breaks. The rules are written once, as expressions that work on numpy
+arrays and on plain scalars alike, so the batch layer (vectorised over
+millions of rows) and the speed layer (record by record) cannot disagree.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+
+FIELDS: tuple[str, ...] = (
+    "id",
+    "vendor_id",
+    "pickup_datetime",
+    "dropoff_datetime",
+    "passenger_count",
+    "pickup_longitude",
+    "pickup_latitude",
+    "dropoff_longitude",
+    "dropoff_latitude",
+    "store_and_fwd_flag",
+    "trip_duration",
+)
+"""The Kaggle columns, in file order. Every CSV must have all of them."""
+
+INT_FIELDS = ("vendor_id", "passenger_count", "trip_duration")
+FLOAT_FIELDS = ("pickup_longitude", "pickup_latitude", "dropoff_longitude", "dropoff_latitude")
+TIME_FIELDS = ("pickup_datetime", "dropoff_datetime")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+EPOCH = datetime(1970, 1, 1)
+_MS = timedelta(milliseconds=1)
+
+AVRO_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "Trip",
+    "namespace": "periscope",
+    "doc": "One NYC yellow-cab trip, as in the Kaggle NYC Taxi Trip Duration data.",
+    "fields": [
+        {"name": "id", "type": "string", "doc": "Trip id, e.g. id2875421; the Kafka key."},
+        {"name": "vendor_id", "type": "int", "doc": "Technology provider, 1 or 2."},
+        {
+            "name": "pickup_datetime",
+            "type": "long",
+            "doc": "Event time: New York wall-clock pickup time, ms since 1970-01-01 00:00.",
+        },
+        {"name": "dropoff_datetime", "type": "long", "doc": "Same clock as pickup_datetime."},
+        {"name": "passenger_count", "type": "int"},
+        {"name": "pickup_longitude", "type": "double"},
+        {"name": "pickup_latitude", "type": "double"},
+        {"name": "dropoff_longitude", "type": "double"},
+        {"name": "dropoff_latitude", "type": "double"},
+        {"name": "store_and_fwd_flag", "type": "boolean", "doc": "Y in the source: held in the car, sent later."},
+        {"name": "trip_duration", "type": "int", "doc": "Seconds; the label the model predicts."},
+    ],
+}
+
+# --- cleaning rules ----------------------------------------------------------
+
+MIN_DURATION_S = 60
+MAX_DURATION_S = 6 * 3600
+MAX_SPEED_KMH = 120.0
+NYC_LONGITUDE = (-74.3, -73.7)
+NYC_LATITUDE = (40.5, 41.0)
+VENDORS = (1, 2)
+PASSENGERS = (1, 6)
+EARTH_RADIUS_KM = 6371.0088
+
+
+def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> Any:
+    """Great-circle distance in km; works on scalars and numpy arrays."""
+    lat1, lon1, lat2, lon2 = (np.radians(v) for v in (lat1, lon1, lat2, lon2))
+    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(a))
+
+
+def _inside(value: Any, bounds: tuple[float, float]) -> Any:
+    return (value >= bounds[0]) & (value <= bounds[1])
+
+
+def _in_nyc(lon: Any, lat: Any) -> Any:
+    return _inside(lon, NYC_LONGITUDE) & _inside(lat, NYC_LATITUDE)
+
+
+def _speed_ok(t: Mapping[str, Any]) -> Any:
+    km = haversine_km(t["pickup_latitude"], t["pickup_longitude"], t["dropoff_latitude"], t["dropoff_longitude"])
+    hours = np.maximum(t["trip_duration"], 1) / 3600.0
+    return km / hours <= MAX_SPEED_KMH
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cleaning rule: ``keep(t)`` is True for trips that pass."""
+
+    name: str
+    description: str
+    keep: Callable[[Mapping[str, Any]], Any]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("unknown_vendor", f"vendor_id is not one of {VENDORS}",
+         lambda t: (t["vendor_id"] == VENDORS[0]) | (t["vendor_id"] == VENDORS[1])),
+    Rule("duration_too_short", f"trip_duration below {MIN_DURATION_S} s (meter glitch or cancelled trip)",
+         lambda t: t["trip_duration"] >= MIN_DURATION_S),
+    Rule("duration_too_long", f"trip_duration above {MAX_DURATION_S // 3600} h (meter left running)",
+         lambda t: t["trip_duration"] <= MAX_DURATION_S),
+    Rule("duration_mismatch", "trip_duration differs from dropoff minus pickup by more than 1 s",
+         lambda t: abs(t["dropoff_datetime"] - t["pickup_datetime"] - t["trip_duration"] * 1000) <= 1000),
+    Rule("passenger_count_out_of_range", f"passenger_count outside {PASSENGERS[0]}..{PASSENGERS[1]}",
+         lambda t: _inside(t["passenger_count"], PASSENGERS)),
+    Rule("pickup_outside_nyc", f"pickup outside lon {NYC_LONGITUDE}, lat {NYC_LATITUDE}",
+         lambda t: _in_nyc(t["pickup_longitude"], t["pickup_latitude"])),
+    Rule("dropoff_outside_nyc", f"dropoff outside lon {NYC_LONGITUDE}, lat {NYC_LATITUDE}",
+         lambda t: _in_nyc(t["dropoff_longitude"], t["dropoff_latitude"])),
+    Rule("implausible_speed", f"straight-line speed above {MAX_SPEED_KMH:.0f} km/h (GPS error)",
+         _speed_ok),
+)
+RULE_NAMES: tuple[str, ...] = tuple(rule.name for rule in RULES)
+
+
+def first_broken_rule(columns: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Index into ``RULES`` of the first rule each trip breaks, or -1 if it passes.
+
+    ``columns`` maps field names to equal-length arrays in record form
+    (times in ms). Attributing each rejection to one rule makes the per-rule
+    counts add up to the number of rejected trips.
+    """
+    n = len(columns["trip_duration"])
+    broken = np.full(n, -1, dtype=np.int8)
+    with np.errstate(invalid="ignore"):
+        for index, rule in enumerate(RULES):
+            fails = ~np.asarray(rule.keep(columns), dtype=bool) & (broken < 0)
+            broken[fails] = index
+    return broken
+
+
+def check_rules(record: Mapping[str, Any]) -> str | None:
+    """Name of the first cleaning rule a single record breaks, or None."""
+    for rule in RULES:
+        if not bool(rule.keep(record)):
+            return rule.name
+    return None
+
+
+def count_rules(broken: np.ndarray) -> dict[str, int]:
+    """Per-rule rejection counts from ``first_broken_rule`` output (every rule listed)."""
+    counts = np.bincount(broken[broken >= 0], minlength=len(RULES))
+    return {name: int(count) for name, count in zip(RULE_NAMES, counts)}
+
+
+# --- parsing -----------------------------------------------------------------
+
+
+class InvalidTrip(ValueError):
+    """A value that cannot be a trip; ``reason`` is a stable code, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_time(value: Any, field: str) -> int:
+    """``"YYYY-MM-DD HH:MM:SS"`` wall-clock text to ms since 1970-01-01 00:00."""
+    if not isinstance(value, str):
+        raise InvalidTrip("wrong_type", f"{field}: expected text like '2016-03-14 17:24:55', got {type(value).__name__}")
+    if not value.strip():
+        raise InvalidTrip("missing_value", f"{field} is empty")
+    try:
+        moment = datetime.strptime(value.strip(), TIME_FORMAT)
+    except ValueError:
+        raise InvalidTrip("bad_datetime", f"{field}: {value!r} is not a time like '2016-03-14 17:24:55'") from None
+    return (moment - EPOCH) // _MS
+
+
+def format_time(ms: int) -> str:
+    """Inverse of ``parse_time``."""
+    return (EPOCH + int(ms) * _MS).strftime(TIME_FORMAT)
+
+
+def _number(value: Any, field: str, kind: type) -> int | float:
+    if isinstance(value, bool) or value is None:
+        raise InvalidTrip("wrong_type", f"{field}: expected a number, got {type(value).__name__}")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise InvalidTrip("missing_value", f"{field} is empty")
+        try:
+            value = float(text)
+        except ValueError:
+            raise InvalidTrip("wrong_type", f"{field}: {value!r} is not a number") from None
+    if not isinstance(value, (int, float)):
+        raise InvalidTrip("wrong_type", f"{field}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise InvalidTrip("wrong_type", f"{field}: {value!r} is not a finite number")
+    if kind is int:
+        if value != int(value):
+            raise InvalidTrip("wrong_type", f"{field}: {value!r} is not a whole number")
+        return int(value)
+    return float(value)
+
+
+def _flag(value: Any) -> bool:
+    if value in ("Y", "N"):
+        return value == "Y"
+    if isinstance(value, bool):
+        return value
+    raise InvalidTrip("wrong_type", f"store_and_fwd_flag: {value!r} is not 'Y' or 'N'")
+
+
+def parse_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping of the eleven fields (CSV text or JSON types) to a record.
+
+    Raises ``InvalidTrip`` naming the first field that is missing or malformed.
+    Extra keys (for example the original times a retimed replay carries) are
+    ignored here.
+    """
+    missing = [name for name in FIELDS if name not in fields]
+    if missing:
+        raise InvalidTrip("missing_field", f"missing {', '.join(missing)}")
+    trip_id = fields["id"]
+    if not isinstance(trip_id, str) or not trip_id.strip():
+        raise InvalidTrip("missing_value", "id must be non-empty text")
+    record: dict[str, Any] = {"id": trip_id.strip()}
+    for name in FIELDS[1:]:
+        value = fields[name]
+        if name in TIME_FIELDS:
+            record[name] = parse_time(value, name)
+        elif name in INT_FIELDS:
+            record[name] = _number(value, name, int)
+        elif name in FLOAT_FIELDS:
+            record[name] = _number(value, name, float)
+        else:
+            record[name] = _flag(value)
+    if not -(2**31) <= record["trip_duration"] < 2**31:
+        raise InvalidTrip("wrong_type", "trip_duration does not fit a 32-bit integer")
+    return record
+
+
+def parse_json(value: bytes | None) -> dict[str, Any]:
+    """A Kafka message value to a record, or ``InvalidTrip`` with the reason."""
+    if not value:
+        raise InvalidTrip("empty_message", "the message value is empty")
+    try:
+        fields = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InvalidTrip("invalid_json", str(error)) from None
+    if not isinstance(fields, dict):
+        raise InvalidTrip("invalid_json", f"expected a JSON object, got {type(fields).__name__}")
+    return parse_fields(fields)
+
+
+def validate(value: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
+    """Parse and apply the cleaning rules: ``(record, None)`` or ``(None, reason)``.
+
+    The reason is ``"<code>: <detail>"`` for parse failures and the rule name
+    for rule violations — what the dead-letter topic carries.
+    """
+    try:
+        record = parse_json(value)
+    except InvalidTrip as error:
+        return None, str(error)
+    broken = check_rules(record)
+    return (None, broken) if broken else (record, None)
+
+
+def record_to_message(record: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """A record as the JSON-ready dict sent to Kafka (Kaggle field types)."""
+    message = {name: record[name] for name in FIELDS}
+    message["pickup_datetime"] = format_time(record["pickup_datetime"])
+    message["dropoff_datetime"] = format_time(record["dropoff_datetime"])
+    message["store_and_fwd_flag"] = "Y" if record["store_and_fwd_flag"] else "N"
+    message.update(extra)
+    return message
+
+
+def record_to_json(record: Mapping[str, Any], **extra: Any) -> bytes:
+    """A record as the UTF-8 JSON value of a ``taxi-trips`` message."""
+    return json.dumps(record_to_message(record, **extra), separators=(",", ":")).encode()

@@ -1,0 +1,238 @@
+"""Durable, atomic storage: the Avro master dataset and versioned Parquet views.
+
+Two rules keep readers safe without any database:
+
+* **Write aside, then rename.** Every file or directory is written under a
+  temporary name in its final parent directory, flushed to disk, and moved
+  into place with ``os.replace`` — atomic on POSIX. A reader sees the old
+  state or the new one, never half of either.
+* **Immutable once named.** A master file or a view version is never edited
+  after its rename; new facts make new files, a recompute makes a new version.
+
+Layout under ``data/``::
+
+    master/csv/<sha256 of the source>/part-00000.avro     history imported from CSV
+    master/stream/...                                      events drained from Kafka
+    views/v000007/<view>.parquet + manifest.json           one published batch version
+    views/current.json                                     {"version": "v000007"}
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from itertools import islice
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from periscope.schema import AVRO_SCHEMA, FIELDS
+
+PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
+META_PREFIX = "periscope."
+POINTER = "current.json"
+MANIFEST = "manifest.json"
+
+_COLUMN_DTYPES = {
+    "vendor_id": np.int64,
+    "pickup_datetime": np.int64,
+    "dropoff_datetime": np.int64,
+    "passenger_count": np.int64,
+    "pickup_longitude": np.float64,
+    "pickup_latitude": np.float64,
+    "dropoff_longitude": np.float64,
+    "dropoff_latitude": np.float64,
+    "store_and_fwd_flag": np.bool_,
+    "trip_duration": np.int64,
+}
+
+
+# --- atomic primitives --------------------------------------------------------
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Content fingerprint: the identity of an imported source and of training data."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+@contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` so two writers never publish at once."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def publish_dir(staging: Path, final: Path) -> None:
+    """Move a fully written, fsynced staging directory to its final name."""
+    for child in staging.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    staging.chmod(0o755)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+
+
+# --- master dataset (Avro) -----------------------------------------------------
+
+
+def frame_to_records(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
+    """Trip-frame rows as Avro records (plain Python values, fastavro's input)."""
+    columns = [frame[name].tolist() for name in FIELDS]
+    for values in zip(*columns):
+        yield dict(zip(FIELDS, values))
+
+
+def write_avro(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[str, Any]) -> None:
+    """Write one master file; ``metadata`` goes into the Avro header as ``periscope.*``."""
+    header = {META_PREFIX + key: str(value) for key, value in metadata.items()}
+    with open(path, "wb") as handle:
+        fastavro.writer(handle, PARSED_SCHEMA, records, codec="deflate", metadata=header, sync_interval=1 << 20)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def avro_metadata(path: Path) -> dict[str, str]:
+    """The ``periscope.*`` header entries of a master file: what it holds."""
+    with open(path, "rb") as handle:
+        header = fastavro.reader(handle).metadata
+    return {key[len(META_PREFIX):]: value for key, value in header.items() if key.startswith(META_PREFIX)}
+
+
+def master_files(master_dir: Path) -> list[Path]:
+    """Every published master file, in a stable order (temporary names skipped)."""
+    if not master_dir.exists():
+        return []
+    return sorted(
+        path for path in master_dir.rglob("*.avro")
+        if not any(part.startswith(".") for part in path.relative_to(master_dir).parts)
+    )
+
+
+def iter_avro_columns(path: Path, chunk_rows: int = 100_000) -> Iterator[dict[str, np.ndarray]]:
+    """A master file as record-form column arrays, ``chunk_rows`` records at a time."""
+    names = tuple(_COLUMN_DTYPES)
+    getter = itemgetter(*names)
+    with open(path, "rb") as handle:
+        reader = fastavro.reader(handle)
+        while rows := list(islice(reader, chunk_rows)):
+            transposed = zip(*map(getter, rows))
+            yield {name: np.array(values, dtype=_COLUMN_DTYPES[name]) for name, values in zip(names, transposed)}
+
+
+def read_master_records(master_dir: Path) -> Iterator[dict[str, Any]]:
+    """Every master record (for tests and small tools; the batch layer reads columns)."""
+    for path in master_files(master_dir):
+        with open(path, "rb") as handle:
+            yield from fastavro.reader(handle)
+
+
+# --- batch view versions (Parquet) -----------------------------------------------
+
+
+def current_version(views_dir: Path) -> str | None:
+    """Name of the published batch version, or None before the first publish."""
+    pointer = views_dir / POINTER
+    return read_json(pointer)["version"] if pointer.exists() else None
+
+
+def version_dirs(views_dir: Path) -> list[Path]:
+    """Published version directories, oldest first."""
+    if not views_dir.exists():
+        return []
+    return sorted(path for path in views_dir.glob("v[0-9]*") if path.is_dir())
+
+
+def write_version(
+    views_dir: Path, views: Mapping[str, pd.DataFrame], manifest: dict[str, Any], keep: int
+) -> dict[str, Any]:
+    """Publish a new version: write aside, rename, switch ``current.json``, prune old ones.
+
+    Returns the manifest as written, with ``version`` and the write time added.
+    Readers following ``current.json`` see the previous version or this one, complete.
+    """
+    with locked(views_dir):
+        existing = version_dirs(views_dir)
+        number = int(existing[-1].name[1:]) + 1 if existing else 1
+        version = f"v{number:06d}"
+        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=views_dir))
+        try:
+            started = time.perf_counter()
+            for name, frame in views.items():
+                pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), staging / f"{name}.parquet")
+            timings = {**manifest.get("timings_s", {}), "write": round(time.perf_counter() - started, 3)}
+            manifest = {**manifest, "version": version, "timings_s": timings}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            publish_dir(staging, views_dir / version)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        atomic_write_json(views_dir / POINTER, {"version": version})
+        for old in version_dirs(views_dir)[:-keep]:
+            shutil.rmtree(old)
+    return manifest
+
+
+def read_version(views_dir: Path, version: str | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Views and manifest of ``version`` (default: the current one)."""
+    version = version or current_version(views_dir)
+    if version is None:
+        raise FileNotFoundError(f"no batch version in {views_dir} yet: run `python batch_processor.py`")
+    directory = views_dir / version
+    manifest = read_json(directory / MANIFEST)
+    views = {path.stem: pq.read_table(path).to_pandas() for path in sorted(directory.glob("*.parquet"))}
+    return views, manifest

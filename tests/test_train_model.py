@@ -1,0 +1,91 @@
+"""train_model.py: a real model on real data, its metadata, --evaluate, clear errors."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import train_model
+from periscope.features import FEATURES
+from periscope.model import ModelMismatchError, ModelNotFoundError, current_version, load_model, read_metadata
+from periscope.storage import atomic_write_json
+
+
+def test_training_writes_a_live_model_with_metadata(trained_model_dir, sample_csv):
+    assert current_version(trained_model_dir) == "test-v1"
+    meta = read_metadata(trained_model_dir)
+    assert meta["features"] == list(FEATURES)
+    assert meta["training_data"]["rows_read"] == 73_177
+    assert len(meta["training_data"]["sha256"]) == 64
+    assert meta["training_data"]["split"] == "random"
+    assert {"scikit-learn", "numpy", "pandas", "python"} <= set(meta["libraries"])
+    holdout = meta["holdout_metrics"]
+    assert holdout["rows"] == round(73_177 * 0.2)
+    assert holdout["rmsle"] <= 0.42, "quality bar: RMSLE <= 0.42 on held-out real trips"
+    assert holdout["rmsle_clean"] < holdout["rmsle"]
+    assert meta["model_bytes"] <= 50e6
+
+
+def test_evaluate_json_on_the_held_out_real_trips(trained_model_dir, capsys):
+    holdout_csv = trained_model_dir / "versions" / "test-v1" / "holdout.csv.gz"
+    assert train_model.main(["--model-dir", str(trained_model_dir), "--evaluate", str(holdout_csv), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert {"rmsle", "mae", "rmse", "rows"} <= set(result)
+    meta = read_metadata(trained_model_dir)["holdout_metrics"]
+    assert result["rows"] == meta["rows"]
+    assert result["rmsle"] == pytest.approx(meta["rmsle"], rel=1e-6)
+    assert result["rmsle"] <= 0.42
+
+
+def test_model_predicts_plausible_durations(trained_model_dir, sample_trips):
+    model = load_model(trained_model_dir)
+    predicted = model.predict_seconds(sample_trips.head(1000))
+    assert predicted.shape == (1000,)
+    assert 300 < np.median(predicted) < 1200
+    assert model.predict_seconds(sample_trips.head(0)).shape == (0,)
+
+
+def test_a_model_with_other_features_refuses_to_load(trained_model_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model_dir, model_dir)
+    meta_path = model_dir / "versions" / "test-v1" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["features"] = meta["features"][:-1] + ["surge_multiplier"]
+    atomic_write_json(meta_path, meta)
+    with pytest.raises(ModelMismatchError, match="surge_multiplier.*Retrain"):
+        load_model(model_dir)
+    assert train_model.main(["--model-dir", str(model_dir), "--evaluate", str(model_dir / "versions/test-v1/holdout.csv.gz")]) == 2
+    assert "trained on other features" in capsys.readouterr().err
+
+
+def test_no_model_yet_says_which_command_makes_one(tmp_path, sample_csv, capsys):
+    with pytest.raises(ModelNotFoundError, match="python train_model.py"):
+        load_model(tmp_path)
+    assert train_model.main(["--model-dir", str(tmp_path), "--evaluate", str(sample_csv)]) == 2
+    assert "run `python train_model.py`" in capsys.readouterr().err
+
+
+def test_no_promote_keeps_the_live_version(trained_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained_model_dir, model_dir)
+    small = model_dir / "versions" / "test-v1" / "holdout.csv.gz"
+    assert train_model.main(["--model-dir", str(model_dir), "--input", str(small), "--version", "candidate",
+                             "--no-promote", "--model", "random-forest", "--no-save-holdout"]) == 0
+    assert current_version(model_dir) == "test-v1"
+    assert read_metadata(model_dir, "candidate")["model"] == "random-forest"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--holdout-fraction", "0"], "--holdout-fraction must be in (0, 0.9]"),
+    (["--json"], "--json only applies to --evaluate"),
+    (["--model", "xgboost"], "invalid choice: 'xgboost'"),
+])
+def test_bad_flags_say_what_would_be_right(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_model.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
