@@ -11,7 +11,9 @@ Commands::
 
     python batch_processor.py                    # import the sample (once) + recompute + publish
     python batch_processor.py import FILE ...    # append CSV history to master data
-    python batch_processor.py recompute          # recompute and publish the views
+    python batch_processor.py ingest             # drain new Kafka events into master data
+    python batch_processor.py recompute          # recompute, publish, prune the speed view
+    python batch_processor.py run --from-stream  # import (once) + ingest + recompute
     python batch_processor.py status             # what master data and views hold
 
 Importing is idempotent: a source is identified by its SHA-256, so importing
@@ -40,9 +42,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from periscope import config, views
+from periscope import config, speed_view, views
 from periscope.schema import RULE_NAMES, first_broken_rule
 from periscope.sources import CsvLayoutError, LoadReport, iter_trip_chunks
+from periscope.stream import BrokerUnavailable
 from periscope.storage import (
     avro_metadata,
     current_version,
@@ -55,6 +58,7 @@ from periscope.storage import (
     read_json,
     read_version,
     write_avro,
+    write_avro_atomic,
     write_version,
 )
 
@@ -107,6 +111,119 @@ def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS) -> Impo
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return ImportResult(path, target, True, rows, report.as_dict())
+
+
+# --- ingest: Kafka stream -> master data -----------------------------------------------
+
+
+@dataclass
+class IngestResult:
+    files: list[Path] = field(default_factory=list)
+    rows: int = 0
+    malformed: Counter = field(default_factory=Counter)
+    offsets: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+def stream_file(master_dir: Path, topic: str, partition: int, first: int, last: int) -> Path:
+    """Where the events of one partition's offset range live: the name is the range."""
+    return master_dir / "stream" / topic / f"p{partition:03d}" / f"{first:020d}-{last:020d}.avro"
+
+
+def master_stream_offsets(master_dir: Path, topic: str) -> dict[int, int]:
+    """Highest offset already in master data, per partition (read from file names)."""
+    offsets: dict[int, int] = {}
+    for path in (master_dir / "stream" / topic).glob("p[0-9][0-9][0-9]/*.avro"):
+        if not path.name.startswith("."):
+            last = int(path.stem.split("-")[1])
+            partition = int(path.parent.name[1:])
+            offsets[partition] = max(last, offsets.get(partition, -1))
+    return offsets
+
+
+def write_stream_file(master_dir: Path, topic: str, partition: int,
+                      batch: list[tuple[int, dict | None, str | None]]) -> Path:
+    """One durable master file for consecutive offsets of a partition.
+
+    ``batch`` holds ``(offset, record or None, malformed reason or None)``.
+    Malformed events cannot be stored as trips; they are counted in the file
+    header (the speed layer sends them to the dead-letter topic), and the
+    offset range still covers them, so the watermark moves past them.
+    """
+    first, last = batch[0][0], batch[-1][0]
+    records = [record for _, record, _ in batch if record is not None]
+    reasons = Counter(reason.split(":")[0] for _, _, reason in batch if reason)
+    metadata = {"kind": "stream", "topic": topic, "kafka_partition": partition, "kafka_first_offset": first,
+                "kafka_last_offset": last, "rows": len(records), "malformed": json.dumps(dict(reasons))}
+    path = stream_file(master_dir, topic, partition, first, last)
+    write_avro_atomic(path, iter(records), metadata)
+    return path
+
+
+def ingest_stream(bootstrap: str, topic: str, group: str, master_dir: Path,
+                  file_rows: int = PART_ROWS, wait_s: float = 60.0) -> IngestResult:
+    """Drain every event published so far into master files, then commit the group's offsets.
+
+    Runs up to the end offsets seen at the start, so it finishes even while
+    the producer keeps going. Each partition resumes after the highest offset
+    already in master data (or the committed offset, if further): the files are
+    the durable record, so a crash after writing but before committing adds
+    nothing twice on the next run.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from periscope.schema import InvalidTrip, parse_json
+    from periscope.stream import wait_for_broker
+
+    wait_for_broker(bootstrap, f"ingest {topic} into master data", timeout_s=wait_s)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                             auto_offset_reset="earliest", max_poll_records=5000)
+    result = IngestResult()
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise FileNotFoundError(f"topic {topic!r} does not exist at {bootstrap}: "
+                                    "create it with `python -m periscope.kafka_local create-topics`")
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        end = consumer.end_offsets(tps)
+        done_in_master = master_stream_offsets(master_dir, topic)
+        begin = consumer.beginning_offsets(tps)
+        for tp in tps:
+            committed = consumer.committed(tp)
+            start = max(committed if committed is not None else begin[tp], done_in_master.get(tp.partition, -1) + 1)
+            consumer.seek(tp, start)
+        pending: dict[int, list] = {tp.partition: [] for tp in tps}
+        with locked(master_dir):
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                for tp, messages in consumer.poll(timeout_ms=1000).items():
+                    for message in messages:
+                        if message.offset >= end[tp]:
+                            continue
+                        try:
+                            pending[tp.partition].append((message.offset, parse_json(message.value), None))
+                        except InvalidTrip as error:
+                            pending[tp.partition].append((message.offset, None, str(error)))
+                            result.malformed[error.reason] += 1
+                        if len(pending[tp.partition]) >= file_rows:
+                            result.files.append(write_stream_file(master_dir, topic, tp.partition, pending[tp.partition]))
+                            pending[tp.partition] = []
+            for partition, batch in pending.items():
+                if batch:
+                    result.files.append(write_stream_file(master_dir, topic, partition, batch))
+            written = master_stream_offsets(master_dir, topic)
+            commits = {tp: OffsetAndMetadata(written[tp.partition] + 1, "", -1) for tp in tps if tp.partition in written}
+            if commits:
+                consumer.commit(commits)
+        for path in result.files:
+            meta = avro_metadata(path)
+            result.rows += int(meta["rows"])
+            partition, first, last = int(meta["kafka_partition"]), int(meta["kafka_first_offset"]), int(meta["kafka_last_offset"])
+            low, high = result.offsets.get(partition, (first, last))
+            result.offsets[partition] = (min(low, first), max(high, last))
+    finally:
+        consumer.close()
+    return result
 
 
 # --- recompute: master data -> batch views ---------------------------------------------
@@ -175,10 +292,13 @@ def stream_watermark(summaries: list[FileSummary]) -> dict[str, int]:
     return dict(sorted(watermark.items(), key=lambda item: int(item[0])))
 
 
-def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progress: bool = True) -> dict:
+def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progress: bool = True,
+              speed_dir: Path | None = None) -> dict:
     """Recompute every view from the whole master dataset and publish a new version.
 
-    Returns the manifest of the published version.
+    Then, if ``speed_dir`` is given, prune the speed view at or below the new
+    watermark: those trips are in the batch view now. Returns the manifest of
+    the published version (plus ``speed_files_pruned``).
     """
     started = time.perf_counter()
     files = master_files(master_dir)
@@ -195,6 +315,7 @@ def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progre
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": "python",
         "watermark": stream_watermark(summaries),
+        "watermark_topics": sorted({s.metadata["topic"] for s in summaries if s.metadata.get("kind") == "stream"}),
         "rows": {
             "master": sum(s.rows for s in summaries),
             "clean": sum(s.clean_rows for s in summaries),
@@ -209,7 +330,10 @@ def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progre
             "merge": round(merge_done - read_done, 3),
         },
     }
-    return write_version(views_dir, batch_views, manifest, keep)
+    published = write_version(views_dir, batch_views, manifest, keep)
+    if speed_dir is not None:
+        published["speed_files_pruned"] = speed_view.prune(speed_dir, published["watermark"])
+    return published
 
 
 # --- command line ------------------------------------------------------------------------
@@ -236,7 +360,9 @@ def print_manifest(manifest: dict) -> None:
         if count:
             print(f"  rule       {name:<30} {count:>9,} removed")
     print("  views: " + ", ".join(f"{name} ({count:,} rows)" for name, count in rows["views"].items()))
-    print(f"  watermark: {manifest['watermark'] or 'none (no stream data yet)'}")
+    print(f"  watermark: {manifest['watermark'] or 'none (no stream data yet)'}"
+          + (f"; pruned {manifest['speed_files_pruned']} speed files at or below it"
+             if manifest.get("speed_files_pruned") else ""))
     timings = manifest["timings_s"]
     print(f"  took {sum(timings.values()):.2f} s (read+aggregate {timings['read_and_aggregate']:.2f} s, "
           f"merge {timings['merge']:.2f} s, write {timings['write']:.2f} s)")
@@ -254,43 +380,70 @@ def print_status(master_dir: Path, views_dir: Path) -> None:
           f"{manifest['rows']['clean']:,} clean trips, watermark {manifest['watermark'] or 'none'}")
 
 
+def print_ingest(result: IngestResult, topic: str) -> None:
+    if not result.files:
+        print(f"{topic}: no new events since the last ingest")
+        return
+    ranges = ", ".join(f"p{p} {lo}..{hi}" for p, (lo, hi) in sorted(result.offsets.items()))
+    malformed = sum(result.malformed.values())
+    print(f"{topic}: ingested {result.rows:,} events into {len(result.files)} master files ({ranges}); "
+          f"{malformed:,} malformed events counted, not stored"
+          + (f" ({dict(result.malformed)})" if malformed else ""))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Batch layer: import CSV history into Avro master data, recompute and publish Parquet views.",
+        description="Batch layer: CSV history and Kafka events into Avro master data; "
+                    "recompute and publish Parquet batch views.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--master-dir", type=Path, default=config.MASTER_DIR,
                         help="Avro master dataset (env PERISCOPE_MASTER_DIR)")
     parser.add_argument("--views-dir", type=Path, default=config.VIEWS_DIR,
                         help="published batch views (env PERISCOPE_VIEWS_DIR)")
+    parser.add_argument("--speed-dir", type=Path, default=config.SPEED_DIR,
+                        help="speed view, pruned below the watermark after each publish (env PERISCOPE_SPEED_DIR)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                     help="run (default), import, recompute or status")
+                                     help="run (the default), import, ingest, recompute or status")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     def recompute_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                          help="processes reading master files in parallel")
         sub.add_argument("--keep", type=int, default=KEEP_VERSIONS, help="published versions to keep")
 
-    run = commands.add_parser("run", help="import --input (once) then recompute",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    def stream_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS,
+                         help="Kafka bootstrap servers (env KAFKA_BOOTSTRAP_SERVERS)")
+        sub.add_argument("--topic", default=config.TRIPS_TOPIC, help="topic of trip events")
+        sub.add_argument("--group", default=config.BATCH_GROUP, help="the batch layer's consumer group")
+        sub.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the broker before failing")
+        sub.add_argument("--file-rows", type=int, default=PART_ROWS, help="events per master file at most")
+
+    run = command("run", "import --input once, optionally ingest the stream, then recompute and publish")
     run.add_argument("--input", type=Path, default=config.SAMPLE_CSV, help="CSV history to import first")
+    run.add_argument("--from-stream", action="store_true", help="also ingest new Kafka events before recomputing")
     recompute_flags(run)
-    imp = commands.add_parser("import", help="append CSV files to the master dataset",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    stream_flags(run)
+    imp = command("import", "append CSV files to the master dataset (a file already imported adds nothing)")
     imp.add_argument("files", type=Path, nargs="+", metavar="FILE", help="Kaggle-layout CSV, plain or .gz")
     imp.add_argument("--part-rows", type=int, default=PART_ROWS, help="trips per master file")
-    recompute_flags(commands.add_parser("recompute", help="recompute all views and publish a new version",
-                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
-    commands.add_parser("status", help="show master data and the current batch version")
+    stream_flags(command("ingest", "drain new Kafka events into master files, then commit offsets"))
+    recompute_flags(command("recompute", "recompute all views, publish a new version, prune the speed view"))
+    command("status", "show master data and the current batch version")
 
-    parser.set_defaults(command="run", input=config.SAMPLE_CSV, workers=os.cpu_count() or 1, keep=KEEP_VERSIONS)
+    parser.set_defaults(command="run", input=config.SAMPLE_CSV, from_stream=False,
+                        workers=os.cpu_count() or 1, keep=KEEP_VERSIONS)
     args = parser.parse_args(argv)
-    if getattr(args, "workers", 1) < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
-    if getattr(args, "keep", 1) < 1:
-        parser.error(f"--keep must be at least 1, got {args.keep}")
-    if getattr(args, "part_rows", PART_ROWS) < 1000:
-        parser.error(f"--part-rows must be at least 1000, got {args.part_rows}")
+    for flag, minimum in (("workers", 1), ("keep", 1), ("part_rows", 1000), ("file_rows", 1)):
+        value = getattr(args, flag, minimum)
+        if value < minimum:
+            parser.error(f"--{flag.replace('_', '-')} must be at least {minimum}, got {value}")
+    if getattr(args, "wait", 0) < 0:
+        parser.error(f"--wait must be 0 or more seconds, got {args.wait}")
     return args
 
 
@@ -302,9 +455,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for path in [args.input] if args.command == "run" else getattr(args, "files", []):
             print_import(import_csv(path, args.master_dir, getattr(args, "part_rows", PART_ROWS)))
+        if args.command == "ingest" or args.from_stream:
+            result = ingest_stream(args.bootstrap, args.topic, args.group, args.master_dir, args.file_rows, args.wait)
+            print_ingest(result, args.topic)
         if args.command in ("run", "recompute"):
-            print_manifest(recompute(args.master_dir, args.views_dir, args.workers, args.keep))
-    except (FileNotFoundError, CsvLayoutError) as error:
+            manifest = recompute(args.master_dir, args.views_dir, args.workers, args.keep, speed_dir=args.speed_dir)
+            print_manifest(manifest)
+    except (FileNotFoundError, CsvLayoutError, BrokerUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

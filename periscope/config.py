@@ -27,7 +27,13 @@ SAMPLE_CSV = _path_from_env("PERISCOPE_SAMPLE_CSV", DATA_DIR / "nyc_taxi_trip_du
 MASTER_DIR = _path_from_env("PERISCOPE_MASTER_DIR", DATA_DIR / "master")
 VIEWS_DIR = _path_from_env("PERISCOPE_VIEWS_DIR", DATA_DIR / "views")
 MODEL_DIR = _path_from_env("PERISCOPE_MODEL_DIR", PROJECT_ROOT / "model")
+SPEED_DIR = _path_from_env("PERISCOPE_SPEED_DIR", DATA_DIR / "speed")
 
 KAFKA_BOOTSTRAP_SERVERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
 TRIPS_TOPIC = os.environ.get("PERISCOPE_TRIPS_TOPIC", "taxi-trips")
 DLQ_TOPIC = os.environ.get("PERISCOPE_DLQ_TOPIC", "taxi-trips-dlq")
+SPEED_GROUP = os.environ.get("PERISCOPE_SPEED_GROUP", "periscope-speed")
+"""Consumer group of the speed layer: processes in it split the partitions."""
+
+BATCH_GROUP = os.environ.get("PERISCOPE_BATCH_GROUP", "periscope-batch")
+"""Consumer group of the batch layer's stream ingestion, independent of the speed layer's."""

@@ -194,8 +194,11 @@ def parse_time(value: Any, field: str) -> int:
         raise InvalidTrip("wrong_type", f"{field}: expected text like '2016-03-14 17:24:55', got {type(value).__name__}")
     if not value.strip():
         raise InvalidTrip("missing_value", f"{field} is empty")
+    text = value.strip()
     try:
-        moment = datetime.strptime(value.strip(), TIME_FORMAT)
+        if len(text) != 19 or text[10] != " ":
+            raise ValueError(text)
+        moment = datetime.fromisoformat(text)
     except ValueError:
         raise InvalidTrip("bad_datetime", f"{field}: {value!r} is not a time like '2016-03-14 17:24:55'") from None
     return (moment - EPOCH) // _MS
@@ -203,7 +206,7 @@ def parse_time(value: Any, field: str) -> int:
 
 def format_time(ms: int) -> str:
     """Inverse of ``parse_time``."""
-    return (EPOCH + int(ms) * _MS).strftime(TIME_FORMAT)
+    return (EPOCH + int(ms) * _MS).isoformat(sep=" ", timespec="seconds")
 
 
 def _number(value: Any, field: str, kind: type) -> int | float:
@@ -260,8 +263,9 @@ def parse_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             record[name] = _number(value, name, float)
         else:
             record[name] = _flag(value)
-    if not -(2**31) <= record["trip_duration"] < 2**31:
-        raise InvalidTrip("wrong_type", "trip_duration does not fit a 32-bit integer")
+    for name in INT_FIELDS:
+        if not -(2**31) <= record[name] < 2**31:
+            raise InvalidTrip("wrong_type", f"{name} does not fit a 32-bit integer")
     return record
 
 

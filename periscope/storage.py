@@ -12,7 +12,7 @@ Two rules keep readers safe without any database:
 Layout under ``data/``::
 
     master/csv/<sha256 of the source>/part-00000.avro     history imported from CSV
-    master/stream/...                                      events drained from Kafka
+    master/stream/<topic>/p000/<first offset>-<last offset>.avro   events drained from Kafka
     views/v000007/<view>.parquet + manifest.json           one published batch version
     views/current.json                                     {"version": "v000007"}
 """
@@ -80,21 +80,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that readers see old or new, never half."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` durably.
+
+    Whatever the block writes there appears all at once under the final name
+    (fsync, rename, fsync of the directory); on error it is removed and
+    ``path`` is untouched.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        tmp.chmod(0o644)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that readers see old or new, never half."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -144,6 +157,12 @@ def write_avro(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[
         fastavro.writer(handle, PARSED_SCHEMA, records, codec="deflate", metadata=header, sync_interval=1 << 20)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_avro_atomic(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[str, Any]) -> None:
+    """``write_avro`` under a temporary name, then renamed into place: all or nothing."""
+    with atomic_path(path) as tmp:
+        write_avro(tmp, records, metadata)
 
 
 def avro_metadata(path: Path) -> dict[str, str]:

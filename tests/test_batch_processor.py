@@ -168,3 +168,74 @@ def test_bad_flag_values(capsys):
     with pytest.raises(SystemExit):
         batch_processor.main(["recompute", "--workers", "0"])
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+# --- stream ingestion against a real broker ------------------------------------------
+
+
+def produce(bootstrap: str, topic: str, values: list[tuple[bytes, bytes | None]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    for key, value in values:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+@pytest.mark.kafka
+def test_ingest_drains_the_topic_into_offset_named_master_files(kafka_bootstrap, topics, sample_trips, tmp_path,
+                                                                 capsys):
+    from periscope.schema import record_to_json
+
+    trips_topic, _ = topics
+    records = sample_trips.head(600).to_dict("records")
+    messages = [(r["id"].encode(), record_to_json(r)) for r in records]
+    messages[100] = (b"broken-1", b"{not json")
+    messages[200] = (b"broken-2", b"")
+    produce(kafka_bootstrap, trips_topic, messages)
+    master = tmp_path / "master"
+    argv = ["--master-dir", str(master), "--views-dir", str(tmp_path / "views"), "--speed-dir", str(tmp_path / "speed")]
+
+    assert batch_processor.main([*argv, "ingest", "--bootstrap", kafka_bootstrap, "--topic", trips_topic,
+                                 "--group", "ingest-test"]) == 0
+    assert "ingested 598 events" in capsys.readouterr().out
+    files = storage.master_files(master)
+    metas = [storage.avro_metadata(path) for path in files]
+    assert {m["kafka_partition"] for m in metas} == {"0", "1", "2"}
+    assert sum(int(m["kafka_last_offset"]) - int(m["kafka_first_offset"]) + 1 for m in metas) == 600
+    assert sum(int(m["rows"]) for m in metas) == 598
+    stored = sorted(r["id"] for r in storage.read_master_records(master))
+    assert stored == sorted(r["id"] for i, r in enumerate(records) if i not in (100, 200))
+
+    before = {p: p.read_bytes() for p in files}
+    assert batch_processor.main([*argv, "ingest", "--bootstrap", kafka_bootstrap, "--topic", trips_topic,
+                                 "--group", "ingest-test"]) == 0
+    assert "no new events" in capsys.readouterr().out
+    # A group that never committed (as after a crash between write and commit)
+    # resumes from the offsets recorded in master data: nothing is added twice.
+    batch_processor.ingest_stream(kafka_bootstrap, trips_topic, "never-committed", master)
+    assert {p: p.read_bytes() for p in storage.master_files(master)} == before
+
+    produce(kafka_bootstrap, trips_topic, [(r["id"].encode(), record_to_json(r))
+                                           for r in sample_trips.iloc[600:700].to_dict("records")])
+    assert batch_processor.main([*argv, "ingest", "--bootstrap", kafka_bootstrap, "--topic", trips_topic,
+                                 "--group", "ingest-test"]) == 0
+    assert len(list(storage.read_master_records(master))) == 698
+
+    manifest = batch_processor.recompute(master, tmp_path / "views", workers=1, keep=2, progress=False)
+    ends = {}
+    for meta in (storage.avro_metadata(p) for p in storage.master_files(master)):
+        ends[meta["kafka_partition"]] = max(ends.get(meta["kafka_partition"], -1), int(meta["kafka_last_offset"]))
+    assert manifest["watermark"] == ends
+    assert manifest["watermark_topics"] == [trips_topic]
+    assert manifest["rows"]["master"] == 698
+
+
+@pytest.mark.kafka
+def test_ingest_from_a_missing_topic_or_broker_is_a_clear_error(kafka_bootstrap, tmp_path, capsys):
+    argv = ["--master-dir", str(tmp_path / "m"), "ingest", "--bootstrap"]
+    assert batch_processor.main([*argv, kafka_bootstrap, "--topic", "no-such-topic"]) == 2
+    assert "topic 'no-such-topic' does not exist" in capsys.readouterr().err
+    assert batch_processor.main([*argv, "127.0.0.1:1", "--wait", "0"]) == 2
+    assert "no Kafka broker answered at 127.0.0.1:1" in capsys.readouterr().err

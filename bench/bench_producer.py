@@ -1,0 +1,241 @@
+"""Benchmark of the ingestion layer: how many trips per second kafka_producer.py can send.
+
+``kafka_producer.py`` is pure Python (kafka-python), so its ceiling is set by
+the interpreter, not by Kafka. To show how close it gets, the benchmark runs,
+in one go, on the same broker:
+
+* **ours**: ``kafka_producer.replay`` with the real sample, no pacing,
+  ``--loop --limit N`` (200,000 trips: the sample, then ``-2`` and ``-3``
+  passes), exactly the settings a user gets (acks=all, idempotent);
+* **Kafka's own Java producer**: ``org.apache.kafka.tools.ProducerPerformance``
+  (``kafka-producer-perf-test``) from the broker's jars, N records of our mean
+  message size (key + JSON value), ``--throughput -1 --producer-props acks=all``.
+
+Each is run ``--repeats`` times, alternating, each run into a fresh
+3-partition topic of its own (nothing is ever written into ``taxi-trips``);
+the medians and the ratio ours/Java are reported. Rates are measured from the
+first send to the last acknowledgement, so loading the CSV (ours) and starting
+the JVM (Java) are left out.
+
+The benchmark starts a private broker of its own (``periscope.kafka_local``,
+in a temporary state dir on free ports) and stops it at the end, so it never
+touches a broker you are running; ``--bootstrap`` uses an existing broker
+instead (its benchmark topics are deleted afterwards).
+
+Run it (about 1-2 minutes)::
+
+    python -m bench.bench_producer
+    python -m bench.bench_producer --trips 500000 --repeats 5
+
+The machine, every run and the medians are printed and written to
+``bench/results/producer.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: python bench/bench_producer.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kafka_producer  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
+from periscope import config, kafka_local  # noqa: E402
+from periscope.stream import BrokerUnavailable, wait_for_broker  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_FILE = PROJECT_ROOT / "bench" / "results" / "producer.json"
+JAVA_TOOL = "org.apache.kafka.tools.ProducerPerformance"
+JAVA_TOTAL = re.compile(r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\)")
+PARTITIONS = 3
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def mean_message_bytes(input_path: Path, trips: int) -> float:
+    """Mean key + value size of the messages ours will send: the record size Java gets."""
+    frame, _ = kafka_producer.load_trips(input_path)
+    chunks = kafka_producer.plan_chunks(kafka_producer.replay_order(frame), [0], limit=trips, loop=True)
+    total = count = 0
+    for chunk in chunks:
+        total += sum(map(len, chunk.keys)) + sum(map(len, chunk.values))
+        count += len(chunk.keys)
+    return total / count
+
+
+def run_ours(bootstrap: str, topic: str, input_path: Path, trips: int) -> dict[str, Any]:
+    """One replay at full speed, in this process, as ``kafka_producer.py`` runs it."""
+    args = kafka_producer.parse_args(["--bootstrap", bootstrap, "--topic", topic, "--input", str(input_path),
+                                      "--loop", "--limit", str(trips), "--progress", "0", "--wait", "10"])
+    result, code = kafka_producer.replay(args, out=io.StringIO())
+    if code != 0 or result is None:
+        raise RuntimeError(f"kafka_producer.py failed (exit {code}): {result}")
+    return {"trips": result.delivered, "elapsed_s": round(result.elapsed_s, 3), "trips_per_s": round(result.rate),
+            "mb_per_s": round(result.bytes / 1e6 / result.elapsed_s, 2)}
+
+
+def run_java(bootstrap: str, topic: str, records: int, record_size: int, libs: Path) -> dict[str, Any]:
+    """One run of Kafka's ProducerPerformance; its own final line gives the rate."""
+    command = [java_path(), "-Xmx512m", "-cp", f"{libs}/*", JAVA_TOOL, "--topic", topic,
+               "--num-records", str(records), "--record-size", str(record_size), "--throughput", "-1",
+               "--bootstrap-server", bootstrap, "--producer-props", "acks=all"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    totals = JAVA_TOTAL.findall(done.stdout)
+    if done.returncode != 0 or not totals:
+        raise RuntimeError(f"ProducerPerformance failed (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+    sent, per_s, mb_s = totals[-1]
+    return {"trips": int(sent), "elapsed_s": round(int(sent) / float(per_s), 3), "trips_per_s": round(float(per_s)),
+            "mb_per_s": float(mb_s)}
+
+
+def java_path() -> str:
+    java_home = os.environ.get("JAVA_HOME")
+    return str(Path(java_home) / "bin" / "java") if java_home else (shutil.which("java") or "java")
+
+
+def java_version() -> str:
+    done = subprocess.run([java_path(), "-version"], capture_output=True, text=True)
+    return (done.stderr or done.stdout).splitlines()[0] if (done.stderr or done.stdout) else "unknown"
+
+
+def installed(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def delete_topics(bootstrap: str, names: list[str]) -> None:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.delete_topics(names)
+    finally:
+        admin.close()
+
+
+def benchmark(bootstrap: str, args: argparse.Namespace, libs: Path) -> dict[str, Any]:
+    """Alternate ours and Java ``args.repeats`` times on ``bootstrap``; return every run and the medians."""
+    record_size = round(mean_message_bytes(args.input, args.trips))
+    print(f"message size: {record_size} bytes on average (trip id key + JSON value); "
+          f"{args.trips:,} trips per run, {args.repeats} runs each, alternating", flush=True)
+    stem = uuid.uuid4().hex[:6]
+    runs: list[dict[str, Any]] = []
+    topics: list[str] = []
+    try:
+        for repeat in range(1, args.repeats + 1):
+            for tool in ("kafka_producer.py", "java ProducerPerformance"):
+                topic = f"bench-{'python' if tool.startswith('kafka') else 'java'}-{stem}-{repeat}"
+                kafka_local.ensure_topics(bootstrap, {topic: PARTITIONS})
+                topics.append(topic)
+                load = os.getloadavg()[0]
+                if tool.startswith("kafka"):
+                    run = run_ours(bootstrap, topic, args.input, args.trips)
+                else:
+                    run = run_java(bootstrap, topic, args.trips, record_size, libs)
+                run.update(tool=tool, repeat=repeat, load_average_1min=round(load, 2))
+                runs.append(run)
+                print(f"  run {repeat}  {tool:<25} {run['trips_per_s']:>9,} trips/s  {run['mb_per_s']:6.1f} MB/s  "
+                      f"{run['elapsed_s']:6.2f} s  (load {load:.2f})", flush=True)
+    finally:
+        if args.bootstrap and topics:
+            delete_topics(bootstrap, topics)
+    ours = statistics.median(r["trips_per_s"] for r in runs if r["tool"] == "kafka_producer.py")
+    java = statistics.median(r["trips_per_s"] for r in runs if r["tool"] != "kafka_producer.py")
+    return {"record_size_bytes": record_size, "runs": runs,
+            "median_trips_per_s": {"kafka_producer.py": ours, "java ProducerPerformance": java},
+            "ratio_ours_to_java": round(ours / java, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_producer",
+        description="Maximum rate of kafka_producer.py next to Kafka's Java ProducerPerformance, same broker.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV, help="trips to replay (Kaggle layout)")
+    parser.add_argument("--trips", type=int, default=200_000, help="trips (records) per run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each producer, alternating")
+    parser.add_argument("--bootstrap", metavar="HOST:PORT",
+                        help="use this running broker instead of starting a private one (default: private)")
+    parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="where the JSON result is written")
+    args = parser.parse_args(argv)
+    if args.trips < 1000:
+        parser.error(f"--trips must be at least 1000 for a meaningful rate; got {args.trips}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1; got {args.repeats}")
+    if not args.input.is_file():
+        parser.error(f"--input {args.input}: no such file (the shipped sample is {config.SAMPLE_CSV})")
+
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    machine = print_machine()
+    versions = {"kafka-python": installed("kafka-python"), "crc32c": installed("crc32c"),
+                "kafka": kafka_local.kafka_version(), "java": java_version()}
+    print("  " + ", ".join(f"{name} {version}" for name, version in versions.items()), flush=True)
+    libs = kafka_local.fetch(kafka_local.BrokerFiles.of(kafka_local.default_state_dir()).libs)
+
+    state_dir = None
+    try:
+        if args.bootstrap:
+            wait_for_broker(args.bootstrap, "benchmark the producer", timeout_s=10)
+            bootstrap, broker = args.bootstrap, f"existing broker at {args.bootstrap}"
+        else:
+            state_dir = Path(tempfile.mkdtemp(prefix="periscope-bench-kafka-"))
+            port, controller_port = free_ports(2)
+            info = kafka_local.start_broker(state_dir, port, controller_port, libs_dir=libs)
+            bootstrap = info.bootstrap
+            broker = f"private Kafka {kafka_local.kafka_version()} broker at {bootstrap}"
+        print(f"broker: {broker}", flush=True)
+        result = benchmark(bootstrap, args, libs)
+    except (BrokerUnavailable, kafka_local.KafkaLocalError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if state_dir is not None:
+            kafka_local.stop_broker(state_dir)
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+    medians = result["median_trips_per_s"]
+    print(f"median: kafka_producer.py {medians['kafka_producer.py']:,} trips/s, "
+          f"Java ProducerPerformance {medians['java ProducerPerformance']:,} records/s "
+          f"-> ours/java = {result['ratio_ours_to_java']:.2f}")
+    report = {"benchmark": "producer", "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine, "versions": versions, "broker": broker, "input": str(args.input),
+              "trips_per_run": args.trips, "repeats": args.repeats,
+              "producer_config": {k: v for k, v in kafka_producer.PRODUCER_CONFIG.items()},
+              "java_command": f"java -cp '<libs>/*' {JAVA_TOOL} --topic <topic> --num-records {args.trips} "
+                              f"--record-size {result['record_size_bytes']} --throughput -1 "
+                              f"--bootstrap-server <broker> --producer-props acks=all",
+              **result}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,621 @@
+"""The speed layer in plain Python: consume trips, validate, predict, write the speed view.
+
+In the Lambda architecture the batch layer is correct but late; the speed layer
+covers the trips it has not reached yet. This process reads ``taxi-trips`` in
+the consumer group ``periscope-speed`` and, for every poll batch:
+
+1. validates each message with the shared schema (``parse_json`` per message,
+   then the cleaning rules vectorised over the whole batch) and sends every
+   invalid one to ``taxi-trips-dlq``: original key and value bytes, the reason
+   in its headers (``periscope.stream``);
+2. predicts the duration of the valid trips in one call to the trained model
+   (``periscope.features``: the same code path as training);
+3. waits until the dead letters are acknowledged, then writes one speed file
+   per partition (``periscope.speed_view``: atomic, named by offset range);
+4. commits the offsets.
+
+Restarting loses nothing and duplicates nothing: the speed files are the
+durable record of progress. An assigned partition resumes at max(committed
+offset, last offset on disk + 1), so a crash between a write and its commit
+re-reads those messages but never writes them twice. A broker restart is
+waited out (kafka-python reconnects; failed commits are retried).
+
+Stages 2-3 run on a worker thread while the main thread decodes and validates
+the next batch: model and Parquet code release Python's GIL, so the two overlap.
+
+A promoted model (``train_model.py`` switches ``model/current.json``) is
+picked up without a restart: the pointer is checked every 10 s, the switch is
+logged, and every row records the version that predicted it.
+
+Run it (a broker and a trained model first)::
+
+    python -m periscope.kafka_local start && python train_model.py
+    python kafka_consumer.py                        # until Ctrl-C / SIGTERM (finishes the batch first)
+    python kafka_consumer.py --stop-when-idle 10    # drain the topic, then exit
+
+More processes with the same ``--group`` share the partitions. You should see
+one line per second::
+
+    12:00:01 consumed 40,000 valid 39,680 dlq 320 | 19,870/s | lag 0 | latency p50 110 ms p99 380 ms | RMSLE 0.291 (1 min 0.288) | model 20261122T053109Z
+
+Rows land in ``data/speed/p<partition>/<first>-<last>.parquet``; lag, rates,
+latency and live error in ``data/speed/_status/<consumer id>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import MemberState
+from threadpoolctl import threadpool_limits
+
+from periscope import config, speed_view
+from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, current_version, load_model
+from periscope.schema import FIELDS, FLOAT_FIELDS, RULE_NAMES, InvalidTrip, first_broken_rule, parse_json
+from periscope.stream import BrokerUnavailable, dlq_headers, wait_for_broker
+
+log = logging.getLogger("kafka_consumer")
+
+COMPONENT = "kafka_consumer"
+INT_COLUMNS = ("vendor_id", "pickup_datetime", "dropoff_datetime", "passenger_count", "trip_duration")
+DEFAULT_MAX_RECORDS = 5000
+POLL_TIMEOUT_MS = FETCH_MAX_WAIT_MS = 100
+"""The broker answers a fetch within 100 ms even when little has arrived: bounds latency at low rates."""
+SESSION_TIMEOUT_MS = 10_000
+"""A process that dies without leaving the group hands its partitions on after 10 s (default 45 s)."""
+RECONNECT_BACKOFF_MAX_MS = 1000
+"""Reconnect within a second once a restarted broker is back (kafka-python backs off up to 30 s)."""
+COMMIT_TIMEOUT_MS = 5000
+MODEL_THREADS = 1
+"""One core for the trees: on a busy machine OpenMP's threads made prediction ten times slower.
+A speed layer scales out with more processes in the group instead."""
+STATUS_INTERVAL_S = 1.0
+MODEL_CHECK_INTERVAL_S = 10.0
+LATENCY_WINDOW_S = 10.0
+RECENT_ERROR_WINDOW_S = 60.0
+RETRY_PAUSE_S = 1.0
+WARNING_INTERVAL_S = 10.0
+
+
+# --- validation and rows: pure functions --------------------------------------------------------
+
+
+def validate_batch(messages: Sequence[Any]) -> tuple[dict[str, np.ndarray], list[tuple[Any, str]]]:
+    """Record-form columns of the valid trips, and ``(message, reason)`` of the others in stream order.
+
+    ``messages`` need ``value``, ``partition``, ``offset`` and ``timestamp``
+    (kafka-python's ``ConsumerRecord``). Parsing is per message, as each can be
+    broken its own way; the cleaning rules run once over whole columns, as
+    numpy per record would cost more than the rest of the speed layer.
+    """
+    records, kept, invalid = [], [], []
+    for index, message in enumerate(messages):
+        try:
+            records.append(parse_json(message.value))
+            kept.append(index)
+        except InvalidTrip as error:
+            invalid.append((index, str(error)))
+    columns = to_columns(records, [messages[index] for index in kept])
+    broken = first_broken_rule(columns)
+    invalid += [(kept[row], RULE_NAMES[broken[row]]) for row in np.flatnonzero(broken >= 0)]
+    columns = {name: values[broken < 0] for name, values in columns.items()}
+    return columns, [(messages[index], reason) for index, reason in sorted(invalid, key=lambda item: item[0])]
+
+
+def to_columns(records: list[dict[str, Any]], messages: list[Any]) -> dict[str, np.ndarray]:
+    """Parsed records and their messages as numpy columns: Kafka position, then the trip."""
+    n = len(records)
+    columns = {
+        "partition": np.fromiter((m.partition for m in messages), np.int64, n),
+        "offset": np.fromiter((m.offset for m in messages), np.int64, n),
+        "kafka_timestamp_ms": np.fromiter((m.timestamp for m in messages), np.int64, n),
+        "id": np.array([r["id"] for r in records], dtype=object),
+        "store_and_fwd_flag": np.fromiter((r["store_and_fwd_flag"] for r in records), bool, n),
+    }
+    for name in INT_COLUMNS:
+        columns[name] = np.fromiter((r[name] for r in records), np.int64, n)
+    for name in FLOAT_FIELDS:
+        columns[name] = np.fromiter((r[name] for r in records), np.float64, n)
+    return columns
+
+
+def speed_rows(columns: dict[str, np.ndarray], predicted_s: np.ndarray, model_version: str) -> pd.DataFrame:
+    """Speed-view rows (``speed_view.COLUMNS``); ``visible_at_ms`` is -1 until the writer stamps it."""
+    rows = {name: columns[name] for name in ("partition", "offset", "kafka_timestamp_ms") + FIELDS}
+    rows["visible_at_ms"] = np.full(len(predicted_s), -1, dtype=np.int64)
+    rows["predicted_duration_s"] = np.asarray(predicted_s, dtype=np.float64)
+    rows["model_version"] = np.full(len(predicted_s), model_version, dtype=object)
+    return pd.DataFrame(rows, columns=list(speed_view.COLUMNS))
+
+
+def next_offsets(messages: Iterable[Any]) -> dict[int, int]:
+    """Per partition, the offset to commit: the last one handled + 1, valid or not."""
+    result: dict[int, int] = {}
+    for message in messages:
+        result[message.partition] = max(result.get(message.partition, 0), message.offset + 1)
+    return result
+
+
+def resume_offset(committed: int | None, last_on_disk: int | None) -> int | None:
+    """Where an assigned partition resumes: past its commit and past its speed files (None: no history)."""
+    candidates = [committed, None if last_on_disk is None else last_on_disk + 1]
+    return max((offset for offset in candidates if offset is not None), default=None)
+
+
+def reason_code(reason: str) -> str:
+    """``"invalid_json: Expecting value ..."`` -> ``"invalid_json"``; rule names stay as they are."""
+    return reason.split(":", 1)[0]
+
+
+# --- live statistics ----------------------------------------------------------------------------
+
+
+class SlidingWindow:
+    """Items stamped with a time; those older than ``seconds`` fall out."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.items = seconds, deque()
+
+    def add(self, item: Any, now: float) -> None:
+        self.items.append((now, item))
+
+    def values(self, now: float) -> list[Any]:
+        while self.items and self.items[0][0] < now - self.seconds:
+            self.items.popleft()
+        return [item for _, item in self.items]
+
+
+class LiveError:
+    """The model's error against the actual durations in the stream: since start and recently.
+
+    It keeps sums (rows, |error|, error², log-error²), which add up across
+    batches, so MAE, RMSE and RMSLE come out as ``periscope.model.metrics``.
+    """
+
+    def __init__(self, window_s: float = RECENT_ERROR_WINDOW_S):
+        self.total, self.window = np.zeros(4), SlidingWindow(window_s)
+
+    def add(self, actual_s: np.ndarray, predicted_s: np.ndarray, now: float) -> None:
+        actual, predicted = np.asarray(actual_s, np.float64), np.asarray(predicted_s, np.float64)
+        error, log_error = predicted - actual, np.log1p(predicted) - np.log1p(actual)
+        sums = np.array([len(actual), np.abs(error).sum(), (error**2).sum(), (log_error**2).sum()])
+        self.total += sums
+        self.window.add(sums, now)
+
+    def cumulative(self) -> dict[str, float | None]:
+        return error_metrics(self.total)
+
+    def recent(self, now: float) -> dict[str, float | None]:
+        return error_metrics(sum(self.window.values(now), np.zeros(4)))
+
+
+def error_metrics(sums: np.ndarray) -> dict[str, float | None]:
+    """RMSLE, MAE and RMSE (seconds) from ``LiveError`` sums; None before the first trip."""
+    rows = int(sums[0])
+    if rows == 0:
+        return {"rmsle": None, "mae": None, "rmse": None, "rows": 0}
+    return {"rmsle": float(np.sqrt(sums[3] / rows)), "mae": float(sums[1] / rows),
+            "rmse": float(np.sqrt(sums[2] / rows)), "rows": rows}
+
+
+def latency_percentiles(window: SlidingWindow, now: float) -> tuple[float | None, float | None]:
+    """p50 and p99 (ms) of the end-to-end latencies in the window; None when it is empty."""
+    samples = window.values(now)
+    if not samples:
+        return None, None
+    p50, p99 = np.percentile(np.concatenate(samples), [50, 99])
+    return float(p50), float(p99)
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# --- the model and the group --------------------------------------------------------------------
+
+
+class ModelWatcher:
+    """The live model, reloaded when ``current.json`` names another version (checked every 10 s).
+
+    A version that fails to load is logged and the running model kept: a bad
+    promotion must not stop the stream.
+    """
+
+    def __init__(self, model_dir: Path, check_every_s: float = MODEL_CHECK_INTERVAL_S):
+        self.model_dir, self.check_every_s = model_dir, check_every_s
+        self.model: TripDurationModel = load_model(model_dir)
+        self.checked_at = time.monotonic()
+
+    def current(self) -> TripDurationModel:
+        if time.monotonic() - self.checked_at >= self.check_every_s:
+            self.checked_at = time.monotonic()
+            try:
+                version = current_version(self.model_dir)
+                if version and version != self.model.version:
+                    previous, self.model = self.model.version, load_model(self.model_dir, version)
+                    log.info("model switched from %s to %s (promoted in %s)", previous, version, self.model_dir)
+            except Exception as error:  # noqa: BLE001 -- whatever is wrong with the new model, keep the old one
+                log.error("cannot load the promoted model, keeping %s: %r", self.model.version, error)
+        return self.model
+
+
+class ResumeAfterSpeedFiles(ConsumerRebalanceListener):
+    """Let the main loop choose where new partitions resume, and finish writing before giving any away.
+
+    kafka-python runs this on its IO thread, where blocking consumer calls such
+    as ``committed()`` are refused; so it pauses new partitions, and
+    ``SpeedLayer.resume_assigned`` seeks them once the poll returns. The next
+    owner of a revoked partition resumes after its speed files, so the batch
+    being written must be complete first.
+    """
+
+    def __init__(self, consumer: KafkaConsumer, finish_writing: Callable[[], None]):
+        self.consumer, self.finish_writing = consumer, finish_writing
+        self.pending: set[TopicPartition] = set()
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.finish_writing()
+        self.pending.difference_update(revoked)
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.consumer.pause(*assigned)
+        self.pending.update(assigned)
+
+
+@dataclass
+class Batch:
+    """One poll's messages on their way through the two stages."""
+
+    messages: list[Any]
+    columns: dict[str, np.ndarray]
+    invalid: list[tuple[Any, str]]
+    dead_letters: list[Any]
+    model: TripDurationModel
+    predicted: np.ndarray | None = None
+    rows: pd.DataFrame | None = None
+
+
+class SpeedLayer:
+    """One consumer process: poll -> validate -> (worker: predict -> write) -> commit, and its statistics.
+
+    Batch k is committed after its files are written and before batch k+1 goes
+    to the worker, so files appear in offset order and a commit never runs
+    ahead of the files.
+    """
+
+    def __init__(self, args: argparse.Namespace, models: ModelWatcher):
+        self.args, self.models = args, models
+        check_crcs = {"on": True, "off": False}.get(args.check_crcs, importlib.util.find_spec("crc32c") is not None)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=args.bootstrap, group_id=args.group, client_id=args.consumer_id,
+            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=args.max_records,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS, session_timeout_ms=SESSION_TIMEOUT_MS,
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, check_crcs=check_crcs)
+        self.producer = KafkaProducer(bootstrap_servers=args.bootstrap, client_id=f"{args.consumer_id}-dlq",
+                                      acks="all", linger_ms=5, reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
+        self.listener = ResumeAfterSpeedFiles(self.consumer, self.wait_for_writer)
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speed-writer")
+        self.in_flight: Future | None = None
+        self.stopping = False
+        self.uncommitted: dict[TopicPartition, int] = {}
+        self.totals, self.dlq_reasons = Counter(), Counter()
+        self.errors, self.latency = LiveError(), SlidingWindow(LATENCY_WINDOW_S)
+        self.started = self.last_activity = self.last_tick = time.monotonic()
+        self.consumed_at_tick, self.last_warning = 0, -WARNING_INTERVAL_S
+        self.positions: dict[int, int | None] = {}
+        self.lag: dict[int, int | None] = {}
+
+    def missing_topics(self) -> list[str]:
+        """Topics that do not exist (the broker does not create them on demand)."""
+        existing = self.consumer.topics()
+        return [topic for topic in (self.args.topic, self.args.dlq_topic) if topic not in existing]
+
+    def run(self) -> None:
+        self.consumer.subscribe([self.args.topic], listener=self.listener)
+        while not self.stopping:
+            try:
+                polled = self.consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
+                self.resume_assigned()
+            except KafkaError as error:
+                self.warn(f"poll failed ({error!r}); retrying")
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            messages = [message for batch in polled.values() for message in batch]
+            batch = self.validate(messages) if messages else None
+            if self.finish_in_flight() and batch is not None:
+                self.in_flight = self.writer.submit(self.predict_and_write, batch)
+            self.tick()
+            if self.args.stop_when_idle is not None and self.idle():
+                log.info("no new trips for %.0f s and no lag: stopping", self.args.stop_when_idle)
+                break
+        self.finish_in_flight()
+
+    def resume_assigned(self) -> None:
+        """Seek newly assigned partitions past their commit and past their speed files, then resume them."""
+        pending, self.listener.pending = self.listener.pending, set()
+        if not pending:
+            return
+        on_disk = speed_view.last_offsets(self.args.speed_dir)
+        for tp in sorted(pending):
+            start = resume_offset(self.consumer.committed(tp), on_disk.get(tp.partition))
+            if start is not None:
+                self.consumer.seek(tp, start)
+            log.info("partition %d assigned: resuming at %s", tp.partition,
+                     "the earliest offset" if start is None else f"offset {start:,}")
+        self.consumer.resume(*pending)
+        self.last_activity = time.monotonic()
+
+    def validate(self, messages: list[Any]) -> Batch:
+        """Stage 1 (main thread): parse and check every message, start sending the dead letters."""
+        columns, invalid = validate_batch(messages)
+        dead_letters = [self.send_dead_letter(message, reason) for message, reason in invalid]
+        return Batch(messages, columns, invalid, dead_letters, self.models.current())
+
+    def send_dead_letter(self, message: Any, reason: str) -> Any:
+        headers = dlq_headers(reason, message.topic, message.partition, message.offset, COMPONENT)
+        return self.producer.send(self.args.dlq_topic, key=message.key, value=message.value, headers=headers)
+
+    def predict_and_write(self, batch: Batch) -> Batch:
+        """Stage 2 (worker thread): predict, wait for the dead letters, write one file per partition.
+
+        Dead letters are acknowledged first, because a file moves the resume
+        point past every message of its batch, valid or not.
+        """
+        with threadpool_limits(MODEL_THREADS):
+            batch.predicted = batch.model.predict_seconds(batch.columns)
+        if not self.dead_letters_delivered(batch):
+            return batch
+        rows = speed_rows(batch.columns, batch.predicted, batch.model.version)
+        for partition in np.unique(batch.columns["partition"]):
+            mine = batch.columns["partition"] == partition
+            rows.loc[mine, "visible_at_ms"] = wall_clock_ms()
+            speed_view.write_batch(self.args.speed_dir, int(partition), rows[mine])
+        batch.rows = rows
+        return batch
+
+    def dead_letters_delivered(self, batch: Batch) -> bool:
+        """Block until every dead letter is acknowledged, re-sending failures; False if told to stop first."""
+        while True:
+            self.producer.flush()
+            failed = [index for index, future in enumerate(batch.dead_letters) if future.failed()]
+            if not failed:
+                return True
+            if self.stopping:
+                log.error("%d dead letters undelivered at shutdown: their batch is neither written nor "
+                          "committed, and will be read again on restart", len(failed))
+                return False
+            self.warn(f"{len(failed)} dead letters not delivered ({batch.dead_letters[failed[0]].exception!r}); "
+                      "retrying")
+            time.sleep(RETRY_PAUSE_S)
+            for index in failed:
+                batch.dead_letters[index] = self.send_dead_letter(*batch.invalid[index])
+
+    def finish_in_flight(self) -> bool:
+        """Wait for the worker's batch, commit and count it; False if it could not be written."""
+        if self.in_flight is None:
+            return True
+        batch, self.in_flight = self.in_flight.result(), None
+        if batch.rows is None:
+            self.stopping = True
+            return False
+        for partition, offset in next_offsets(batch.messages).items():
+            self.uncommitted[TopicPartition(self.args.topic, partition)] = offset
+        self.commit()
+        self.last_activity = now = time.monotonic()
+        self.latency.add((batch.rows["visible_at_ms"] - batch.rows["kafka_timestamp_ms"]).to_numpy(), now)
+        self.errors.add(batch.columns["trip_duration"], batch.predicted, now)
+        self.totals.update(consumed=len(batch.messages), valid=len(batch.rows), dlq=len(batch.invalid))
+        self.dlq_reasons.update(reason_code(reason) for _, reason in batch.invalid)
+        return True
+
+    def wait_for_writer(self) -> None:
+        if self.in_flight is not None:
+            futures_wait([self.in_flight])
+
+    def commit(self) -> None:
+        """Commit what is written; after a failure (broker down, rebalance) the next commit includes it.
+
+        Nothing depends on a commit succeeding: the speed files already record the progress.
+        """
+        assigned = self.consumer.assignment()
+        self.uncommitted = {tp: offset for tp, offset in self.uncommitted.items() if tp in assigned}
+        if not self.uncommitted:
+            return
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.uncommitted.items()},
+                                 timeout_ms=COMMIT_TIMEOUT_MS)
+            self.uncommitted = {}
+        except KafkaError as error:
+            self.warn(f"offset commit failed ({error!r}); retrying with the next commit")
+
+    def idle(self) -> bool:
+        """Quiet for ``--stop-when-idle`` seconds, settled in the group, and known to be caught up."""
+        quiet = time.monotonic() - self.last_activity >= self.args.stop_when_idle
+        settled = self.consumer.group_metadata().state == MemberState.STABLE and not self.listener.pending
+        return quiet and settled and all(lag == 0 for lag in self.lag.values())
+
+    def tick(self, force: bool = False) -> None:
+        """Once a second: refresh lag, retry a failed commit, publish the status file, log the rate line."""
+        now = time.monotonic()
+        if not force and now - self.last_tick < STATUS_INTERVAL_S:
+            return
+        self.positions, self.lag = self.progress()
+        if None in self.lag.values():
+            self.last_activity = now  # cut off from the broker is not the same as caught up
+        if self.uncommitted:
+            self.commit()
+        rate = (self.totals["consumed"] - self.consumed_at_tick) / max(now - self.last_tick, 1e-6)
+        self.last_tick, self.consumed_at_tick = now, self.totals["consumed"]
+        status = self.status(rate, now)
+        speed_view.write_status(self.args.speed_dir, self.args.consumer_id, status)
+        log.info(format_status(status))
+
+    def progress(self) -> tuple[dict[int, int | None], dict[int, int | None]]:
+        """Per assigned partition: the next offset to read and the lag behind the log end (None: unknown).
+
+        The log end is asked of the broker every time, so while it is
+        unreachable the lag is unknown, never a stale zero.
+        """
+        assigned = sorted(self.consumer.assignment())
+        try:
+            ends = self.consumer.end_offsets(assigned, timeout_ms=1000) if assigned else {}
+            positions = {tp.partition: self.consumer.position(tp, timeout_ms=1000) for tp in assigned}
+        except KafkaError as error:
+            self.warn(f"cannot reach the broker ({error!r}); kafka-python keeps reconnecting")
+            return {tp.partition: self.positions.get(tp.partition) for tp in assigned}, dict.fromkeys(
+                (tp.partition for tp in assigned), None)
+        ends = {tp.partition: end for tp, end in ends.items()}
+        lag = {p: None if positions[p] is None or p not in ends else max(ends[p] - positions[p], 0) for p in positions}
+        return positions, lag
+
+    def status(self, rate: float, now: float) -> dict[str, Any]:
+        p50, p99 = latency_percentiles(self.latency, now)
+        return {
+            "consumer_id": self.args.consumer_id, "group": self.args.group, "topic": self.args.topic,
+            "pid": os.getpid(), "host": socket.gethostname(), "state": "stopped" if self.stopping else "running",
+            "member_state": self.consumer.group_metadata().state, "updated_at_ms": wall_clock_ms(),
+            "uptime_s": round(now - self.started, 1), "assigned_partitions": sorted(self.positions),
+            "positions": {str(p): offset for p, offset in self.positions.items()},
+            "lag": {str(p): lag for p, lag in self.lag.items()},
+            "total_lag": sum(lag for lag in self.lag.values() if lag is not None),
+            "totals": {**{name: self.totals[name] for name in ("consumed", "valid", "dlq")},
+                       "dlq_by_reason": dict(sorted(self.dlq_reasons.items()))},
+            "rate_per_s": round(rate, 1),
+            "latency_ms": {"p50": p50, "p99": p99, "window_s": LATENCY_WINDOW_S},
+            "live_error": {"cumulative": self.errors.cumulative(), "recent": self.errors.recent(now),
+                           "recent_window_s": RECENT_ERROR_WINDOW_S},
+            "model_version": self.models.model.version,
+        }
+
+    def warn(self, message: str) -> None:
+        """A warning at most every 10 s, so that an outage does not flood the log."""
+        if time.monotonic() - self.last_warning >= WARNING_INTERVAL_S:
+            self.last_warning = time.monotonic()
+            log.warning(message)
+
+    def close(self) -> None:
+        """Last commit, last status, a summary; then leave the group."""
+        self.stopping = True
+        self.commit()
+        self.tick(force=True)
+        elapsed, error = time.monotonic() - self.started, self.errors.cumulative()
+        quality = f"live RMSLE {error['rmsle']:.3f}, MAE {error['mae']:.0f} s" if error["rows"] else "no valid trips"
+        reasons = f" ({', '.join(f'{n:,} {r}' for r, n in self.dlq_reasons.most_common())})" if self.dlq_reasons else ""
+        log.info("stopped after %.0f s: %s trips consumed, %s valid, %s to the dead-letter topic%s; %s",
+                 elapsed, f"{self.totals['consumed']:,}", f"{self.totals['valid']:,}", f"{self.totals['dlq']:,}",
+                 reasons, quality)
+        self.disconnect()
+
+    def disconnect(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.producer.close(timeout=10)
+        self.consumer.close(autocommit=False, timeout_ms=10_000)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The once-a-second log line."""
+    totals, latency, error = status["totals"], status["latency_ms"], status["live_error"]
+    lag = "?" if None in status["lag"].values() else f"{status['total_lag']:,}"
+    timing = "-" if latency["p50"] is None else f"p50 {latency['p50']:.0f} ms p99 {latency['p99']:.0f} ms"
+    rmsle = ["-" if error[span]["rmsle"] is None else f"{error[span]['rmsle']:.3f}" for span in ("cumulative", "recent")]
+    return (f"consumed {totals['consumed']:,} valid {totals['valid']:,} dlq {totals['dlq']:,} | "
+            f"{status['rate_per_s']:,.0f}/s | lag {lag} | latency {timing} | RMSLE {rmsle[0]} (1 min {rmsle[1]}) | "
+            f"model {status['model_version']}")
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Speed layer: consume trips from Kafka, validate, predict durations, write the speed view.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS,
+                        help="Kafka bootstrap servers, host:port[,host:port] (env KAFKA_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--topic", default=config.TRIPS_TOPIC, help="trips topic (env PERISCOPE_TRIPS_TOPIC)")
+    parser.add_argument("--dlq-topic", default=config.DLQ_TOPIC,
+                        help="dead-letter topic for invalid messages (env PERISCOPE_DLQ_TOPIC)")
+    parser.add_argument("--group", default=config.SPEED_GROUP,
+                        help="consumer group; processes in one group split the partitions (env PERISCOPE_SPEED_GROUP)")
+    parser.add_argument("--speed-dir", type=Path, default=config.SPEED_DIR,
+                        help="speed view and status files, one dir per topic (env PERISCOPE_SPEED_DIR)")
+    parser.add_argument("--model-dir", type=Path, default=config.MODEL_DIR,
+                        help="trained model versions; current.json names the live one (env PERISCOPE_MODEL_DIR)")
+    parser.add_argument("--max-records", type=int, default=DEFAULT_MAX_RECORDS,
+                        help="most messages per poll batch: bigger is faster, smaller writes sooner")
+    parser.add_argument("--stop-when-idle", type=float, metavar="SECONDS",
+                        help="exit after this long without new trips and with zero lag (default: run forever)")
+    parser.add_argument("--consumer-id", default=f"{socket.gethostname()}-{os.getpid()}",
+                        help="this process's client id in Kafka and the name of its status file")
+    parser.add_argument("--broker-timeout", type=float, metavar="SECONDS",
+                        help="give up if no broker answers at start within this long (default: wait forever)")
+    parser.add_argument("--check-crcs", choices=("auto", "on", "off"), default="auto",
+                        help="verify record checksums in the client; auto = if the C package crc32c is installed "
+                             "(kafka-python's pure-Python CRC costs more than all the rest; the broker checked "
+                             "every batch when it was produced)")
+    args = parser.parse_args(argv)
+    if args.max_records < 1:
+        parser.error(f"--max-records must be at least 1, got {args.max_records}")
+    if args.stop_when_idle is not None and args.stop_when_idle <= 0:
+        parser.error(f"--stop-when-idle must be a positive number of seconds, got {args.stop_when_idle:g}")
+    if not args.consumer_id or "/" in args.consumer_id or args.consumer_id.startswith("."):
+        parser.error(f"--consumer-id must be a plain file name (no '/', not starting with '.'), got "
+                     f"{args.consumer_id!r}")
+    if args.speed_dir.exists() and not args.speed_dir.is_dir():
+        parser.error(f"--speed-dir {args.speed_dir} exists and is not a directory")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # it reconnects by itself; our own lines say what matters
+    try:
+        models = ModelWatcher(args.model_dir)
+        wait_for_broker(args.bootstrap, f"consume {args.topic}", args.broker_timeout, log)
+    except (ModelNotFoundError, ModelMismatchError, BrokerUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    layer = SpeedLayer(args, models)
+    missing = layer.missing_topics()
+    if missing:
+        layer.disconnect()
+        print(f"error: topic(s) {', '.join(missing)} do not exist at {args.bootstrap}; create them with "
+              f"`python -m periscope.kafka_local create-topics --bootstrap {args.bootstrap}`", file=sys.stderr)
+        return 2
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("%s received: finishing the current batch", signal.Signals(signum).name)
+        layer.stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("speed layer %s: %s -> %s (group %s, model %s, dead letters to %s)", args.consumer_id, args.topic,
+             args.speed_dir, args.group, models.model.version, args.dlq_topic)
+    try:
+        layer.run()
+    finally:
+        layer.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""The ingestion layer, for real: the shipped trips go through a real Kafka broker and back.
+
+Unit tests call the producer's pure functions (order, encoding, partitioning,
+re-timing, schedules) directly. The tests marked ``kafka`` run
+``kafka_producer.main`` against the session's broker (see ``conftest.py``),
+each on its own fresh topic, and read every message back with a plain
+KafkaConsumer: nothing is mocked.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from kafka.partitioner.default import murmur2 as kafka_murmur2
+
+import kafka_producer
+from periscope.schema import FLOAT_FIELDS, format_time, parse_json, record_to_json
+from tests.conftest import free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRESS = re.compile(r"^\s*\d+\.\d s  sent\s+[\d,]+  delivered\s+[\d,]+  failed \d+\s+[\d,]+ trips/s  in flight",
+                      re.MULTILINE)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def consume_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list:
+    """Every message of the topic, read from the start until the end offsets at call time."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        end = consumer.end_offsets(partitions)
+        messages, deadline = [], time.monotonic() + timeout_s
+        while any(consumer.position(tp) < end[tp] for tp in partitions):
+            assert time.monotonic() < deadline, f"read {len(messages)} of {sum(end.values())} messages in time"
+            for batch in consumer.poll(timeout_ms=500).values():
+                messages.extend(batch)
+        return messages
+    finally:
+        consumer.close()
+
+
+def write_csv(trips: pd.DataFrame, path: Path) -> Path:
+    """Record-form trips back in the Kaggle CSV layout."""
+    out = trips.copy()
+    for name in ("pickup_datetime", "dropoff_datetime"):
+        out[name] = [format_time(ms) for ms in out[name]]
+    out["store_and_fwd_flag"] = np.where(out["store_and_fwd_flag"], "Y", "N")
+    out.to_csv(path, index=False, float_format="%.17g")
+    return path
+
+
+def assert_same_frames(got: pd.DataFrame, expected: pd.DataFrame) -> None:
+    """Equal trip frames; coordinates to the last bit or two.
+
+    Parquet numbers are parsed from their shortest text, like CSV text, and the
+    loader's text-to-float conversion (``pd.to_numeric``) is not always
+    correctly rounded, so a coordinate can come back one unit in the last place off.
+    """
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected.reset_index(drop=True),
+                                  check_exact=False, rtol=1e-15, atol=0)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = kafka_producer.main([*argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def replayed(sample_trips) -> pd.DataFrame:
+    """The sample in replay order, as the producer sends it."""
+    return kafka_producer.replay_order(sample_trips)
+
+
+# --- pure functions -----------------------------------------------------------------------------
+
+
+def test_replay_order_sorts_by_pickup_and_keeps_file_order_for_ties():
+    trips = pd.DataFrame({"id": ["a", "b", "c", "d", "e"], "pickup_datetime": [30, 10, 20, 10, 30]})
+    assert kafka_producer.replay_order(trips)["id"].tolist() == ["b", "d", "c", "a", "e"]
+
+
+def test_encoded_values_are_exactly_what_record_to_json_makes(sample_trips):
+    for suffix, trips in (("", sample_trips), ("-3", sample_trips.iloc[::10])):
+        keys, values = kafka_producer.encode_trips(trips, suffix)
+        records = trips.to_dict("records")
+        assert keys == [(record["id"] + suffix).encode() for record in records]
+        assert values == [record_to_json(dict(record, id=record["id"] + suffix)) for record in records]
+
+
+def test_partitions_are_those_of_kafkas_default_partitioner():
+    rng = random.Random(7)
+    keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 24))) for _ in range(3000)]
+    keys += [f"id{rng.randrange(10**7):07d}-{rng.randrange(2, 200)}".encode() for _ in range(3000)]
+    for partitions in ([0, 1, 2], [0], list(range(7))):
+        expected = [partitions[(kafka_murmur2(key) & 0x7FFFFFFF) % len(partitions)] for key in keys]
+        assert kafka_producer.key_partitions(keys, partitions) == expected
+
+
+def test_retime_moves_the_trip_to_now_and_keeps_the_original_times(sample_trips):
+    record = sample_trips.iloc[0].to_dict()
+    now_ms = 1_790_000_000_123  # a fraction of a second: the pickup becomes the whole second
+    moved, original = kafka_producer.retime(record, now_ms)
+    assert moved["pickup_datetime"] == 1_790_000_000_000
+    assert moved["dropoff_datetime"] == 1_790_000_000_000 + record["trip_duration"] * 1000
+    assert {k: v for k, v in moved.items() if not k.endswith("_datetime")} == \
+           {k: v for k, v in record.items() if not k.endswith("_datetime")}
+    assert original == {"original_pickup_datetime": format_time(record["pickup_datetime"]),
+                        "original_dropoff_datetime": format_time(record["dropoff_datetime"])}
+    assert parse_json(record_to_json(moved, **original)) == moved  # consumers ignore the extra fields
+
+
+def test_schedules_space_trips_by_rate_or_by_real_time_over_speedup():
+    assert kafka_producer.rate_schedule(4, 3, 2.0).tolist() == [2.0, 2.5, 3.0]
+    event_s = np.array([0.0, 60.0, 3600.0])
+    assert kafka_producer.speedup_schedule(event_s, 1, 3600.0, 60.0).tolist() == [0.0, 1.0, 60.0]
+    assert kafka_producer.speedup_schedule(event_s, 2, 3600.0, 60.0).tolist() == [60.0, 61.0, 120.0]
+
+
+def test_plan_with_loop_and_limit_makes_unique_ids_per_pass(replayed):
+    trips = replayed.iloc[:2500]
+    chunks = list(kafka_producer.plan_chunks(trips, [0, 1, 2], rate=100.0, limit=6000, loop=True))
+    keys = [key.decode() for chunk in chunks for key in chunk.keys]
+    ids = trips["id"].tolist()
+    assert keys == ids + [i + "-2" for i in ids] + [i + "-3" for i in ids[:1000]]
+    assert [chunk.first_index for chunk in chunks] == [0, 1000, 2000, 2500, 3500, 4500, 5000]
+    assert [chunk.pass_number for chunk in chunks] == [1, 1, 1, 2, 2, 2, 3]
+    due = [d for chunk in chunks for d in chunk.due_s]
+    assert due == pytest.approx([i / 100.0 for i in range(6000)])
+    assert all(chunk.values is not None and chunk.records is None for chunk in chunks)
+
+
+def test_plan_without_pacing_sends_at_once_and_stops_at_the_end_of_the_file(replayed):
+    trips = replayed.iloc[:1500]
+    chunks = list(kafka_producer.plan_chunks(trips, [0, 1, 2], limit=10_000))
+    assert [len(chunk.keys) for chunk in chunks] == [1000, 500]
+    assert all(chunk.due_s is None for chunk in chunks)
+    assert chunks[-1].pickup_ms[-1] == trips["pickup_datetime"].iloc[-1]
+
+
+def test_summary_names_failures_and_malformed_rows():
+    result = kafka_producer.ReplayResult(sent=10, delivered=8, failed=2, elapsed_s=2.0, bytes=3300,
+                                         per_partition={0: 5, 1: 3}, errors=["id1: KafkaTimeoutError: expired"],
+                                         passes=1, stopped=None)
+    report = kafka_producer.LoadReport(source="trips.csv", rows_read=11)
+    report.malformed["bad_datetime"] += 1
+    text = "\n".join(kafka_producer.summary_lines(result, "taxi-trips", "127.0.0.1:9092", report))
+    assert "sent 10 trips to taxi-trips at 127.0.0.1:9092 in 2.00 s" in text
+    assert "delivered 8, failed 2; 4 trips/s" in text
+    assert "per partition: 0: 5  1: 3" in text
+    assert "failed e.g. id1: KafkaTimeoutError: expired" in text
+    assert "not sent: 1 malformed rows of trips.csv (bad_datetime 1)" in text
+    assert not result.ok
+
+
+def test_parquet_input_reads_like_the_csv(sample_trips, tmp_path):
+    typed = sample_trips.iloc[:400].copy()
+    for name in ("pickup_datetime", "dropoff_datetime"):
+        typed[name] = pd.to_datetime(typed[name], unit="ms")
+    typed.to_parquet(tmp_path / "typed.parquet")
+    text = sample_trips.iloc[:400].copy()
+    for name in ("pickup_datetime", "dropoff_datetime"):
+        text[name] = [format_time(ms) for ms in text[name]]
+    text["store_and_fwd_flag"] = np.where(text["store_and_fwd_flag"], "Y", "N")
+    text.loc[3, "pickup_datetime"] = "2016-02-30 10:00:00"
+    text.loc[5, "passenger_count"] = None
+    text.to_parquet(tmp_path / "text.parquet")
+
+    trips, report = kafka_producer.load_trips(tmp_path / "typed.parquet")
+    assert_same_frames(trips, sample_trips.iloc[:400])
+    assert report.rows_malformed == 0
+    trips, report = kafka_producer.load_trips(tmp_path / "text.parquet")
+    assert dict(report.malformed) == {"bad_datetime": 1, "missing_value": 1}
+    assert report.examples == ["line 4: bad_datetime in pickup_datetime", "line 6: missing_value in passenger_count"]
+    assert_same_frames(trips, sample_trips.iloc[:400].drop(index=[3, 5]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rate", "0"], "--rate must be a positive number of trips per second, e.g. --rate 500; got 0"),
+    (["--rate", "10", "--speedup", "60"], "--rate and --speedup are alternatives"),
+    (["--speedup", "-1"], "--speedup must be a positive factor"),
+    (["--limit", "0"], "--limit must be at least 1 trip"),
+    (["--input", "no/such/trips.csv"], "--input no/such/trips.csv: no such file"),
+])
+def test_bad_flags_are_clear_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        kafka_producer.main(argv)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_explains_every_flag():
+    result = subprocess.run([sys.executable, "kafka_producer.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0
+    for flag in ("--input", "--topic", "--bootstrap", "--rate", "--speedup", "--limit", "--loop", "--retime",
+                 "--wait", "--max-in-flight", "--progress"):
+        assert flag in result.stdout
+
+
+def test_an_unreachable_broker_fails_fast_naming_the_address(capsys):
+    address = f"127.0.0.1:{free_ports(1)[0]}"
+    started = time.monotonic()
+    code, out, err = run(capsys, "--bootstrap", address, "--wait", "0", "--limit", "5")
+    assert code == 1
+    assert address in err and "make kafka-up" in err
+    assert time.monotonic() - started < 20
+
+
+# --- against the real broker --------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+def test_replays_real_trips_in_pickup_order_with_production_timestamps(kafka_bootstrap, topics, replayed, capsys):
+    topic, _ = topics
+    before_ms = time.time() * 1000
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "2000")
+    after_ms = time.time() * 1000
+    assert code == 0, out
+    assert "summary: sent 2,000 trips to " + topic in out
+    assert "delivered 2,000, failed 0" in out
+
+    messages = consume_all(kafka_bootstrap, topic)
+    assert len(messages) == 2000
+    expected = {record["id"]: record for record in replayed.iloc[:2000].to_dict("records")}
+    assert sorted(m.key.decode() for m in messages) == sorted(expected)
+    for message in messages:
+        assert parse_json(message.value) == expected[message.key.decode()]
+        assert message.timestamp_type == 0  # CreateTime, set by the producer
+        assert before_ms - 1000 <= message.timestamp <= after_ms + 1000  # now, not 2016
+    for partition in {m.partition for m in messages}:
+        pickups = [parse_json(m.value)["pickup_datetime"] for m in messages if m.partition == partition]
+        assert pickups == sorted(pickups)
+    counts = re.search(r"per partition: (.*)", out).group(1)
+    assert sum(int(n.replace(",", "")) for n in re.findall(r"\d+: ([\d,]+)", counts)) == 2000
+
+
+@pytest.mark.kafka
+def test_retime_sends_trips_as_happening_now_with_their_original_times(kafka_bootstrap, topics, replayed, capsys):
+    topic, _ = topics
+    before = kafka_producer.local_now_ms()
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "300", "--retime")
+    after = kafka_producer.local_now_ms()
+    assert code == 0, out
+    expected = {record["id"]: record for record in replayed.iloc[:300].to_dict("records")}
+    messages = consume_all(kafka_bootstrap, topic)
+    assert len(messages) == 300
+    for message in messages:
+        record, original = parse_json(message.value), expected[message.key.decode()]
+        assert before <= record["pickup_datetime"] <= after and record["pickup_datetime"] % 1000 == 0
+        assert record["dropoff_datetime"] == record["pickup_datetime"] + original["trip_duration"] * 1000
+        fields = json.loads(message.value)
+        assert fields["original_pickup_datetime"] == format_time(original["pickup_datetime"])
+        assert fields["original_dropoff_datetime"] == format_time(original["dropoff_datetime"])
+        assert {k: v for k, v in record.items() if not k.endswith("_datetime")} == \
+               {k: v for k, v in original.items() if not k.endswith("_datetime")}
+
+
+@pytest.mark.kafka
+def test_rate_paces_the_replay_and_progress_is_printed_every_second(kafka_bootstrap, topics, capsys):
+    topic, _ = topics
+    args = kafka_producer.parse_args(["--bootstrap", kafka_bootstrap, "--topic", topic,
+                                      "--rate", "500", "--limit", "1000"])
+    result, code = kafka_producer.replay(args)
+    out = capsys.readouterr().out
+    assert code == 0 and result.delivered == 1000
+    assert 1.5 <= result.elapsed_s <= 6.0, result.elapsed_s  # 1000 trips at 500/s: about 2 s
+    assert len(PROGRESS.findall(out)) >= 1
+    assert "at 500 trips/s" in out
+    stamps = [m.timestamp for m in consume_all(kafka_bootstrap, topic)]
+    assert max(stamps) - min(stamps) >= 1500  # really spread over time, not sent in a burst
+
+
+@pytest.mark.kafka
+def test_loop_starts_over_with_unique_ids(kafka_bootstrap, topics, sample_trips, tmp_path, capsys):
+    topic, _ = topics
+    small = write_csv(sample_trips.iloc[:300], tmp_path / "small.csv")
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--input", str(small),
+                       "--loop", "--limit", "700")
+    assert code == 0, out
+    assert "in 3 passes" in out
+    messages = consume_all(kafka_bootstrap, topic)
+    keys = [m.key.decode() for m in messages]
+    ids = kafka_producer.replay_order(sample_trips.iloc[:300])["id"].tolist()
+    assert len(keys) == len(set(keys)) == 700
+    assert set(keys) == set(ids) | {i + "-2" for i in ids} | {i + "-3" for i in ids[:100]}
+    assert all(parse_json(m.value)["id"] == m.key.decode() for m in messages)
+
+
+@pytest.mark.kafka
+def test_parquet_input_and_malformed_rows_are_reported(kafka_bootstrap, topics, sample_trips, tmp_path, capsys):
+    topic, _ = topics
+    trips = sample_trips.iloc[:500].copy()
+    typed = trips.copy()
+    for name in ("pickup_datetime", "dropoff_datetime"):
+        typed[name] = pd.to_datetime(typed[name], unit="ms")
+    typed["pickup_datetime"] = typed["pickup_datetime"].astype(object)
+    typed.loc[7, "pickup_datetime"] = None  # a missing value: counted, not sent
+    typed.to_parquet(tmp_path / "trips.parquet")
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic,
+                       "--input", str(tmp_path / "trips.parquet"))
+    assert code == 0, out
+    assert "1 malformed" in out and "not sent: 1 malformed rows" in out and "missing_value 1" in out
+    messages = consume_all(kafka_bootstrap, topic)
+    expected = {r["id"]: r for r in trips.drop(index=7).to_dict("records")}
+    got = {m.key.decode(): parse_json(m.value) for m in messages}
+    assert got.keys() == expected.keys()
+    for trip_id, record in got.items():
+        want = expected[trip_id]
+        assert {k: v for k, v in record.items() if k not in FLOAT_FIELDS} == \
+               {k: v for k, v in want.items() if k not in FLOAT_FIELDS}
+        assert [record[k] for k in FLOAT_FIELDS] == \
+               pytest.approx([want[k] for k in FLOAT_FIELDS], rel=1e-15, abs=0)  # see assert_same_frames
+
+
+@pytest.mark.kafka
+def test_a_missing_topic_is_a_clear_error(kafka_bootstrap, capsys):
+    code, _, err = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", "no-such-topic", "--limit", "5")
+    assert code == 1
+    assert "topic no-such-topic does not exist" in err and "create-topics" in err
+
+
+@pytest.mark.kafka
+def test_ctrl_c_flushes_what_is_in_flight_and_exits_130(kafka_bootstrap, topics):
+    topic, _ = topics
+    producer = subprocess.Popen(
+        [sys.executable, "kafka_producer.py", "--bootstrap", kafka_bootstrap, "--topic", topic,
+         "--rate", "500", "--limit", "50000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in producer.stdout:
+            if PROGRESS.match(line):
+                break
+        producer.send_signal(signal.SIGINT)
+        rest, err = producer.communicate(timeout=60)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+    assert producer.returncode == 130, err
+    assert "interrupted" in rest and "stopped early: interrupted" in rest
+    delivered = int(re.search(r"delivered ([\d,]+), failed 0", rest).group(1).replace(",", ""))
+    assert 400 <= delivered < 50000
+    assert len(consume_all(kafka_bootstrap, topic)) == delivered
+
+
+@pytest.mark.kafka
+def test_a_broker_restart_mid_stream_loses_and_duplicates_nothing(kafka_bootstrap, topics):
+    """acks=all + retries lose nothing; idempotence drops the retried batches the broker already had."""
+    topic, _ = topics
+    producer = subprocess.Popen(
+        [sys.executable, "kafka_producer.py", "--bootstrap", kafka_bootstrap, "--topic", topic,
+         "--rate", "2000", "--limit", "12000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in producer.stdout:
+            if PROGRESS.match(line):
+                break
+        kafka_bootstrap.stop()
+        time.sleep(1)
+        kafka_bootstrap.start()
+        out, err = producer.communicate(timeout=180)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+    assert producer.returncode == 0, err
+    assert "delivered 12,000, failed 0" in out
+    messages = consume_all(kafka_bootstrap, topic)
+    keys = [m.key for m in messages]
+    assert len(keys) == len(set(keys)) == 12000
+    for partition in {m.partition for m in messages}:
+        pickups = [parse_json(m.value)["pickup_datetime"] for m in messages if m.partition == partition]
+        assert pickups == sorted(pickups)
