@@ -25,6 +25,7 @@ Run it (about 10 minutes, most of it importing 10 M trips)::
 
     python -m bench.bench_batch                                   # 1.5 M x3, 10 M x1
     python -m bench.bench_batch --sizes 200000 --repeat 2         # a quick check
+    python bench/bench_batch.py                                   # also works as a file (make bench)
 
 Results are printed as a table and written to ``bench/results/batch-<time>.json``.
 """
@@ -44,10 +45,13 @@ from typing import Any
 
 import psutil
 
-import batch_processor
-from bench.machine import children_cpu_s, machine_busy_s, print_machine
-from periscope import config, generate
-from periscope.storage import MANIFEST, current_version, master_files, read_json
+if __package__ in (None, ""):  # run as a file: python bench/bench_batch.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import batch_processor  # noqa: E402
+from bench.machine import children_cpu_s, machine_busy_s, print_machine  # noqa: E402
+from periscope import config, generate  # noqa: E402
+from periscope.storage import MANIFEST, current_version, master_files, read_json  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
@@ -90,8 +94,7 @@ def tree_rss(process: psutil.Process) -> tuple[int, int, int]:
 
 
 def run_measured(command: list[str], log: Path) -> dict[str, Any]:
-    """Run ``command``; return its wall and CPU time, the peaks of its process tree's RSS,
-    and how much CPU the rest of the machine used meanwhile.
+    """Run ``command`` and measure it: wall and CPU time, peak RSS of its process tree, others' CPU.
 
     Waiting with a timeout both paces the sampling and notices the exit at
     once, so the wall time is exact while memory is sampled every 50 ms. On
@@ -131,10 +134,12 @@ def run_measured(command: list[str], log: Path) -> dict[str, Any]:
     }
 
 
-def recompute_command(master_dir: Path, views_dir: Path, workers: int) -> list[str]:
-    """The recompute exactly as a user or the Airflow DAG runs it."""
-    return [sys.executable, str(PROJECT_ROOT / "batch_processor.py"), "--master-dir", str(master_dir),
-            "--views-dir", str(views_dir), "recompute", "--workers", str(workers), "--keep", "1"]
+def recompute_command(scratch: Path, workers: int) -> list[str]:
+    """The recompute as a user or the Airflow DAG runs it, on the scratch directories only
+    (its own speed view too, so the real one is never pruned)."""
+    return [sys.executable, str(PROJECT_ROOT / "batch_processor.py"), "--master-dir", str(scratch / "master"),
+            "--views-dir", str(scratch / "views"), "--speed-dir", str(scratch / "speed"),
+            "recompute", "--workers", str(workers), "--keep", "1"]
 
 
 def published_manifest(views_dir: Path) -> dict[str, Any]:
@@ -170,7 +175,7 @@ def bench_size(rows: int, repeat: int, workers: int, seed: int, work_dir: Path) 
 
         runs = []
         for run in range(1, repeat + 1):
-            result = run_measured(recompute_command(master_dir, views_dir, workers), scratch / f"recompute-{run}.log")
+            result = run_measured(recompute_command(scratch, workers), scratch / f"recompute-{run}.log")
             manifest = published_manifest(views_dir)
             result.update({f"{step}_s": seconds for step, seconds in manifest["timings_s"].items()})
             result["clean_rows"] = manifest["rows"]["clean"]

@@ -21,6 +21,7 @@ Run it (about 3 minutes)::
 
     python -m bench.bench_model
     python -m bench.bench_model --models hist-gradient-boosting --trips 200000 --runs 3
+    python bench/bench_model.py      # also works as a file (make bench)
 
 Results are printed as a table and written to ``bench/results/model-<time>.json``.
 """
@@ -40,11 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.machine import children_cpu_s, machine_busy_s, print_machine
-from periscope import config, generate
-from periscope.features import build_features
-from periscope.model import load_model, read_metadata
-from periscope.sources import read_trips
+if __package__ in (None, ""):  # run as a file: python bench/bench_model.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import children_cpu_s, machine_busy_s, print_machine  # noqa: E402
+from periscope import config, generate  # noqa: E402
+from periscope.features import build_features  # noqa: E402
+from periscope.model import load_model, read_metadata  # noqa: E402
+from periscope.sources import read_trips  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
@@ -182,7 +186,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark the trip-duration model: training time, size, hold-out RMSLE, one-core prediction speed.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--models", default=",".join(MODELS), help=f"estimators to benchmark, comma-separated: {MODELS}")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"estimators to benchmark, comma-separated, from: {', '.join(MODELS)}")
     parser.add_argument("--trips", type=int, default=1_000_000, help="generated trips per prediction run")
     parser.add_argument("--runs", type=int, default=5, help="prediction runs per model; the median is reported")
     parser.add_argument("--seed", type=int, default=7, help="seed for the generated trips to predict")

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import kafka_consumer
 from bench.machine import print_machine
 from periscope import config, kafka_local, speed_view
 from periscope.model import current_version
@@ -261,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for check in targets:
         print(f"  {'MET   ' if check['met'] else 'MISSED'} {check['target']}: {check['measured']}")
+    settings = {name: getattr(kafka_consumer, name) for name in (
+        "DEFAULT_MAX_RECORDS", "FETCH_MIN_BYTES", "FETCH_MAX_WAIT_MS", "MODEL_THREADS", "GIL_SWITCH_INTERVAL_S",
+        "CHECK_CRCS")}
     document = {"benchmark": "speed_layer", "argv": sys.argv[1:] if argv is None else argv, "machine": machine,
                 "model_version": current_version(args.model_dir), "kafka": kafka_local.kafka_version(),
+                "consumer_settings": settings,
                 "throughput": throughput, "latency": latency, "targets": targets}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")

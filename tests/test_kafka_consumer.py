@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -325,12 +324,13 @@ def test_malformed_messages_go_to_the_dlq_with_their_bytes_and_reason(kafka_boot
 @pytest.mark.kafka
 def test_two_consumers_in_one_group_split_the_partitions(kafka_bootstrap, topics, trained_model_dir,
                                                          sample_trips, tmp_path):
-    trips = sample_trips.iloc[20_000:26_000]
-    expected = set(trips["id"]) - set(rule_violations(trips))
+    backlog, live = sample_trips.iloc[20_000:32_000], sample_trips.iloc[32_000:36_000]
+    both = pd.concat([backlog, live])
+    produce(kafka_bootstrap, topics[0], trip_messages(backlog))  # the first to join is busy when the second joins
     speed_dir = tmp_path / "speed"
-    processes = [start_consumer(consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir,
-                                              "--consumer-id", name, group="pair", idle=6), tmp_path / f"{name}.log")
-                 for name in ("left", "right")]
+    processes = [start_consumer(consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, "--max-records",
+                                              "100", "--consumer-id", name, group="pair", idle=5),
+                                tmp_path / f"{name}.log") for name in ("left", "right")]
     try:
         def split() -> bool:
             statuses = {s["consumer_id"]: s for s in speed_view.read_statuses(speed_dir)}
@@ -338,17 +338,17 @@ def test_two_consumers_in_one_group_split_the_partitions(kafka_bootstrap, topics
             return all(parts) and not parts[0] & parts[1] and parts[0] | parts[1] == {0, 1, 2}
 
         wait_for(split, 60, "both consumers to hold partitions")
-        produce(kafka_bootstrap, topics[0], trip_messages(trips))
-        for process in processes:
-            assert process.wait(timeout=90) == 0
+        produce(kafka_bootstrap, topics[0], trip_messages(live))
+        for process, name in zip(processes, ("left", "right")):
+            assert process.wait(timeout=90) == 0, (tmp_path / f"{name}.log").read_text()
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    assert_exactly_once(speed_view.read_speed(speed_dir), expected)
+    assert_exactly_once(speed_view.read_speed(speed_dir), set(both["id"]) - set(rule_violations(both)))
     totals = [s["totals"]["consumed"] for s in speed_view.read_statuses(speed_dir)]
-    assert len(totals) == 2 and all(totals) and sum(totals) == len(trips)
+    assert len(totals) == 2 and all(totals) and sum(totals) >= len(both)
 
 
 @pytest.mark.kafka
@@ -413,3 +413,10 @@ def test_a_promoted_model_is_picked_up_and_a_broken_one_ignored(trained_model_di
         promote(model_dir, version)
         watcher.checked_at = 0.0
         assert watcher.current().version == "test-v2"  # the broken version is refused, v2 stays live
+
+
+@pytest.mark.kafka
+def test_a_missing_topic_is_a_clear_error(kafka_bootstrap, trained_model_dir, tmp_path, capsys):
+    args = consumer_args(kafka_bootstrap, ("no-such-trips", "no-such-dlq"), tmp_path / "speed", trained_model_dir)
+    assert kafka_consumer.main(args) == 2
+    assert "no-such-trips, no-such-dlq do not exist" in capsys.readouterr().err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from periscope import kafka_local
+from tests.conftest import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -34,16 +34,6 @@ class LocalBroker(NamedTuple):
     port: int
     controller_port: int
     info: kafka_local.BrokerInfo
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
