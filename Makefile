@@ -34,9 +34,11 @@ test: setup kafka-fetch  ## run every test: unit, property and integration again
 test-fast: setup  ## only the tests that need no broker
 	$(PY) -m pytest -m "not kafka"
 
-bench: setup  ## run the benchmarks (minutes; see docs/BENCHMARKS.md)
+bench: setup kafka-fetch  ## run every benchmark (about 20 minutes; see docs/BENCHMARKS.md)
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_batch.py
+	$(PY) bench/bench_producer.py
+	$(PY) bench/bench_speed_layer.py
 
 kafka-fetch: setup  ## fetch the Apache Kafka jars with Maven (once)
 	$(PY) -m periscope.kafka_local fetch

@@ -39,7 +39,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -63,16 +62,6 @@ RESULTS_FILE = PROJECT_ROOT / "bench" / "results" / "producer.json"
 JAVA_TOOL = "org.apache.kafka.tools.ProducerPerformance"
 JAVA_TOTAL = re.compile(r"(\d+) records sent, ([\d.]+) records/sec \(([\d.]+) MB/sec\)")
 PARTITIONS = 3
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def mean_message_bytes(input_path: Path, trips: int) -> float:
@@ -205,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             bootstrap, broker = args.bootstrap, f"existing broker at {args.bootstrap}"
         else:
             state_dir = Path(tempfile.mkdtemp(prefix="periscope-bench-kafka-"))
-            port, controller_port = free_ports(2)
+            port, controller_port = kafka_local.free_ports(2)
             info = kafka_local.start_broker(state_dir, port, controller_port, libs_dir=libs)
             bootstrap = info.bootstrap
             broker = f"private Kafka {kafka_local.kafka_version()} broker at {bootstrap}"

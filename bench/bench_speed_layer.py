@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,10 +44,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import kafka_consumer
-from bench.machine import print_machine
-from periscope import config, kafka_local, speed_view
-from periscope.model import current_version
+if __package__ in (None, ""):  # run as a file: python bench/bench_speed_layer.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import kafka_consumer  # noqa: E402
+from bench.machine import print_machine  # noqa: E402
+from periscope import config, kafka_local, speed_view  # noqa: E402
+from periscope.model import current_version  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_FILE = PROJECT_ROOT / "bench" / "results" / "speed_layer.json"
@@ -61,16 +63,6 @@ LATENCY_IDLE_S = 10.0
 
 
 # --- processes -----------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def wait_with_usage(process: subprocess.Popen, log: Path) -> float:
@@ -234,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = print_machine()
     work = Path(tempfile.mkdtemp(prefix="periscope-bench-speed-"))
-    port, controller_port = free_ports(2)
+    port, controller_port = kafka_local.free_ports(2)
     libs = kafka_local.BrokerFiles.of(kafka_local.default_state_dir()).libs
     broker = kafka_local.start_broker(work / "state", port, controller_port, libs_dir=libs)
     print(f"private Kafka {kafka_local.kafka_version()} broker at {broker.bootstrap}; work dir {work}\n")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -58,6 +59,7 @@ TIME_FIELDS = ("pickup_datetime", "dropoff_datetime")
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 EPOCH = datetime(1970, 1, 1)
 _MS = timedelta(milliseconds=1)
+_TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 
 AVRO_SCHEMA: dict[str, Any] = {
     "type": "record",
@@ -196,7 +198,7 @@ def parse_time(value: Any, field: str) -> int:
         raise InvalidTrip("missing_value", f"{field} is empty")
     text = value.strip()
     try:
-        if len(text) != 19 or text[10] != " ":
+        if not _TIME_PATTERN.fullmatch(text):
             raise ValueError(text)
         moment = datetime.fromisoformat(text)
     except ValueError:

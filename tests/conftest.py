@@ -51,7 +51,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory):
     from periscope import kafka_local
 
     state_dir = tmp_path_factory.mktemp("kafka-state")
-    port, controller_port = free_ports(2)
+    port, controller_port = kafka_local.free_ports(2)
     libs = kafka_local.BrokerFiles.of(kafka_local.default_state_dir()).libs
     info = kafka_local.start_broker(state_dir, port, controller_port, libs_dir=libs)
     yield KafkaTestBroker(info.bootstrap, state_dir, port, controller_port, libs)
@@ -75,18 +75,6 @@ class KafkaTestBroker(str):
         from periscope import kafka_local
 
         kafka_local.start_broker(self.state_dir, self.port, self.controller_port, libs_dir=self.libs)
-
-
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from periscope import kafka_local
-from tests.conftest import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -65,7 +64,7 @@ def broker(tmp_path_factory, unrelated_process) -> LocalBroker:
     pid_file = kafka_local.BrokerFiles.of(state_dir).pid_file
     pid_file.parent.mkdir(parents=True)
     pid_file.write_text(f"{unrelated_process.pid}\n")
-    port, controller_port = free_ports(2)
+    port, controller_port = kafka_local.free_ports(2)
     info = kafka_local.start_broker(state_dir, port, controller_port, libs_dir=SHARED_LIBS)
     kafka_local.ensure_topics(info.bootstrap, {kafka_local.TOPIC: 3, kafka_local.DLQ_TOPIC: 1})
     yield LocalBroker(state_dir, port, controller_port, info)
@@ -97,7 +96,7 @@ def test_starting_again_is_harmless(broker):
 
 def test_a_taken_port_is_reported_and_nothing_is_started(broker, tmp_path):
     with pytest.raises(kafka_local.KafkaLocalError, match=f"127.0.0.1:{broker.port} is already in use"):
-        kafka_local.start_broker(tmp_path, broker.port, free_ports(1)[0], libs_dir=SHARED_LIBS)
+        kafka_local.start_broker(tmp_path, broker.port, kafka_local.free_ports(1)[0], libs_dir=SHARED_LIBS)
     assert kafka_local.running_pid(tmp_path) is None
 
 
@@ -139,7 +138,7 @@ def test_status_exit_codes(broker, tmp_path):
     assert up.returncode == 0, up.stdout + up.stderr
     assert f"running, pid {broker.info.pid}" in up.stdout and broker.info.bootstrap in up.stdout
 
-    down = cli("status", "--state-dir", str(tmp_path), "--port", str(free_ports(1)[0]))
+    down = cli("status", "--state-dir", str(tmp_path), "--port", str(kafka_local.free_ports(1)[0]))
     assert down.returncode == 1
     assert "not running" in down.stdout and "does not answer" in down.stdout
 
@@ -153,7 +152,7 @@ def test_stop_without_a_broker_is_harmless_and_kills_nothing_else(tmp_path, unre
     assert kafka_local.stop_broker(tmp_path) is None
     assert unrelated_process.poll() is None
     assert not pid_file.exists()
-    assert not kafka_local.broker_status(tmp_path, port=free_ports(1)[0]).running
+    assert not kafka_local.broker_status(tmp_path, port=kafka_local.free_ports(1)[0]).running
 
 
 def test_stop_stops_our_broker(broker):

@@ -42,7 +42,7 @@ def lay_out(stream: pd.DataFrame, cut: dict[int, int], root) -> tuple:
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(cuts=st.tuples(*(st.integers(-1, 800) for _ in range(3))))
+@given(cuts=st.tuples(*(st.integers(-1, 799) for _ in range(3))))
 def test_batch_of_a_prefix_plus_speed_of_the_rest_equals_batch_of_all(stream, tmp_path_factory, cuts):
     root = tmp_path_factory.mktemp("lambda")
     cut = dict(enumerate(cuts))
