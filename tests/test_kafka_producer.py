@@ -24,8 +24,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 import kafka_producer
+from periscope import kafka_local
 from periscope.schema import FLOAT_FIELDS, format_time, parse_json, record_to_json
-from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRESS = re.compile(r"^\s*\d+\.\d s  sent\s+[\d,]+  delivered\s+[\d,]+  failed \d+\s+[\d,]+ trips/s  in flight",
@@ -213,7 +213,7 @@ def test_help_explains_every_flag():
 
 
 def test_an_unreachable_broker_fails_fast_naming_the_address(capsys):
-    address = f"127.0.0.1:{free_ports(1)[0]}"
+    address = f"127.0.0.1:{kafka_local.free_ports(1)[0]}"
     started = time.monotonic()
     code, out, err = run(capsys, "--bootstrap", address, "--wait", "0", "--limit", "5")
     assert code == 1
