@@ -70,13 +70,14 @@ from threadpoolctl import threadpool_limits
 
 from periscope import config, speed_view
 from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, current_version, load_model
-from periscope.schema import FIELDS, FLOAT_FIELDS, RULE_NAMES, InvalidTrip, first_broken_rule, parse_json
+from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, RULE_NAMES, TIME_FIELDS, InvalidTrip,
+                              first_broken_rule, parse_json)
 from periscope.stream import BrokerUnavailable, dlq_headers, wait_for_broker
 
 log = logging.getLogger("kafka_consumer")
 
 COMPONENT = "kafka_consumer"
-INT_COLUMNS = ("vendor_id", "pickup_datetime", "dropoff_datetime", "passenger_count", "trip_duration")
+INT_COLUMNS = INT_FIELDS + TIME_FIELDS
 DEFAULT_MAX_RECORDS = 10_000
 """Big batches amortise what each batch costs whatever its size: ~300 tree calls, a file per partition,
 a commit. They only form when trips queue up; at a steady rate a poll returns what has arrived."""

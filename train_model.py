@@ -51,10 +51,9 @@ from periscope.model import (
     metrics,
     promote,
     save_model,
-    version_dir,
 )
 from periscope.schema import first_broken_rule, format_time, FIELDS
-from periscope.sources import CsvLayoutError, LoadReport, apply_rules, read_trips
+from periscope.sources import CsvLayoutError, apply_rules, read_trips
 from periscope.storage import file_sha256
 
 MODELS = ("hist-gradient-boosting", "random-forest")

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from periscope.schema import FIELDS
+from periscope.sources import empty_trip_frame
 from periscope.storage import atomic_path, atomic_write_json
 
 META_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms", "visible_at_ms")
@@ -102,8 +103,7 @@ def read_speed(speed_dir: Path, watermark: Mapping[Any, int] | None = None) -> p
 
 
 def empty_speed_frame() -> pd.DataFrame:
-    from periscope.sources import empty_trip_frame
-
+    """A zero-row speed view with the right columns and dtypes."""
     frame = empty_trip_frame()
     for name in META_COLUMNS:
         frame[name] = pd.Series(dtype="int64")

@@ -151,12 +151,14 @@ def frame_to_records(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
 
 
 def write_avro(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[str, Any]) -> None:
-    """Write one master file; ``metadata`` goes into the Avro header as ``periscope.*``."""
+    """Write one master file; ``metadata`` goes into the Avro header as ``periscope.*``.
+
+    Not durable by itself: callers publish through ``atomic_path`` or
+    ``publish_dir``, which fsync before the rename.
+    """
     header = {META_PREFIX + key: str(value) for key, value in metadata.items()}
     with open(path, "wb") as handle:
         fastavro.writer(handle, PARSED_SCHEMA, records, codec="deflate", metadata=header, sync_interval=1 << 20)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def write_avro_atomic(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[str, Any]) -> None:

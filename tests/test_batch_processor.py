@@ -9,7 +9,6 @@ import pytest
 
 import batch_processor
 from periscope import storage, views
-from periscope.schema import FIELDS
 from tests.test_sources import BAD_LINES, GOOD, HEADER, independent_clean_mask
 
 

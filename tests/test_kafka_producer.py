@@ -94,14 +94,6 @@ def test_replay_order_sorts_by_pickup_and_keeps_file_order_for_ties():
     assert kafka_producer.replay_order(trips)["id"].tolist() == ["b", "d", "c", "a", "e"]
 
 
-def test_encoded_values_are_exactly_what_record_to_json_makes(sample_trips):
-    for suffix, trips in (("", sample_trips), ("-3", sample_trips.iloc[::10])):
-        keys, values = kafka_producer.encode_trips(trips, suffix)
-        records = trips.to_dict("records")
-        assert keys == [(record["id"] + suffix).encode() for record in records]
-        assert values == [record_to_json(dict(record, id=record["id"] + suffix)) for record in records]
-
-
 def test_partitions_are_those_of_kafkas_default_partitioner():
     rng = random.Random(7)
     keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 24))) for _ in range(3000)]

@@ -23,6 +23,7 @@ from periscope.schema import (
     parse_json,
     parse_time,
     record_to_json,
+    trips_to_messages,
     validate,
 )
 
@@ -157,3 +158,11 @@ def test_any_record_survives_json_and_is_judged_like_the_vectorised_rules(record
     assert format_time(record["pickup_datetime"]) == record_to_json(record).decode().split('"pickup_datetime":"')[1][:19]
     broken = first_broken_rule({k: np.array([v]) for k, v in record.items() if k != "id"})[0]
     assert check_rules(record) == (RULE_NAMES[broken] if broken >= 0 else None)
+
+
+def test_vectorised_messages_are_exactly_what_record_to_json_makes(sample_trips):
+    for suffix, trips in (("", sample_trips), ("-3", sample_trips.iloc[::10])):
+        keys, values = trips_to_messages(trips, suffix)
+        records = trips.to_dict("records")
+        assert keys == [(record["id"] + suffix).encode() for record in records]
+        assert values == [record_to_json(dict(record, id=record["id"] + suffix)) for record in records]

@@ -57,8 +57,8 @@ def test_batch_of_a_prefix_plus_speed_of_the_rest_equals_batch_of_all(stream, tm
     above = {p: c for p, c in cut.items() if c >= 0}
     assert combined.watermark == above
 
-    batch_processor.recompute(master, views_dir, workers=1, keep=2, progress=False, speed_dir=speed) \
-        if storage.master_files(master) else None
+    if storage.master_files(master):
+        batch_processor.recompute(master, views_dir, workers=1, keep=2, progress=False, speed_dir=speed)
     after_prune = serving.combined_views(views_dir, speed)
     assert views.views_equal(after_prune.views, expected)
     for partition, _, last, _ in speed_view.batch_files(speed):
