@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast bench kafka-fetch kafka-up kafka-down kafka-status clean
+.PHONY: help setup demo test test-fast bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -28,13 +28,13 @@ demo: setup  ## train the model, build master data and batch views from the samp
 	@echo "== what the demo made =="
 	$(PY) -m periscope.summary
 
-test: setup kafka-fetch  ## run every test: unit, property and integration against real services
+test: setup kafka-fetch spark-fetch browser  ## run every test: unit, property and integration against real services
 	$(PY) -m pytest
 
 test-fast: setup  ## only the tests that need no broker
 	$(PY) -m pytest -m "not kafka"
 
-bench: setup kafka-fetch  ## run every benchmark (about 20 minutes; see docs/BENCHMARKS.md)
+bench: setup kafka-fetch spark-fetch  ## run every benchmark (about 20 minutes; see docs/BENCHMARKS.md)
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_batch.py
 	$(PY) bench/bench_producer.py
@@ -51,6 +51,21 @@ kafka-down:  ## stop the local Kafka broker (only the one this project started)
 
 kafka-status:  ## is the broker up?
 	$(PY) -m periscope.kafka_local status
+
+spark-fetch: setup  ## fetch Spark's Kafka and Avro connector jars with Maven (once)
+	$(PY) -m periscope.spark_session fetch
+
+browser:  ## install Debian's Chromium and ChromeDriver for the browser tests, where missing
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+	@chromium --version
+
+app: setup  ## serve the dashboard on http://127.0.0.1:8501
+	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port 8501
+
+airflow: setup kafka-fetch  ## Airflow standalone on http://127.0.0.1:8080 with the project's DAGs (state in var/airflow)
+	$(PY) -m periscope.airflow_local standalone
 
 clean:  ## stop the broker, remove everything the pipeline made (model, data, local state); keep .venv
 	-[ -x $(PY) ] && $(PY) -m periscope.kafka_local stop

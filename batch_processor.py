@@ -297,14 +297,22 @@ def stream_watermark(summaries: list[FileSummary]) -> dict[str, int]:
     return dict(sorted(watermark.items(), key=lambda item: int(item[0])))
 
 
-def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progress: bool = True,
-              speed_dir: Path | None = None) -> dict:
-    """Recompute every view from the whole master dataset and publish a new version.
+ENGINES = ("python", "spark")
 
-    Then, if ``speed_dir`` is given, prune the speed view at or below the new
-    watermark: those trips are in the batch view now. Returns the manifest of
-    the published version (plus ``speed_files_pruned``).
+
+def compute_views(master_dir: Path, workers: int, progress: bool = True,
+                  engine: str = "python") -> tuple[dict[str, pd.DataFrame], dict]:
+    """Every batch view from the whole master dataset, and the manifest describing them.
+
+    Nothing is published: ``publish`` does that, so a caller (the Airflow DAG)
+    can check the result first. ``engine="spark"`` computes the same views
+    with Spark (``periscope.spark_batch``) for data that outgrew one machine.
     """
+    if engine == "spark":
+        from periscope import spark_batch  # pyspark is heavy; only this engine needs it
+        return spark_batch.compute_views(master_dir, progress=progress)
+    if engine != "python":
+        raise ValueError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     started = time.perf_counter()
     files = master_files(master_dir)
     if progress:
@@ -335,10 +343,27 @@ def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progre
             "merge": round(merge_done - read_done, 3),
         },
     }
+    return batch_views, manifest
+
+
+def publish(views_dir: Path, batch_views: dict[str, pd.DataFrame], manifest: dict, keep: int,
+            speed_dir: Path | None = None) -> dict:
+    """Publish computed views as a new version; then prune the speed view at or below its watermark.
+
+    Those speed trips are in the batch view now. Returns the manifest as
+    published (with ``version`` and ``speed_files_pruned``).
+    """
     published = write_version(views_dir, batch_views, manifest, keep)
     if speed_dir is not None:
         published["speed_files_pruned"] = speed_view.prune(speed_dir, published["watermark"])
     return published
+
+
+def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progress: bool = True,
+              speed_dir: Path | None = None, engine: str = "python") -> dict:
+    """Recompute every view from the whole master dataset and publish a new version."""
+    batch_views, manifest = compute_views(master_dir, workers, progress, engine)
+    return publish(views_dir, batch_views, manifest, keep, speed_dir)
 
 
 # --- command line ------------------------------------------------------------------------
@@ -419,6 +444,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                          help="processes reading master files in parallel")
         sub.add_argument("--keep", type=int, default=KEEP_VERSIONS, help="published versions to keep")
+        sub.add_argument("--engine", choices=ENGINES, default="python",
+                         help="python: a process pool on this machine; spark: Spark on SPARK_MASTER "
+                              "(default local[*]), for data that outgrew one machine")
 
     def stream_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS,
@@ -441,7 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     command("status", "show master data and the current batch version")
 
     parser.set_defaults(command="run", input=config.SAMPLE_CSV, from_stream=False,
-                        workers=os.cpu_count() or 1, keep=KEEP_VERSIONS)
+                        workers=os.cpu_count() or 1, keep=KEEP_VERSIONS, engine="python")
     args = parser.parse_args(argv)
     for flag, minimum in (("workers", 1), ("keep", 1), ("part_rows", 1000), ("file_rows", 1)):
         value = getattr(args, flag, minimum)
@@ -464,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             result = ingest_stream(args.bootstrap, args.topic, args.group, args.master_dir, args.file_rows, args.wait)
             print_ingest(result, args.topic)
         if args.command in ("run", "recompute"):
-            manifest = recompute(args.master_dir, args.views_dir, args.workers, args.keep, speed_dir=args.speed_dir)
+            manifest = recompute(args.master_dir, args.views_dir, args.workers, args.keep,
+                                 speed_dir=args.speed_dir, engine=args.engine)
             print_manifest(manifest)
     except (FileNotFoundError, CsvLayoutError, BrokerUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
