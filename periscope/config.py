@@ -37,3 +37,9 @@ SPEED_GROUP = os.environ.get("PERISCOPE_SPEED_GROUP", "periscope-speed")
 
 BATCH_GROUP = os.environ.get("PERISCOPE_BATCH_GROUP", "periscope-batch")
 """Consumer group of the batch layer's stream ingestion, independent of the speed layer's."""
+
+SPARK_MASTER = os.environ.get("SPARK_MASTER", "local[*]")
+"""Where both Spark paths run: ``local[*]`` on this machine, or a cluster URL such as ``spark://host:7077``."""
+
+AIRFLOW_HOME = _path_from_env("AIRFLOW_HOME", STATE_DIR / "airflow")
+"""Airflow's home: its config and its SQLite metadata database (``airflow.db``), which the dashboard reads."""
