@@ -5,9 +5,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The Compose validator lives in its own venv: docker-compose 1.29.2 needs PyYAML 5, the project PyYAML 6.
+COMPOSE_VENV := .venv-compose
+COMPOSE      := $(COMPOSE_VENV)/bin/docker-compose
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow clean
+.PHONY: help setup demo down test test-fast bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow compose-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -21,17 +24,16 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $@
 
-demo: setup  ## train the model, build master data and batch views from the sample, print a summary
-	$(PY) train_model.py
-	$(PY) batch_processor.py
-	@echo
-	@echo "== what the demo made =="
-	$(PY) -m periscope.summary
+demo: setup kafka-fetch  ## the whole pipeline: broker, model, batch, speed layer, replay, dashboard (Ctrl-C stops it)
+	$(PY) -m periscope.demo
 
-test: setup kafka-fetch spark-fetch browser  ## run every test: unit, property and integration against real services
+down:  ## stop what `make demo` started (from another terminal), and nothing else
+	-[ -x $(PY) ] && $(PY) -m periscope.demo down
+
+test: setup kafka-fetch spark-fetch browser $(COMPOSE)  ## run every test: unit, property and integration against real services
 	$(PY) -m pytest
 
-test-fast: setup  ## only the tests that need no broker
+test-fast: setup $(COMPOSE)  ## only the tests that need no broker
 	$(PY) -m pytest -m "not kafka"
 
 bench: setup kafka-fetch spark-fetch  ## run every benchmark (about 20 minutes; see docs/BENCHMARKS.md)
@@ -66,6 +68,14 @@ app: setup  ## serve the dashboard on http://127.0.0.1:8501
 
 airflow: setup kafka-fetch  ## Airflow standalone on http://127.0.0.1:8080 with the project's DAGs (state in var/airflow)
 	$(PY) -m periscope.airflow_local standalone
+
+compose-check: $(COMPOSE)  ## validate docker-compose.yaml with Docker Compose from PyPI (no Docker needed)
+	$(COMPOSE) -f docker-compose.yaml config -q && echo "docker-compose.yaml is valid"
+
+$(COMPOSE): infra/compose/constraints.txt
+	$(PYTHON) -m venv $(COMPOSE_VENV)
+	PIP_CONSTRAINT=$(CURDIR)/infra/compose/constraints.txt $(COMPOSE_VENV)/bin/pip install --quiet docker-compose==1.29.2
+	@touch $@
 
 clean:  ## stop the broker, remove everything the pipeline made (model, data, local state); keep .venv
 	-[ -x $(PY) ] && $(PY) -m periscope.kafka_local stop

@@ -40,7 +40,8 @@ one line per second::
              RMSLE 0.291 (1 min 0.288) | model 20261122T053109Z           (one line in the log)
 
 Rows land in ``data/speed/p<partition>/<first>-<last>.parquet``; lag, rates,
-latency and live error in ``data/speed/_status/<consumer id>.json``.
+latency, live error and dead letters per minute by reason in
+``data/speed/_status/<consumer id>.json``.
 """
 from __future__ import annotations
 
@@ -330,7 +331,7 @@ class SpeedLayer:
         self.in_flight: Future | None = None
         self.stopping = False
         self.uncommitted: dict[TopicPartition, int] = {}
-        self.totals, self.dlq_reasons = Counter(), Counter()
+        self.totals, self.dlq_reasons, self.dlq_history = Counter(), Counter(), speed_view.MinuteCounts()
         self.errors, self.latency = LiveError(), SlidingWindow(LATENCY_WINDOW_S)
         self.started = self.last_activity = self.last_tick = time.monotonic()
         self.consumed_at_tick, self.last_warning = 0, -WARNING_INTERVAL_S
@@ -445,6 +446,7 @@ class SpeedLayer:
         self.errors.add(batch.columns["trip_duration"], batch.predicted, now)
         self.totals.update(consumed=len(batch.messages), valid=len(batch.rows), dlq=len(batch.invalid))
         self.dlq_reasons.update(reason_code(reason) for _, reason in batch.invalid)
+        self.dlq_history.add((reason_code(reason) for _, reason in batch.invalid), wall_clock_ms())
         return True
 
     def wait_for_writer(self) -> None:
@@ -522,6 +524,7 @@ class SpeedLayer:
             "total_lag": sum(lag for lag in self.lag.values() if lag is not None),
             "totals": {**{name: self.totals[name] for name in ("consumed", "valid", "dlq")},
                        "dlq_by_reason": dict(sorted(self.dlq_reasons.items()))},
+            "dlq_history": self.dlq_history.as_status(),
             "rate_per_s": round(rate, 1),
             "latency_ms": {"p50": p50, "p99": p99, "window_s": LATENCY_WINDOW_S},
             "live_error": {"cumulative": self.errors.cumulative(), "recent": self.errors.recent(now),

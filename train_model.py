@@ -16,11 +16,20 @@ Training uses every well-formed trip, outliers included, because RMSLE over
 real trips includes them and a model can learn, e.g., that a zero-distance
 ride is short; ``--train-on clean`` trains on rule-passing trips only.
 
+Retraining on the master dataset (what the Airflow DAG ``taxi_model_retraining``
+does) reads every trip the batch layer holds, holds out trips by a hash of
+their id (``--split id``: all replayed copies of a trip, ``id2875421-2`` and
+so on, fall on the same side, and a trip never changes side as data grows),
+and with ``--promote-if-better`` scores the candidate and the live model on
+that same hold-out and switches ``model/current.json`` only if the candidate
+is better; the decision and its reason go to ``decision.json`` beside it.
+
 Run it::
 
     python train_model.py                          # train, save, make it live
     python train_model.py --model random-forest    # the reference model
     python train_model.py --evaluate FILE --json   # score the live model on a labelled CSV
+    python train_model.py --from-master data/master --split id --promote-if-better
 
 Output: ``model/versions/<version>/`` with ``model.joblib``, ``metadata.json``
 and ``holdout.csv.gz`` (the held-out real trips, to ``--evaluate`` on), and
@@ -29,7 +38,9 @@ and ``holdout.csv.gz`` (the held-out real trips, to ``--evaluate`` on), and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -46,17 +57,23 @@ from periscope.model import (
     ModelMismatchError,
     ModelNotFoundError,
     TripDurationModel,
+    current_version,
     library_versions,
     load_model,
     metrics,
     promote,
+    read_metadata,
     save_model,
+    version_dir,
 )
 from periscope.schema import first_broken_rule, format_time, FIELDS
-from periscope.sources import CsvLayoutError, apply_rules, read_trips
-from periscope.storage import file_sha256
+from periscope.sources import CsvLayoutError, apply_rules, empty_trip_frame, read_trips
+from periscope.storage import atomic_write_json, file_sha256, master_files, read_master_records
 
 MODELS = ("hist-gradient-boosting", "random-forest")
+SPLITS = ("random", "time", "id")
+DECISION = "decision.json"
+_COPY_SUFFIX = re.compile(r"-\d+$")
 
 
 def make_estimator(kind: str, seed: int, threads: int):
@@ -83,10 +100,26 @@ def make_estimator(kind: str, seed: int, threads: int):
     )
 
 
+def base_id(trip_id: str) -> str:
+    """The id of the original trip: replayed copies (``id2875421-2``) share it."""
+    return _COPY_SUFFIX.sub("", trip_id)
+
+
+def id_holdout_mask(ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    """True for trips held out by a seeded hash of their base id: stable as data grows, copies together."""
+    cut = int(fraction * 2**32)
+    hashes = [int.from_bytes(hashlib.blake2b(f"{seed}:{base_id(i)}".encode(), digest_size=4).digest(), "big")
+              for i in ids]
+    return np.asarray(hashes, dtype=np.uint64) < cut
+
+
 def split_holdout(trips: pd.DataFrame, how: str, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices of (train, hold-out): seeded random, or the latest ``fraction`` by pickup."""
+    """Row indices of (train, hold-out): seeded random, the latest ``fraction`` by pickup, or by id hash."""
     n = len(trips)
     size = int(round(n * fraction))
+    if how == "id":
+        held = id_holdout_mask(trips["id"].tolist(), fraction, seed)
+        return np.flatnonzero(~held), np.flatnonzero(held)
     if how == "time":
         order = np.argsort(trips["pickup_datetime"].to_numpy(), kind="stable")
     else:
@@ -114,17 +147,109 @@ def to_kaggle_csv(trips: pd.DataFrame, path: Path) -> None:
     out[list(FIELDS)].to_csv(path, index=False, float_format="%.15g")
 
 
-def train(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
+def read_master_trips(master_dir: Path) -> tuple[pd.DataFrame, dict]:
+    """Every trip of the master dataset as a trip frame, and what identifies that data.
+
+    Master files are immutable and named by content (CSV digest, Kafka offsets),
+    so their names and row counts fingerprint the training data.
+    """
+    files = master_files(master_dir)
+    if not files:
+        raise FileNotFoundError(f"no master data in {master_dir}: run `python batch_processor.py` first")
+    trips = pd.DataFrame.from_records(read_master_records(master_dir), columns=list(FIELDS))
+    trips = trips.astype(empty_trip_frame().dtypes.to_dict()) if len(trips) else empty_trip_frame()
+    listing = [str(path.relative_to(master_dir)) for path in files]
+    source = {"master_dir": str(master_dir), "master_files": len(files),
+              "sha256": hashlib.sha256("\n".join(listing).encode()).hexdigest()}
+    return trips, source
+
+
+def load_training_data(args: argparse.Namespace) -> tuple[pd.DataFrame, dict]:
+    """The trips to learn from (CSV or master data), and the metadata describing them."""
+    if args.from_master:
+        print(f"loading the master dataset {args.from_master}")
+        trips, source = read_master_trips(args.from_master)
+        print(f"{len(trips):,} trips in {source['master_files']} master files")
+        return trips, {**source, "rows_read": len(trips), "rows_malformed": 0}
     print(f"loading {args.input}")
     trips, report = read_trips(args.input)
     for line in report.summary_lines():
         print(line)
+    return trips, {"file": str(args.input), "sha256": file_sha256(Path(args.input)),
+                   "rows_read": report.rows_read, "rows_malformed": report.rows_malformed}
+
+
+def unseen_by(model_dir: Path, live: str | None, candidate: str, holdout: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The part of the candidate's hold-out that the live model did not train on either, and how it was found.
+
+    A fair comparison scores both models on trips neither has seen. A live
+    model trained with the same ``--split id`` held out the same trips; for
+    another split, its own ``holdout.csv.gz`` says which trips it did not see
+    (matched by base id, so a replayed copy of a training trip counts as seen).
+    """
+    if live is None or live == candidate:
+        return holdout, "the candidate's hold-out"
+    cand, seen = read_metadata(model_dir, candidate)["training_data"], read_metadata(model_dir, live)["training_data"]
+    same = ("split", "seed", "holdout_fraction")
+    if all(seen.get(key) == cand.get(key) for key in same) and cand.get("split") == "id":
+        return holdout, "the candidate's hold-out (the live model held out the same trip ids)"
+    live_holdout = version_dir(model_dir, live) / "holdout.csv.gz"
+    if not live_holdout.exists():
+        return holdout, (f"the candidate's hold-out; the live model's training trips are unknown "
+                         f"(no {live_holdout.name}), so it may have seen some of them")
+    unseen = {base_id(i) for i in read_trips(live_holdout)[0]["id"].tolist()}
+    keep = np.fromiter((base_id(i) in unseen for i in holdout["id"].tolist()), dtype=bool, count=len(holdout))
+    return holdout[keep], f"the trips of the candidate's hold-out that are also in {live}'s hold-out (seen by neither)"
+
+
+def compare_and_promote(model_dir: Path, candidate: str, holdout: pd.DataFrame,
+                        min_improvement: float = 0.0) -> dict:
+    """Score the candidate and the live model on the same hold-out; promote the candidate only if better.
+
+    Better means a hold-out RMSLE lower by more than ``min_improvement``. The
+    decision, both scores and the reason are written to the candidate's
+    ``decision.json``; every version stays on disk either way.
+    """
+    live = current_version(model_dir)
+    holdout, holdout_note = unseen_by(model_dir, live, candidate, holdout)
+    scores = {candidate: labelled_metrics(load_model(model_dir, candidate), holdout)}
+    if live is None:
+        promoted, reason = True, "no live model yet"
+    elif len(holdout) == 0:
+        promoted, reason = False, f"no hold-out trip that neither model trained on ({holdout_note}): cannot compare"
+    elif live == candidate:
+        promoted, reason = True, "the candidate is already live"
+    else:
+        try:
+            scores[live] = labelled_metrics(load_model(model_dir, live), holdout)
+        except ModelMismatchError as error:
+            scores[live] = None
+            promoted, reason = True, f"the live model {live} cannot be used with this code: {error}"
+        else:
+            new, old = scores[candidate]["rmsle"], scores[live]["rmsle"]
+            promoted = new < old - min_improvement
+            reason = (f"hold-out RMSLE {new:.4f} vs {old:.4f} of the live {live}: "
+                      + ("better" if promoted else "not better")
+                      + (f" by more than {min_improvement:g}" if min_improvement else ""))
+    if promoted:
+        promote(model_dir, candidate)
+    decision = {"candidate": candidate, "previous_live": live, "promoted": promoted,
+                "live": candidate if promoted else live, "reason": reason,
+                "holdout_rows": int(len(holdout)), "holdout": holdout_note, "min_improvement": min_improvement,
+                "scores": scores}
+    atomic_write_json(version_dir(model_dir, candidate) / DECISION, decision)
+    return decision
+
+
+def train(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    trips, source = load_training_data(args)
     if args.train_on == "clean":
-        trips = apply_rules(trips, report)
+        trips = apply_rules(trips)
         print(f"training on the {len(trips):,} trips that pass every cleaning rule")
     if len(trips) < 100:
-        print(f"error: {args.input} has only {len(trips)} usable trips; need at least 100", file=sys.stderr)
+        print(f"error: {args.from_master or args.input} has only {len(trips)} usable trips; need at least 100",
+              file=sys.stderr)
         return 2
 
     train_rows, holdout_rows = split_holdout(trips, args.split, args.holdout_fraction, args.seed)
@@ -152,10 +277,7 @@ def train(args: argparse.Namespace) -> int:
         "features": list(FEATURES),
         "target": "log1p(trip_duration seconds)",
         "training_data": {
-            "file": str(args.input),
-            "sha256": file_sha256(Path(args.input)),
-            "rows_read": report.rows_read,
-            "rows_malformed": report.rows_malformed,
+            **source,
             "train_on": args.train_on,
             "train_rows": len(train_set),
             "holdout_rows": len(holdout),
@@ -175,7 +297,10 @@ def train(args: argparse.Namespace) -> int:
     directory = save_model(estimator, metadata, args.model_dir)
     if args.save_holdout:
         to_kaggle_csv(holdout, directory / "holdout.csv.gz")
-    if args.promote:
+    decision = None
+    if args.promote_if_better:
+        decision = compare_and_promote(args.model_dir, version, holdout, args.min_improvement)
+    elif args.promote:
         promote(args.model_dir, version)
 
     m = metadata["holdout_metrics"]
@@ -184,8 +309,14 @@ def train(args: argparse.Namespace) -> int:
     print(f"  on the {m['rows_clean']:,} that pass the cleaning rules: RMSLE {m['rmsle_clean']:.4f}  "
           f"MAE {m['mae_clean']:.0f} s  RMSE {m['rmse_clean']:.0f} s")
     size_mb = (directory / "model.joblib").stat().st_size / 1e6
-    print(f"model {version} ({size_mb:.1f} MB) written to {directory}"
-          f"{' and made live' if args.promote else ' (not promoted)'}; total {time.perf_counter() - started:.1f} s")
+    if decision is not None:
+        outcome = "made live" if decision["promoted"] else f"not promoted, {decision['live']} stays live"
+    else:
+        outcome = "made live" if args.promote else "not promoted"
+    print(f"model {version} ({size_mb:.1f} MB) written to {directory}, {outcome}; "
+          f"total {time.perf_counter() - started:.1f} s")
+    if decision is not None:
+        print(f"  why: {decision['reason']} (in {directory / DECISION})")
     return 0
 
 
@@ -217,8 +348,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where model versions live (env PERISCOPE_MODEL_DIR)")
     parser.add_argument("--model", choices=MODELS, default=MODELS[0],
                         help="estimator; random-forest is the reference")
-    parser.add_argument("--split", choices=("random", "time"), default="random",
-                        help="hold-out: seeded random trips, or the latest trips by pickup time")
+    parser.add_argument("--from-master", type=Path, metavar="MASTER_DIR",
+                        help="train on the batch layer's Avro master dataset instead of --input")
+    parser.add_argument("--split", choices=SPLITS, default="random",
+                        help="hold-out: seeded random trips, the latest trips by pickup time, or by a hash of "
+                             "the trip id (replayed copies stay together; use it with --from-master)")
     parser.add_argument("--holdout-fraction", type=float, default=0.2, help="share of trips held out, in (0, 0.9]")
     parser.add_argument("--train-on", choices=("all", "clean"), default="all",
                         help="every well-formed trip, or only those passing the cleaning rules")
@@ -227,6 +361,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--version", help="version name (default: UTC time of training, e.g. 20261122T051400Z)")
     parser.add_argument("--no-promote", dest="promote", action="store_false",
                         help="save the new version without making it live")
+    parser.add_argument("--promote-if-better", action="store_true",
+                        help="score the new and the live model on the new hold-out; promote only if better")
+    parser.add_argument("--min-improvement", type=float, default=0.0,
+                        help="with --promote-if-better: RMSLE must drop by more than this")
     parser.add_argument("--no-save-holdout", dest="save_holdout", action="store_false",
                         help="do not write the held-out trips to holdout.csv.gz")
     parser.add_argument("--evaluate", type=Path, metavar="FILE",
@@ -240,6 +378,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--json only applies to --evaluate FILE")
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.promote_if_better and not args.promote:
+        parser.error("--promote-if-better and --no-promote contradict each other: choose one")
+    if args.min_improvement < 0:
+        parser.error(f"--min-improvement must be 0 or more, got {args.min_improvement}")
     return args
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ META_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms", "v
 RESULT_COLUMNS: tuple[str, ...] = ("predicted_duration_s", "model_version")
 COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + RESULT_COLUMNS
 STATUS_DIR = "_status"
+HISTORY_MINUTES = 120
+"""How many wall-clock minutes of per-minute counts a status file keeps (``MinuteCounts``)."""
 _FILE = re.compile(r"^(\d{20})-(\d{20})\.parquet$")
 
 
@@ -137,3 +140,27 @@ def read_statuses(speed_dir: Path) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError):
             continue
     return statuses
+
+
+class MinuteCounts:
+    """Counts per wall-clock minute and key (e.g. dead letters by reason), the last ``keep_minutes`` only.
+
+    A status file is rewritten every second, so it carries a bounded history:
+    enough for the dashboard to draw the last two hours, never growing with uptime.
+    """
+
+    def __init__(self, keep_minutes: int = HISTORY_MINUTES):
+        self.keep_minutes, self.minutes = keep_minutes, {}
+
+    def add(self, keys: Iterable[str], now_ms: int) -> None:
+        counts = Counter(keys)
+        if not counts:
+            return
+        self.minutes.setdefault(now_ms // 60_000 * 60_000, Counter()).update(counts)
+        for old in sorted(self.minutes)[:-self.keep_minutes]:
+            del self.minutes[old]
+
+    def as_status(self) -> list[dict[str, Any]]:
+        """``[{"minute_ms": start of the minute, "counts": {key: n}}]``, oldest first (JSON-ready)."""
+        return [{"minute_ms": minute, "counts": dict(sorted(counts.items()))}
+                for minute, counts in sorted(self.minutes.items())]

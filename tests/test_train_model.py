@@ -89,3 +89,47 @@ def test_bad_flags_say_what_would_be_right(argv, message, capsys):
         train_model.main(argv)
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_retraining_on_master_data_promotes_only_if_better(trained_model_dir, tmp_path, capsys):
+    """--from-master --split id --promote-if-better: both models scored on trips neither trained on."""
+    import batch_processor
+
+    model_dir, master = tmp_path / "model", tmp_path / "master"
+    shutil.copytree(trained_model_dir, model_dir)
+    batch_processor.import_csv(model_dir / "versions" / "test-v1" / "holdout.csv.gz", master)
+    argv = ["--model-dir", str(model_dir), "--from-master", str(master), "--split", "id", "--promote-if-better"]
+    assert train_model.main([*argv, "--version", "small"]) == 0
+    decision = json.loads((model_dir / "versions" / "small" / "decision.json").read_text())
+    assert decision["previous_live"] == "test-v1" and decision["candidate"] == "small"
+    assert "seen by neither" in decision["holdout"]
+    assert decision["scores"]["small"]["rows"] == decision["scores"]["test-v1"]["rows"] == decision["holdout_rows"]
+    better = decision["scores"]["small"]["rmsle"] < decision["scores"]["test-v1"]["rmsle"]
+    assert decision["promoted"] == better and current_version(model_dir) == decision["live"]
+    assert decision["live"] == ("small" if better else "test-v1")
+    assert "why: hold-out RMSLE" in capsys.readouterr().out
+    meta = read_metadata(model_dir, "small")["training_data"]
+    assert meta["split"] == "id" and meta["master_files"] == 1 and len(meta["sha256"]) == 64
+
+    assert train_model.main([*argv, "--version", "same-split", "--min-improvement", "0.5"]) == 0
+    again = json.loads((model_dir / "versions" / "same-split" / "decision.json").read_text())
+    if decision["promoted"]:  # both trained with --split id: the live model held out the same trips
+        assert again["holdout"].startswith("the candidate's hold-out (the live model held out the same")
+    assert not again["promoted"] and "not better by more than 0.5" in again["reason"]
+
+
+def test_the_id_split_keeps_replayed_copies_together_and_is_stable():
+    ids = [f"id{n}" for n in range(2000)]
+    held = train_model.id_holdout_mask(ids + [i + "-2" for i in ids], 0.2, seed=42)
+    assert (held[:2000] == held[2000:]).all()
+    assert 0.15 < held[:2000].mean() < 0.25
+    assert (train_model.id_holdout_mask(ids[:500], 0.2, seed=42) == held[:500]).all()
+    assert train_model.base_id("id12-3") == "id12" and train_model.base_id("id12") == "id12"
+
+
+def test_retraining_flags_that_contradict_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_model.main(["--promote-if-better", "--no-promote"])
+    assert "contradict" in capsys.readouterr().err
+    assert train_model.main(["--from-master", "/nonexistent/master"]) == 2
+    assert "no master data in /nonexistent/master" in capsys.readouterr().err

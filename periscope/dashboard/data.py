@@ -1,0 +1,529 @@
+"""What the dashboard shows, as plain tables: pure functions of published outputs, no Streamlit.
+
+The serving layer reads only what the other layers *publish*: the current
+batch version (``periscope.storage``), the speed files and status files
+(``periscope.speed_view``), the merge of the two (``periscope.serving``),
+model metadata (``periscope.model``) and Airflow's SQLite database, read-only.
+Never Kafka internals, never a half-written file (every one of those appears
+by an atomic rename), and never Spark.
+
+Every function here takes what it needs as arguments and returns a small
+DataFrame or dict, so the pages stay short and the tests check the numbers
+without a browser. Times: event times (``pickup_datetime``) are New York wall
+clock, shown as they are; processing times (Kafka timestamps, ``visible_at_ms``,
+``updated_at_ms``, manifests) are UTC.
+"""
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from periscope import serving, speed_view, storage, views
+from periscope.model import metrics
+from periscope.schema import AVRO_SCHEMA, RULES, format_time
+
+LAYERS: tuple[str, ...] = ("batch", "speed")
+LAYER_COLORS: tuple[str, ...] = ("#4c78a8", "#f58518")
+"""Batch in blue, speed in orange, on every chart."""
+
+CONSUMER_ALIVE_S = 10.0
+"""A consumer writes its status every second; silent for longer than this, it counts as down."""
+SPEED_STALE_S = 300.0
+BATCH_STALE_S = 24 * 3600.0
+DRIFT_WARN_RATIO = 1.2
+"""Live RMSLE more than 20 % above the hold-out RMSLE is worth a look (and maybe a retrain)."""
+WEEKDAYS: tuple[str, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+AIRFLOW_COLUMNS: tuple[str, ...] = ("dag_id", "run_id", "state", "logical_date", "start_date", "end_date")
+
+COMMANDS = {
+    "batch": "python batch_processor.py",
+    "consumer": "python kafka_consumer.py",
+    "producer": "python kafka_producer.py --rate 200",
+    "model": "python train_model.py",
+    "broker": "make kafka-up",
+    "airflow": "make airflow",
+}
+"""The command that fills each empty page, or turns each red light green."""
+
+
+# --- time --------------------------------------------------------------------------------------
+
+
+def now_ms() -> int:
+    return int(datetime.now(timezone.utc).timestamp() * 1000)
+
+
+def utc(ms: float | None) -> pd.Timestamp | None:
+    """A processing-time stamp (ms since the epoch, UTC) as a naive UTC timestamp, None if unknown."""
+    return None if ms is None or pd.isna(ms) else pd.Timestamp(int(ms), unit="ms")
+
+
+def iso_ms(text: str | None) -> int | None:
+    """An ISO-8601 time (manifests, model metadata) in ms since the epoch, None if absent or unreadable."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1000)
+
+
+def format_age(seconds: float | None) -> str:
+    """``42 s``, ``5 min``, ``3.2 h``, ``4.0 d``: how long ago, for people."""
+    if seconds is None or pd.isna(seconds):
+        return "never"
+    seconds = max(float(seconds), 0.0)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+# --- the merged views ----------------------------------------------------------------------------
+
+
+def speed_signature(speed_dir: Path) -> tuple[tuple[int, int, int], ...]:
+    """``(partition, first, last)`` of every speed file: the cache key of the speed view.
+
+    A speed file is immutable once named (rewriting a range gives the same
+    bytes), so an unchanged listing means unchanged speed data.
+    """
+    return tuple((partition, first, last) for partition, first, last, _ in speed_view.batch_files(speed_dir))
+
+
+def rollup(view: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """A view aggregated over fewer keys (e.g. hourly_stats by hour of day, over all dates); still mergeable."""
+    how = {agg: ("min" if agg.endswith("_min") else "max" if agg.endswith("_max") else "sum")
+           for agg in views.AGGREGATES}
+    if not keys:
+        return pd.DataFrame({agg: [view[agg].agg(fn) if len(view) else (0 if fn == "sum" else np.nan)]
+                             for agg, fn in how.items()})
+    return view.groupby(list(keys), sort=True).agg(how).reset_index()
+
+
+def describe(view: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """``rollup`` plus mean and standard deviation of each measure (``views.finalise``)."""
+    return views.finalise(rollup(view, keys))
+
+
+def overall(view: pd.DataFrame) -> dict[str, float | int | None]:
+    """Trips and mean / standard deviation of duration (s) over a whole view."""
+    row = describe(view, []).iloc[0]
+    mean, std = row["duration_s_mean"], row["duration_s_std"]
+    return {"trips": int(row["trips"]), "duration_mean_s": None if pd.isna(mean) else float(mean),
+            "duration_std_s": None if pd.isna(std) else float(std)}
+
+
+def layered(batch: pd.DataFrame, speed: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Trips per key from each layer, long form (keys, ``layer``, ``trips``): the stacked bars."""
+    parts = []
+    for layer, view in zip(LAYERS, (batch, speed)):
+        part = rollup(view, keys)[[*keys, "trips"]]
+        parts.append(part.assign(layer=layer))
+    frame = pd.concat(parts, ignore_index=True)
+    return frame[frame["trips"] > 0].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What the merged answer is made of: the batch version and what the speed layer adds."""
+
+    batch_version: str | None
+    batch_created_at: str | None
+    watermark: dict[int, int]
+    batch_trips: int
+    speed_trips: int
+    speed_minutes: float | None
+    speed_first_pickup: str | None
+    speed_last_pickup: str | None
+
+
+def coverage(combined: serving.Combined) -> Coverage:
+    rows = combined.speed_rows
+    produced = rows["kafka_timestamp_ms"]
+    minutes = (produced.max() - produced.min()) / 60_000 if len(rows) else None
+    pickups = rows["pickup_datetime"]
+    return Coverage(
+        batch_version=combined.batch_version,
+        batch_created_at=combined.manifest.get("created_at"),
+        watermark=dict(combined.watermark),
+        batch_trips=combined.batch_trips,
+        speed_trips=combined.speed_trips,
+        speed_minutes=None if minutes is None else float(minutes),
+        speed_first_pickup=format_time(pickups.min()) if len(rows) else None,
+        speed_last_pickup=format_time(pickups.max()) if len(rows) else None,
+    )
+
+
+def watermark_text(watermark: Mapping[int, int]) -> str:
+    if not watermark:
+        return "no stream offsets yet: CSV history only"
+    return ", ".join(f"p{partition} ≤ {offset:,}" for partition, offset in sorted(watermark.items()))
+
+
+def coverage_sentence(cover: Coverage) -> str:
+    """The one line a class reads first: which batch version, what the speed layer adds on top."""
+    if cover.batch_version is None:
+        batch = "No batch version yet"
+    else:
+        created = f", published {cover.batch_created_at}" if cover.batch_created_at else ""
+        batch = (f"Batch as of version **{cover.batch_version}** ({cover.batch_trips:,} trips; "
+                 f"watermark {watermark_text(cover.watermark)}{created})")
+    if cover.speed_trips == 0:
+        speed = "the speed layer adds no trips yet"
+    else:
+        span = f"{cover.speed_minutes:.1f} minutes" if cover.speed_minutes is not None else "-"
+        speed = (f"speed layer covers the last **{cover.speed_trips:,} trips / {span}** of the stream "
+                 f"(pickups {cover.speed_first_pickup} to {cover.speed_last_pickup})")
+    return f"{batch}; {speed}."
+
+
+# --- speed layer ---------------------------------------------------------------------------------
+
+
+def latency_ms(rows: pd.DataFrame) -> pd.Series:
+    """End-to-end latency per trip: produced to Kafka -> visible in the speed view."""
+    return (rows["visible_at_ms"] - rows["kafka_timestamp_ms"]).astype("float64")
+
+
+def recent_trips(rows: pd.DataFrame, limit: int = 50) -> pd.DataFrame:
+    """The last ``limit`` trips the speed layer made visible, predicted beside actual duration."""
+    recent = rows.sort_values(["visible_at_ms", "partition", "offset"], ascending=False).head(limit)
+    return pd.DataFrame({
+        "trip": recent["id"],
+        "pickup (NY time)": [format_time(ms) for ms in recent["pickup_datetime"]],
+        "vendor": recent["vendor_id"],
+        "actual s": recent["trip_duration"],
+        "predicted s": recent["predicted_duration_s"].round(0).astype("int64"),
+        "error s": (recent["predicted_duration_s"] - recent["trip_duration"]).round(0).astype("int64"),
+        "latency ms": latency_ms(recent).astype("int64"),
+        "partition": recent["partition"],
+        "offset": recent["offset"],
+        "model": recent["model_version"],
+    }).reset_index(drop=True)
+
+
+def throughput(rows: pd.DataFrame, bin_s: int = 10) -> pd.DataFrame:
+    """Per ``bin_s`` seconds of visibility time: trips per second and latency p50 / p99 (ms)."""
+    if rows.empty:
+        return pd.DataFrame({"time": pd.Series(dtype="datetime64[ns]"), "trips_per_s": pd.Series(dtype=float),
+                             "latency_p50_ms": pd.Series(dtype=float), "latency_p99_ms": pd.Series(dtype=float)})
+    frame = pd.DataFrame({"bin": rows["visible_at_ms"] // (bin_s * 1000) * (bin_s * 1000),
+                          "latency": latency_ms(rows)})
+    grouped = frame.groupby("bin")["latency"]
+    out = pd.DataFrame({"trips_per_s": grouped.size() / bin_s, "latency_p50_ms": grouped.quantile(0.5),
+                        "latency_p99_ms": grouped.quantile(0.99)}).reset_index()
+    out.insert(0, "time", pd.to_datetime(out.pop("bin"), unit="ms"))
+    return out
+
+
+def consumers(statuses: Iterable[Mapping[str, Any]], now: int) -> pd.DataFrame:
+    """One row per speed-layer process that wrote a status file: alive or not, rate, lag, latency."""
+    rows = []
+    for status in statuses:
+        age_s = (now - status.get("updated_at_ms", 0)) / 1000
+        latency = status.get("latency_ms", {})
+        rows.append({
+            "consumer": status.get("consumer_id", "?"),
+            "alive": status.get("state") == "running" and age_s <= CONSUMER_ALIVE_S,
+            "state": status.get("state", "?"),
+            "last heartbeat": format_age(age_s) + " ago",
+            "age_s": age_s,
+            "trips/s": status.get("rate_per_s", 0.0),
+            "lag": status.get("total_lag"),
+            "latency p50 ms": latency.get("p50"),
+            "latency p99 ms": latency.get("p99"),
+            "consumed": status.get("totals", {}).get("consumed", 0),
+            "dead letters": status.get("totals", {}).get("dlq", 0),
+            "model": status.get("model_version"),
+            "partitions": ", ".join(str(p) for p in status.get("assigned_partitions", [])),
+        })
+    return pd.DataFrame(rows, columns=["consumer", "alive", "state", "last heartbeat", "age_s", "trips/s", "lag",
+                                       "latency p50 ms", "latency p99 ms", "consumed", "dead letters", "model",
+                                       "partitions"])
+
+
+def partition_lag(statuses: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Consumer lag per partition (messages behind the end of the log), from every status file."""
+    rows = [{"consumer": status.get("consumer_id", "?"), "partition": int(partition),
+             "position": status.get("positions", {}).get(partition), "lag": lag}
+            for status in statuses for partition, lag in sorted(status.get("lag", {}).items(), key=lambda i: int(i[0]))]
+    return pd.DataFrame(rows, columns=["consumer", "partition", "position", "lag"])
+
+
+# --- model -----------------------------------------------------------------------------------------
+
+
+def live_error(rows: pd.DataFrame) -> dict[str, float]:
+    """MAE, RMSE and RMSLE of the speed layer's predictions against the durations in the stream."""
+    return metrics(rows["trip_duration"].to_numpy(), rows["predicted_duration_s"].to_numpy())
+
+
+def live_error_over_time(rows: pd.DataFrame, bin_s: int = 60) -> pd.DataFrame:
+    """Live error per ``bin_s`` of visibility time, long form (time, metric, value, trips)."""
+    if rows.empty:
+        return pd.DataFrame({"time": pd.Series(dtype="datetime64[ns]"), "metric": pd.Series(dtype=object),
+                             "value": pd.Series(dtype=float), "trips": pd.Series(dtype="int64")})
+    bins = rows["visible_at_ms"] // (bin_s * 1000) * (bin_s * 1000)
+    out = []
+    for start, group in rows.groupby(bins):
+        m = live_error(group)
+        out += [{"time": pd.Timestamp(int(start), unit="ms"), "metric": name.upper(), "value": m[name],
+                 "trips": m["rows"]} for name in ("mae", "rmse", "rmsle")]
+    return pd.DataFrame(out)
+
+
+def residuals(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per trip: predicted minus actual (s) and its log form, the error RMSLE squares."""
+    predicted, actual = rows["predicted_duration_s"].to_numpy(float), rows["trip_duration"].to_numpy(float)
+    return pd.DataFrame({"residual_s": predicted - actual, "log_residual": np.log1p(predicted) - np.log1p(actual)})
+
+
+def feature_importances(estimator: Any, features: Sequence[str]) -> pd.DataFrame | None:
+    """Share of each feature in the model's splits, from the fitted trees themselves (no re-scoring).
+
+    A random forest offers ``feature_importances_`` (impurity decrease). Gradient
+    boosting in scikit-learn does not; its trees record each split's gain, and
+    the gain summed per feature is the same measure ("gain importance", as in
+    LightGBM). None for an estimator that offers neither.
+    """
+    scores = getattr(estimator, "feature_importances_", None)
+    if scores is None and hasattr(estimator, "_predictors"):
+        scores = np.zeros(len(features))
+        for iteration in estimator._predictors:
+            for tree in iteration:
+                splits = tree.nodes[~tree.nodes["is_leaf"].astype(bool)]
+                np.add.at(scores, splits["feature_idx"], splits["gain"])
+    return None if scores is None else importance_table(features, scores)
+
+
+def importance_table(features: Sequence[str], scores: Sequence[float]) -> pd.DataFrame | None:
+    """Importances normalised to shares of 1, largest first; None if they are all zero."""
+    scores = np.asarray(scores, dtype=float)
+    if np.sum(scores) <= 0:
+        return None
+    frame = pd.DataFrame({"feature": list(features), "importance": scores / np.sum(scores)})
+    return frame.sort_values("importance", ascending=False, ignore_index=True)
+
+
+def drift(holdout: Mapping[str, Any] | None, live: Mapping[str, Any]) -> dict[str, Any]:
+    """Live error against the hold-out error of the same kind of trips.
+
+    The speed layer predicts only trips that pass the cleaning rules, so the
+    fair comparison is the hold-out's ``*_clean`` metrics.
+    """
+    result: dict[str, Any] = {"ratio": None, "drifting": None}
+    if not holdout or not live.get("rows"):
+        return result
+    for name in ("mae", "rmse", "rmsle"):
+        reference = holdout.get(f"{name}_clean", holdout.get(name))
+        result[name] = {"holdout": reference, "live": live[name]}
+    reference = result["rmsle"]["holdout"]
+    if reference:
+        result["ratio"] = live["rmsle"] / reference
+        result["drifting"] = result["ratio"] > DRIFT_WARN_RATIO
+    return result
+
+
+def holdout_table(holdout: Mapping[str, Any]) -> pd.DataFrame:
+    """Hold-out metrics of all held-out trips and of those passing the cleaning rules."""
+    return pd.DataFrame({
+        "trips": ["all held out", "clean (pass every rule)"],
+        "rows": [holdout.get("rows"), holdout.get("rows_clean")],
+        "RMSLE": [holdout.get("rmsle"), holdout.get("rmsle_clean")],
+        "MAE s": [holdout.get("mae"), holdout.get("mae_clean")],
+        "RMSE s": [holdout.get("rmse"), holdout.get("rmse_clean")],
+    })
+
+
+# --- data quality ----------------------------------------------------------------------------------
+
+
+def dlq_over_time(statuses: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Dead letters per minute and reason, summed over every speed-layer process (``dlq_history``)."""
+    rows = [{"minute": minute["minute_ms"], "reason": reason, "dead_letters": count}
+            for status in statuses for minute in status.get("dlq_history", [])
+            for reason, count in minute["counts"].items()]
+    if not rows:
+        return pd.DataFrame({"minute": pd.Series(dtype="datetime64[ns]"), "reason": pd.Series(dtype=object),
+                             "dead_letters": pd.Series(dtype="int64")})
+    frame = pd.DataFrame(rows).groupby(["minute", "reason"], as_index=False)["dead_letters"].sum()
+    frame["minute"] = pd.to_datetime(frame["minute"], unit="ms")
+    return frame
+
+
+def dlq_totals(statuses: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Dead letters by reason since each process started, summed over processes."""
+    totals: dict[str, int] = {}
+    for status in statuses:
+        for reason, count in status.get("totals", {}).get("dlq_by_reason", {}).items():
+            totals[reason] = totals.get(reason, 0) + int(count)
+    frame = pd.DataFrame({"reason": list(totals), "dead_letters": list(totals.values())}, columns=["reason",
+                                                                                                   "dead_letters"])
+    return frame.sort_values("dead_letters", ascending=False, ignore_index=True)
+
+
+def cleaning_counts(manifest: Mapping[str, Any]) -> pd.DataFrame:
+    """Trips each cleaning rule removed in the batch version (each counted under its first broken rule)."""
+    counts = manifest.get("cleaning", {})
+    return pd.DataFrame({"rule": [rule.name for rule in RULES], "description": [rule.description for rule in RULES],
+                         "removed": [int(counts.get(rule.name, 0)) for rule in RULES]})
+
+
+def schema_fields() -> pd.DataFrame:
+    """The trip schema (the Avro schema of the master dataset) as a table."""
+    return pd.DataFrame([{"field": f["name"], "type": f["type"], "meaning": f.get("doc", "")}
+                         for f in AVRO_SCHEMA["fields"]])
+
+
+def last_speed_write_ms(speed_dir: Path) -> int | None:
+    """When the newest speed file appeared (its rename), None if there is none."""
+    times = []
+    for *_, path in speed_view.batch_files(speed_dir):
+        try:
+            times.append(path.stat().st_mtime_ns // 1_000_000)
+        except FileNotFoundError:
+            continue
+    return max(times, default=None)
+
+
+def freshness(now: int, manifest: Mapping[str, Any], last_speed_ms: int | None,
+              statuses: Sequence[Mapping[str, Any]], model_meta: Mapping[str, Any] | None) -> pd.DataFrame:
+    """How old each layer's latest output is, whether that is fine, and what refreshes it."""
+    heartbeat = max((s.get("updated_at_ms", 0) for s in statuses), default=None)
+    items = [
+        ("batch view", iso_ms(manifest.get("created_at")), BATCH_STALE_S, COMMANDS["batch"]),
+        ("speed view (last write)", last_speed_ms, SPEED_STALE_S, COMMANDS["consumer"]),
+        ("speed layer heartbeat", heartbeat, CONSUMER_ALIVE_S, COMMANDS["consumer"]),
+        ("model", iso_ms((model_meta or {}).get("trained_at")), None, COMMANDS["model"]),
+    ]
+    rows = []
+    for layer, stamp, limit, fix in items:
+        age = None if stamp is None else (now - stamp) / 1000
+        fresh = age is not None and (limit is None or age <= limit)
+        rows.append({"layer": layer, "updated (UTC)": utc(stamp), "age": format_age(age),
+                     "fresh": fresh, "refresh with": fix})
+    return pd.DataFrame(rows)
+
+
+# --- operations ------------------------------------------------------------------------------------
+
+
+def versions(views_dir: Path) -> pd.DataFrame:
+    """Every kept batch version with the main facts of its manifest, newest first."""
+    current = storage.current_version(views_dir)
+    rows = []
+    for directory in reversed(storage.version_dirs(views_dir)):
+        try:
+            manifest = storage.read_json(directory / storage.MANIFEST)
+        except (OSError, ValueError):
+            continue
+        counts = manifest.get("rows", {})
+        rows.append({
+            "version": directory.name, "current": directory.name == current,
+            "created (UTC)": manifest.get("created_at"), "engine": manifest.get("engine"),
+            "master trips": counts.get("master"), "clean trips": counts.get("clean"),
+            "watermark": watermark_text(speed_view.normalise_watermark(manifest.get("watermark"))),
+            "input files": len(manifest.get("input_files", [])),
+            "seconds": round(sum(manifest.get("timings_s", {}).values()), 2),
+        })
+    return pd.DataFrame(rows, columns=["version", "current", "created (UTC)", "engine", "master trips",
+                                       "clean trips", "watermark", "input files", "seconds"])
+
+
+def airflow_runs(airflow_home: Path, limit: int = 30) -> pd.DataFrame | None:
+    """The latest DAG runs from Airflow's metadata database (read-only), None if there is none yet."""
+    database = Path(airflow_home) / "airflow.db"
+    if not database.exists():
+        return None
+    connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=2)
+    try:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "dag_run" not in tables:
+            return None
+        query = (f"SELECT {', '.join(AIRFLOW_COLUMNS)} FROM dag_run "
+                 "ORDER BY COALESCE(start_date, logical_date) DESC LIMIT ?")
+        frame = pd.read_sql_query(query, connection, params=(limit,))
+    finally:
+        connection.close()
+    for column in ("logical_date", "start_date", "end_date"):
+        frame[column] = pd.to_datetime(frame[column], utc=True, errors="coerce", format="mixed").dt.tz_localize(None)
+    frame["seconds"] = (frame["end_date"] - frame["start_date"]).dt.total_seconds()
+    return frame
+
+
+def last_run_per_dag(runs: pd.DataFrame) -> pd.DataFrame:
+    """The most recent run of each DAG (``runs`` is newest first)."""
+    return runs.drop_duplicates("dag_id").sort_values("dag_id", ignore_index=True)
+
+
+def health(now: int, broker_ok: bool, bootstrap: str, statuses: Sequence[Mapping[str, Any]],
+           last_speed_ms: int | None, batch_version: str | None, manifest: Mapping[str, Any],
+           model_version: str | None, airflow: pd.DataFrame | None) -> pd.DataFrame:
+    """A light per component: ok or not, what was seen, and the command that fixes a red one."""
+    procs = consumers(statuses, now)
+    alive = procs[procs["alive"]]
+    lag = int(alive["lag"].fillna(0).sum()) if len(alive) else None
+    speed_age = None if last_speed_ms is None else (now - last_speed_ms) / 1000
+    batch_age = None if batch_version is None else (now - (iso_ms(manifest.get("created_at")) or now)) / 1000
+    failed = [] if airflow is None else list(last_run_per_dag(airflow).query("state == 'failed'")["dag_id"])
+    rows = [
+        ("Kafka broker", broker_ok, f"{bootstrap} {'answers' if broker_ok else 'does not answer'}",
+         COMMANDS["broker"]),
+        ("speed layer consumer", len(alive) > 0,
+         f"{len(alive)} of {len(procs)} alive, total lag {lag:,}" if len(alive) else
+         (f"no heartbeat for {format_age(procs['age_s'].min())}" if len(procs) else "never ran here"),
+         COMMANDS["consumer"]),
+        ("last speed write", speed_age is not None and speed_age <= SPEED_STALE_S,
+         f"{format_age(speed_age)} ago" if speed_age is not None else "no speed files", COMMANDS["consumer"]),
+        ("batch view", batch_version is not None and batch_age <= BATCH_STALE_S,
+         f"{batch_version}, published {format_age(batch_age)} ago" if batch_version else "no version yet",
+         COMMANDS["batch"]),
+        ("model", model_version is not None, model_version or "no model yet", COMMANDS["model"]),
+        ("Airflow", airflow is not None and not failed,
+         ("no runs recorded" if airflow is None else
+          f"last run failed: {', '.join(failed)}" if failed else f"{airflow['dag_id'].nunique()} DAGs, last runs ok"),
+         COMMANDS["airflow"]),
+    ]
+    return pd.DataFrame(rows, columns=["component", "ok", "detail", "fix"])
+
+
+# --- batch layer -----------------------------------------------------------------------------------
+
+
+def between_dates(view: pd.DataFrame, start: Any, end: Any) -> pd.DataFrame:
+    """Rows of a date-keyed view with ``start <= pickup_date <= end`` (inclusive days)."""
+    dates = view["pickup_date"]
+    return view[(dates >= pd.Timestamp(start)) & (dates <= pd.Timestamp(end))]
+
+
+def hour_of_week(view: pd.DataFrame) -> pd.DataFrame:
+    """The hour-of-week view with weekday names and means, for the heatmap."""
+    out = views.finalise(view)
+    out["weekday"] = [WEEKDAYS[day] for day in out["pickup_weekday"]]
+    return out
+
+
+def map_cells(view: pd.DataFrame) -> pd.DataFrame:
+    """Pickup-grid cells with centre, trips, mean duration and a colour/radius for the density map."""
+    out = views.finalise(view)[["latitude", "longitude", "trips", "duration_s_mean"]].copy()
+    if out.empty:
+        return out.assign(color=pd.Series(dtype=object), radius=pd.Series(dtype=float))
+    level = np.log1p(out["trips"]) / np.log1p(out["trips"].max())
+    out["color"] = [[230, int(200 * (1 - v)) + 30, int(90 * (1 - v)), 200] for v in level]  # yellow -> red
+    out["radius"] = 60 + 180 * level
+    out["duration_s_mean"] = out["duration_s_mean"].round(0)
+    return out.reset_index(drop=True)

@@ -1,0 +1,70 @@
+"""Lambda view (landing page): batch view + speed view = the complete answer, each part in its colour."""
+from __future__ import annotations
+
+import streamlit as st
+
+from periscope.dashboard import data, ui
+
+EXPLANATION = """
+**What is being merged.** The *batch layer* recomputes every view from all stored trips now and then;
+its result is complete but only up to a point in the stream, its **watermark** (per Kafka partition,
+the last offset it has read). The *speed layer* handles each trip within a second of its arrival. This
+page adds the two: the batch version, plus the speed layer's trips **above** the watermark. Trips at or
+below it are already in the batch view, so nothing counts twice, and nothing is missing. When the next
+batch version is published, the watermark moves up, the orange part shrinks into the blue part, and the
+totals stay the same. Every view holds counts, sums and sums of squares, so the sum is exact, and the
+averages and spreads below are computed from the merged sums.
+"""
+
+
+def minutes(seconds: float | None) -> str:
+    return ui.metric_value(None if seconds is None else seconds / 60, "{:.1f} min")
+
+
+def render(settings: ui.Settings) -> None:
+    st.title("Lambda view: batch + speed")
+    merged = ui.combined(settings)
+    cover = data.coverage(merged)
+    with st.expander("What is being merged?", expanded=True):
+        st.markdown(EXPLANATION)
+    if cover.batch_version is None and cover.speed_trips == 0:
+        ui.empty_state("No batch version and no speed-layer trips yet", data.COMMANDS["batch"])
+        ui.empty_state("For live trips on top", data.COMMANDS["consumer"], data.COMMANDS["producer"])
+        return
+    st.markdown(data.coverage_sentence(cover))
+    if cover.batch_version is None:
+        ui.empty_state("Only the speed layer has data; for the history", data.COMMANDS["batch"])
+    elif cover.speed_trips == 0:
+        ui.empty_state("Only the batch layer has data; for live trips on top", data.COMMANDS["consumer"],
+                       data.COMMANDS["producer"])
+
+    total = data.overall(merged.views["daily_summary"])
+    cols = st.columns(5)
+    cols[0].metric("Trips (batch + speed)", f"{total['trips']:,}")
+    cols[1].metric("Batch trips", f"{cover.batch_trips:,}")
+    cols[2].metric("Speed trips above the watermark", f"{cover.speed_trips:,}")
+    cols[3].metric("Mean duration", minutes(total["duration_mean_s"]))
+    cols[4].metric("Spread (std)", minutes(total["duration_std_s"]))
+
+    left, right = st.columns(2)
+    by_day = data.layered(merged.batch_views["daily_summary"], merged.speed_views["daily_summary"], ["pickup_date"])
+    left.altair_chart(ui.stacked_bars(by_day, "pickup_date:T", "pickup day", "Trips by day"), width="stretch")
+    by_hour = data.layered(merged.batch_views["hourly_stats"], merged.speed_views["hourly_stats"], ["pickup_hour"])
+    right.altair_chart(ui.stacked_bars(by_hour, "pickup_hour:O", "pickup hour", "Trips by hour of day"),
+                       width="stretch")
+
+    left, right = st.columns(2)
+    daily = data.describe(merged.views["daily_summary"], ["pickup_date"])
+    left.altair_chart(ui.mean_with_spread(daily, "pickup_date:T", "pickup day", "Duration by day: mean ± 1 std"),
+                      width="stretch")
+    hourly = data.describe(merged.views["hourly_stats"], ["pickup_hour"])
+    right.altair_chart(ui.mean_with_spread(hourly, "pickup_hour:O", "pickup hour",
+                                           "Duration by hour of day: mean ± 1 std"), width="stretch")
+
+    with st.expander("The merged hourly view (per pickup hour of day)"):
+        table = hourly[["pickup_hour", "trips", "duration_s_mean", "duration_s_std", "distance_m_mean"]]
+        st.dataframe(table.rename(columns={"duration_s_mean": "mean s", "duration_s_std": "std s",
+                                           "distance_m_mean": "mean distance m"}).round(1), hide_index=True)
+
+
+ui.run_page("lambda", render)

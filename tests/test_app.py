@@ -1,0 +1,417 @@
+"""The dashboard (app.py) with Streamlit's AppTest: every page with real data, with only one layer, and empty.
+
+The data is real: a batch version recomputed by ``batch_processor`` from the
+shipped sample plus stream master files up to a watermark, speed files with
+the trained model's predictions for offsets on both sides of it, status files
+as the speed layer writes them, and an Airflow ``dag_run`` table created from
+Airflow's own model. Expected values are computed from those inputs, not by
+the dashboard's code.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+import batch_processor
+from periscope import kafka_local, speed_view
+from periscope.dashboard import data
+from periscope.model import load_model, read_metadata
+from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = ROOT / "app.py"
+PAGES = {
+    "lambda": "periscope/dashboard/pages/lambda_view.py",
+    "speed": "periscope/dashboard/pages/speed_layer.py",
+    "batch": "periscope/dashboard/pages/batch_layer.py",
+    "model": "periscope/dashboard/pages/model_monitor.py",
+    "quality": "periscope/dashboard/pages/data_quality.py",
+    "operations": "periscope/dashboard/pages/operations.py",
+}
+TOPIC = "taxi-trips"
+WATERMARK = 399
+"""The batch version holds offsets 0..399 of each partition; the speed files hold 300..999."""
+SPEED_FIRST, SPEED_LAST = 300, 999
+PARTITIONS = 3
+DLQ_MINUTES = {"duration_too_short": [4, 1], "invalid_json": [2, 0], "pickup_outside_nyc": [0, 3]}
+
+
+@dataclass
+class Demo:
+    """Directories the dashboard reads, and the values it must show, computed from the inputs."""
+
+    views_dir: Path
+    speed_dir: Path
+    model_dir: Path
+    airflow_home: Path
+    bootstrap: str
+    batch_trips: int
+    speed_trips: int
+    durations: np.ndarray
+    stream: pd.DataFrame
+    batch_frame: pd.DataFrame
+    sample_clean: pd.DataFrame
+    rule_counts: dict[str, int]
+    dlq_total: int
+    lag: int
+
+
+def clean(trips: pd.DataFrame) -> pd.DataFrame:
+    return trips[first_broken_rule({name: trips[name].to_numpy() for name in FIELDS[1:]}) < 0]
+
+
+def stream_trips(sample_trips: pd.DataFrame, model_dir: Path, now_ms: int) -> pd.DataFrame:
+    """3,000 clean real trips as consumed from 3 partitions (offsets 0..999), predicted by the real model."""
+    trips = clean(sample_trips.iloc[-4000:]).tail(PARTITIONS * (SPEED_LAST + 1)).copy().reset_index(drop=True)
+    trips["partition"] = np.arange(len(trips)) % PARTITIONS
+    trips["offset"] = np.arange(len(trips)) // PARTITIONS
+    trips["kafka_timestamp_ms"] = now_ms - 600_000 + trips["offset"] * 500
+    trips["visible_at_ms"] = trips["kafka_timestamp_ms"] + 150 + trips["offset"] % 7 * 40
+    model = load_model(model_dir)
+    trips["predicted_duration_s"] = model.predict_seconds(trips)
+    trips["model_version"] = model.version
+    return trips
+
+
+def write_master_stream(master_dir: Path, trips: pd.DataFrame) -> None:
+    for partition, rows in trips[trips["offset"] <= WATERMARK].groupby("partition"):
+        batch = [(int(r["offset"]), {n: r[n] for n in FIELDS}, None) for r in rows.to_dict("records")]
+        batch_processor.write_stream_file(master_dir, TOPIC, int(partition), batch)
+
+
+def write_speed_files(speed_dir: Path, trips: pd.DataFrame) -> None:
+    """Files of 130 offsets per partition, so one straddles the watermark (as after a real publish)."""
+    seen = trips[trips["offset"] >= SPEED_FIRST]
+    for partition, rows in seen.groupby("partition"):
+        for start in range(0, len(rows), 130):
+            speed_view.write_batch(speed_dir, int(partition), rows.iloc[start:start + 130])
+
+
+def status(consumer: str, state: str, updated_ms: int, lag: dict[int, int], dlq: dict[str, list[int]],
+           now_ms: int) -> dict:
+    """A status file as the speed layer writes it (``kafka_consumer.SpeedLayer.status``)."""
+    history = speed_view.MinuteCounts()
+    for reason, per_minute in dlq.items():
+        for minutes_ago, count in enumerate(reversed(per_minute)):
+            history.add([reason] * count, now_ms - minutes_ago * 60_000)
+    totals = {reason: sum(counts) for reason, counts in dlq.items() if sum(counts)}
+    return {"consumer_id": consumer, "group": "periscope-speed", "topic": TOPIC, "state": state,
+            "updated_at_ms": updated_ms, "assigned_partitions": sorted(lag), "positions": {str(p): 1000 for p in lag},
+            "lag": {str(p): n for p, n in lag.items()}, "total_lag": sum(lag.values()), "rate_per_s": 180.0,
+            "totals": {"consumed": 3000, "valid": 3000 - sum(totals.values()), "dlq": sum(totals.values()),
+                       "dlq_by_reason": totals},
+            "dlq_history": history.as_status(), "latency_ms": {"p50": 210.0, "p99": 480.0, "window_s": 10.0},
+            "live_error": {}, "model_version": "test-v1"}
+
+
+def heartbeat(speed_dir: Path, now_ms: int | None = None) -> None:
+    """The running consumer's status, as fresh as its once-a-second write would be."""
+    now_ms = now_ms or data.now_ms()
+    speed_view.write_status(speed_dir, "alive", status("alive", "running", now_ms, {0: 5, 1: 0, 2: 12},
+                                                       DLQ_MINUTES, now_ms))
+
+
+AIRFLOW_TABLE = textwrap.dedent("""
+    import json, sys
+    from datetime import datetime
+    from sqlalchemy import create_engine
+    from airflow.models.dagrun import DagRun
+    engine = create_engine("sqlite:///" + sys.argv[1])
+    DagRun.__table__.create(engine)
+    rows = json.loads(sys.argv[2])
+    for row in rows:
+        for key in ("logical_date", "start_date", "end_date", "run_after"):
+            row[key] = datetime.fromisoformat(row[key])
+    with engine.begin() as connection:
+        connection.execute(DagRun.__table__.insert(), rows)
+""")
+
+
+def airflow_database(airflow_home: Path, now: datetime) -> None:
+    """Airflow's own ``dag_run`` table (from its SQLAlchemy model, in a child process with its own
+    AIRFLOW_HOME, so this test session never configures Airflow) holding four runs."""
+    runs = []
+    planned = [("periscope_batch", "success", 3), ("periscope_batch", "failed", 1),
+               ("periscope_retrain", "success", 5), ("periscope_retrain", "success", 2)]
+    for index, (dag, state, hours_ago) in enumerate(planned):
+        start = now - timedelta(hours=hours_ago)
+        runs.append({"dag_id": dag, "run_id": f"scheduled__{index}", "state": state, "run_type": "scheduled",
+                     "log_template_id": None,
+                     "logical_date": start.isoformat(), "start_date": start.isoformat(), "run_after": start.isoformat(),
+                     "end_date": (start + timedelta(seconds=40 + index)).isoformat()})
+    airflow_home.mkdir(parents=True)
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(airflow_home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    subprocess.run([sys.executable, "-c", AIRFLOW_TABLE, str(airflow_home / "airflow.db"), json.dumps(runs)],
+                   check=True, env=env, cwd=airflow_home, timeout=120)
+
+
+def build_demo(root: Path, sample_csv: Path, sample_trips: pd.DataFrame, model_dir: Path) -> Demo:
+    """Two batch versions (CSV history, then + stream up to the watermark), speed files, statuses, Airflow runs."""
+    now = datetime.now(timezone.utc)
+    now_ms = int(now.timestamp() * 1000)
+    master, views_dir, speed_dir = root / "master", root / "views", root / "speed"
+    batch_processor.import_csv(sample_csv, master)
+    batch_processor.recompute(master, views_dir, workers=1, keep=3, progress=False)
+    trips = stream_trips(sample_trips, model_dir, now_ms)
+    write_master_stream(master, trips)
+    write_speed_files(speed_dir, trips)
+    batch_processor.recompute(master, views_dir, workers=1, keep=3, progress=False)
+    heartbeat(speed_dir, now_ms)
+    speed_view.write_status(speed_dir, "gone", status("gone", "stopped", now_ms - 3_600_000, {0: 7},
+                                                      {"invalid_json": [1]}, now_ms - 3_600_000))
+    airflow_database(root / "airflow", now)
+
+    sample_clean = clean(sample_trips)
+    in_batch = trips[trips["offset"] <= WATERMARK]
+    above = trips[trips["offset"] > WATERMARK]
+    broken = first_broken_rule({name: sample_trips[name].to_numpy() for name in FIELDS[1:]})
+    rule_counts = {name: int((broken == index).sum()) for index, name in enumerate(RULE_NAMES)}
+    durations = np.concatenate([sample_clean["trip_duration"], in_batch["trip_duration"], above["trip_duration"]])
+    return Demo(views_dir, speed_dir, model_dir, root / "airflow", f"127.0.0.1:{kafka_local.free_ports(1)[0]}",
+                batch_trips=len(sample_clean) + len(in_batch), speed_trips=len(above), durations=durations,
+                stream=above.reset_index(drop=True), batch_frame=pd.concat([sample_clean, in_batch[list(FIELDS)]]),
+                sample_clean=sample_clean, rule_counts=rule_counts,
+                dlq_total=sum(map(sum, DLQ_MINUTES.values())) + 1, lag=17)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, sample_csv, sample_trips, trained_model_dir) -> Demo:
+    return build_demo(tmp_path_factory.mktemp("dashboard"), sample_csv, sample_trips, trained_model_dir)
+
+
+def open_page(page: str, views_dir: Path, speed_dir: Path, model_dir: Path, airflow_home: Path,
+              bootstrap: str = "127.0.0.1:1") -> AppTest:
+    """Run app.py with these sources (set as the sidebar would) and switch to ``page``."""
+    app = AppTest.from_file(str(APP), default_timeout=120)
+    sources = {"views_dir": views_dir, "speed_dir": speed_dir, "model_dir": model_dir, "airflow_home": airflow_home}
+    for key, value in sources.items():
+        app.session_state[key] = str(value)
+    app.session_state["bootstrap"] = bootstrap
+    app.session_state["refresh_s"] = 0.0
+    app.run()
+    app.switch_page(PAGES[page]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    return app
+
+
+def demo_page(demo: Demo, page: str) -> AppTest:
+    heartbeat(demo.speed_dir)
+    return open_page(page, demo.views_dir, demo.speed_dir, demo.model_dir, demo.airflow_home, demo.bootstrap)
+
+
+def metrics(app: AppTest) -> dict[str, str]:
+    return {metric.label: metric.value for metric in app.metric}
+
+
+def texts(app: AppTest) -> str:
+    return "\n".join(element.value for kind in ("markdown", "info", "warning", "success", "caption")
+                     for element in getattr(app, kind))
+
+
+# --- every page with data -------------------------------------------------------------------------------
+
+
+def test_lambda_page_total_is_batch_plus_speed_above_the_watermark(demo):
+    app = demo_page(demo, "lambda")
+    shown = metrics(app)
+    assert shown["Batch trips"] == f"{demo.batch_trips:,}"
+    assert shown["Speed trips above the watermark"] == f"{demo.speed_trips:,}" == f"{3 * (SPEED_LAST - WATERMARK):,}"
+    assert shown["Trips (batch + speed)"] == f"{demo.batch_trips + demo.speed_trips:,}"
+    assert shown["Mean duration"] == f"{demo.durations.mean() / 60:.1f} min"
+    assert shown["Spread (std)"] == f"{demo.durations.std(ddof=1) / 60:.1f} min"
+    text = texts(app)
+    assert "Batch as of version **v000002**" in text and f"p0 ≤ {WATERMARK}" in text
+    minutes = (demo.stream["kafka_timestamp_ms"].max() - demo.stream["kafka_timestamp_ms"].min()) / 60_000
+    assert f"last **{demo.speed_trips:,} trips / {minutes:.1f} minutes**" in text
+    assert "What is being merged" in app.expander[0].label
+    hourly = app.dataframe[0].value
+    assert hourly["trips"].sum() == demo.batch_trips + demo.speed_trips
+
+
+def test_speed_page_shows_recent_trips_latency_and_lag(demo):
+    app = demo_page(demo, "speed")
+    shown = metrics(app)
+    latency = demo.stream["visible_at_ms"] - demo.stream["kafka_timestamp_ms"]
+    assert shown["Trips in the speed view"] == f"{demo.speed_trips:,}"
+    assert shown["Latency p50"] == f"{latency.median():,.0f} ms"
+    assert shown["Consumer lag"] == f"{demo.lag:,} messages"
+    assert shown["Throughput now"] == "180 trips/s"
+    recent = app.dataframe[0].value
+    newest = demo.stream.sort_values(["visible_at_ms", "partition", "offset"], ascending=False).head(len(recent))
+    assert list(recent["trip"]) == list(newest["id"])
+    assert list(recent["actual s"]) == list(newest["trip_duration"])
+    assert (recent["offset"] > WATERMARK).all()
+    processes = app.dataframe[1].value
+    assert dict(zip(processes["consumer"], processes["alive"])) == {"alive": True, "gone": False}
+
+
+def test_batch_page_filters_dates_and_vendors(demo):
+    app = demo_page(demo, "batch")
+    assert metrics(app)["Trips in the date range"] == f"{demo.batch_trips:,}"
+    assert "Version **v000002**" in texts(app)
+    deck = json.loads(app.get("deck_gl_json_chart")[0].proto.json)
+    assert deck["layers"][0]["@@type"] == "ScatterplotLayer" and len(deck["layers"][0]["data"]) > 100
+    assert deck.get("mapProvider") is None and deck["mapStyle"] == "__MAP_STYLE__"  # no basemap: nothing to fetch
+
+    app.date_input(key="batch_dates").set_value((datetime(2016, 3, 1).date(), datetime(2016, 3, 31).date())).run()
+    app.multiselect(key="batch_vendors").set_value([2]).run()
+    assert not app.exception
+    pickup = pd.to_datetime(demo.batch_frame["pickup_datetime"], unit="ms")
+    in_march = ((pickup >= "2016-03-01") & (pickup < "2016-04-01")).sum()
+    shown = metrics(app)
+    assert shown["Trips in the date range"] == f"{in_march:,}"
+    assert shown["Days"] == "31"
+    assert shown["Trips of the chosen vendors"] == f"{(demo.batch_frame['vendor_id'] == 2).sum():,}"
+
+
+def test_model_page_compares_live_error_with_the_holdout(demo):
+    app = demo_page(demo, "model")
+    shown = metrics(app)
+    meta = read_metadata(demo.model_dir)
+    assert shown["Hold-out RMSLE (clean trips)"] == f"{meta['holdout_metrics']['rmsle_clean']:.3f}"
+    actual, predicted = demo.stream["trip_duration"].to_numpy(float), demo.stream["predicted_duration_s"].to_numpy()
+    rmsle = np.sqrt(np.mean((np.log1p(predicted) - np.log1p(actual)) ** 2))
+    assert shown["Live RMSLE"] == f"{rmsle:.3f}"
+    assert shown["Live MAE"] == f"{np.mean(np.abs(predicted - actual)):,.0f} s"
+    assert shown["Trips scored live"] == f"{demo.speed_trips:,}"
+    assert f"Live model **{meta['version']}**" in texts(app)
+    holdout = app.dataframe[0].value
+    assert holdout["rows"].tolist() == [meta["holdout_metrics"]["rows"], meta["holdout_metrics"]["rows_clean"]]
+
+
+def test_feature_importances_come_from_the_fitted_trees(trained_model_dir):
+    model = load_model(trained_model_dir)
+    importances = data.feature_importances(model.estimator, model.metadata["features"])
+    assert sorted(importances["feature"]) == sorted(model.metadata["features"])
+    assert importances["importance"].sum() == pytest.approx(1.0) and (importances["importance"] >= 0).all()
+    assert importances["importance"].is_monotonic_decreasing
+    assert data.feature_importances(object(), ["a"]) is None
+
+
+def test_quality_page_shows_dead_letters_over_time_and_cleaning_counts(demo):
+    app = demo_page(demo, "quality")
+    shown = metrics(app)
+    assert shown["Dead letters since the processes started"] == f"{demo.dlq_total:,}"
+    removed = sum(demo.rule_counts.values())
+    assert shown["Trips removed by the rules in v000002"] == f"{removed:,}"
+    rules = app.dataframe[1].value
+    assert dict(zip(rules["rule"], rules["removed"])) == demo.rule_counts
+    totals = app.dataframe[0].value
+    assert dict(zip(totals["reason"], totals["dead_letters"])) == {
+        "duration_too_short": 5, "invalid_json": 3, "pickup_outside_nyc": 3}
+    fresh = app.dataframe[2].value.set_index("layer")
+    assert fresh.loc["batch view", "fresh"] and fresh.loc["speed view (last write)", "fresh"]
+    schema = app.dataframe[3].value
+    assert list(schema["field"]) == list(FIELDS)
+
+
+def test_dead_letters_per_minute_add_up_over_processes(demo):
+    per_minute = data.dlq_over_time(speed_view.read_statuses(demo.speed_dir))
+    assert per_minute["dead_letters"].sum() == demo.dlq_total
+    latest = per_minute[per_minute["minute"] == per_minute["minute"].max()]
+    assert dict(zip(latest["reason"], latest["dead_letters"])) == {"duration_too_short": 1, "pickup_outside_nyc": 3}
+
+
+def test_minute_counts_keep_a_bounded_history():
+    history = speed_view.MinuteCounts(keep_minutes=3)
+    for minute in range(5):
+        history.add(["a"] * (minute + 1) + ["b"], minute * 60_000 + 59_999)
+    history.add([], 10 * 60_000)
+    kept = history.as_status()
+    assert [entry["minute_ms"] for entry in kept] == [120_000, 180_000, 240_000]
+    assert kept[-1]["counts"] == {"a": 5, "b": 1}
+
+
+def test_operations_page_lights_versions_and_airflow_runs(demo):
+    app = demo_page(demo, "operations")
+    lights = {line.split("**")[1]: line for line in (m.value for m in app.markdown) if line.startswith(":")}
+    assert lights["Kafka broker"].startswith(":red") and "`make kafka-up`" in lights["Kafka broker"]
+    assert lights["speed layer consumer"].startswith(":green") and "1 of 2 alive, total lag 17" in \
+        lights["speed layer consumer"]
+    assert lights["batch view"].startswith(":green") and "v000002" in lights["batch view"]
+    assert lights["model"].startswith(":green")
+    assert lights["Airflow"].startswith(":red") and "last run failed: periscope_batch" in lights["Airflow"]
+    kept = app.dataframe[0].value
+    assert list(kept["version"]) == ["v000002", "v000001"] and list(kept["current"]) == [True, False]
+    assert list(kept["clean trips"]) == [demo.batch_trips, len(demo.sample_clean)]
+    last = app.dataframe[1].value
+    assert dict(zip(last["dag_id"], last["state"])) == {"periscope_batch": "failed", "periscope_retrain": "success"}
+    assert (last["seconds"] > 39).all()
+
+
+# --- one layer only, and nothing --------------------------------------------------------------------------
+
+
+def test_only_the_batch_layer(demo, tmp_path):
+    app = open_page("lambda", demo.views_dir, tmp_path / "no-speed", demo.model_dir, tmp_path / "no-airflow")
+    assert metrics(app)["Trips (batch + speed)"] == f"{demo.batch_trips:,}"
+    assert "`python kafka_consumer.py`" in texts(app)
+    speed = open_page("speed", demo.views_dir, tmp_path / "no-speed", demo.model_dir, tmp_path / "no-airflow")
+    assert "`python kafka_consumer.py`" in texts(speed)
+
+
+def test_only_the_speed_layer(demo, tmp_path):
+    app = open_page("lambda", tmp_path / "no-views", demo.speed_dir, demo.model_dir, tmp_path / "no-airflow")
+    all_speed = len(speed_view.read_speed(demo.speed_dir))
+    assert all_speed == 3 * (SPEED_LAST - SPEED_FIRST + 1)
+    assert metrics(app)["Trips (batch + speed)"] == f"{all_speed:,}"
+    assert "`python batch_processor.py`" in texts(app)
+    batch = open_page("batch", tmp_path / "no-views", demo.speed_dir, demo.model_dir, tmp_path / "no-airflow")
+    assert "`python batch_processor.py`" in texts(batch)
+
+
+EMPTY_HINTS = {
+    "lambda": ["`python batch_processor.py`", "`python kafka_consumer.py`"],
+    "speed": ["`python kafka_consumer.py`", "`python kafka_producer.py --rate 200`"],
+    "batch": ["`python batch_processor.py`"],
+    "model": ["`python train_model.py`"],
+    "quality": ["`python kafka_consumer.py`", "`python batch_processor.py`"],
+    "operations": ["`python batch_processor.py`", "`make airflow`", "`make kafka-up`"],
+}
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_every_page_when_nothing_exists_yet(page, tmp_path):
+    app = open_page(page, tmp_path / "views", tmp_path / "speed", tmp_path / "model", tmp_path / "airflow")
+    shown = texts(app)
+    for hint in EMPTY_HINTS[page]:
+        assert hint in shown, (page, hint, shown)
+    assert not app.error
+
+
+def test_a_wrong_flag_is_explained_on_the_page(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(APP), "--refresh", "-3"])
+    app = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert "--refresh must be 0 (off) or a positive number" in app.error[0].value
+    monkeypatch.setattr(sys, "argv", [str(APP), "--view-dir", "x"])
+    app = AppTest.from_file(str(APP), default_timeout=60).run()
+    assert "unrecognized arguments: --view-dir x" in app.error[0].value
+
+
+@pytest.mark.kafka
+def test_the_real_speed_layer_reports_dead_letters_per_minute(kafka_bootstrap, topics, trained_model_dir,
+                                                              sample_trips, tmp_path):
+    import kafka_consumer
+    from tests.test_kafka_consumer import consumer_args, produce, trip_messages
+
+    good = clean(sample_trips.iloc[:400]).head(300)
+    bad = [(b"bad-json", b'{"id": "x"'), (b"bad-empty", b""), (b"bad-json-2", b"[1, 2]")]
+    produce(kafka_bootstrap, topics[0], trip_messages(good) + bad)
+    speed_dir = tmp_path / "speed"
+    assert kafka_consumer.main(consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir)) == 0
+
+    per_minute = data.dlq_over_time(speed_view.read_statuses(speed_dir))
+    assert per_minute.groupby("reason")["dead_letters"].sum().to_dict() == {"invalid_json": 2, "empty_message": 1}
+    app = open_page("quality", tmp_path / "views", speed_dir, trained_model_dir, tmp_path / "airflow")
+    assert metrics(app)["Dead letters since the processes started"] == "3"
+    assert "does not report dead letters per minute" not in texts(app)  # so the per-minute chart is drawn

@@ -1,0 +1,128 @@
+"""`make demo` for real: the whole pipeline comes up, merges, and stops only what it started.
+
+The demo runs as a subprocess in a private state/data/model directory with its
+own Kafka and dashboard ports, exactly as `python -m periscope.demo` runs from
+the Makefile.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from periscope import kafka_local
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.kafka
+
+
+def demo_env(base: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PERISCOPE_STATE_DIR": str(base / "var"),
+        "PERISCOPE_DATA_DIR": str(base / "data"),
+        "PERISCOPE_MODEL_DIR": str(base / "model"),
+        "PERISCOPE_SAMPLE_CSV": str(ROOT / "data" / "nyc_taxi_trip_duration_sample.csv.gz"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def start_demo(base: Path, ports: list[int], log: Path) -> subprocess.Popen:
+    kafka, controller, dashboard = ports
+    command = [sys.executable, "-m", "periscope.demo", "--rate", "200", "--batch-every", "15", "--status-every", "5",
+               "--kafka-port", str(kafka), "--controller-port", str(controller), "--dashboard-port", str(dashboard)]
+    return subprocess.Popen(command, cwd=ROOT, env=demo_env(base), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if process.poll() is not None:
+            pytest.fail(f"the demo exited with {process.returncode} while waiting for {what}:\n{log.read_text()}")
+        time.sleep(1)
+    pytest.fail(f"no {what} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def merged_by_both_layers(base: Path) -> tuple[int, int] | None:
+    """(batch trips, speed trips) once the dashboard's merge holds both and a stream watermark exists."""
+    from periscope import serving
+
+    combined = serving.combined_views(base / "data" / "views", base / "data" / "speed")
+    if combined.batch_version and combined.watermark and combined.speed_trips > 0:
+        return combined.batch_trips, combined.speed_trips
+    return None
+
+
+def started_processes(base: Path) -> list[dict]:
+    return json.loads((base / "var" / "demo" / "state.json").read_text())["processes"]
+
+
+def dashboard_answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_demo_runs_merges_and_stops_only_what_it_started(tmp_path: Path):
+    ports = kafka_local.free_ports(3)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    log = tmp_path / "demo-1.log"
+
+    # First run: nothing is running; the demo starts the broker and everything else.
+    demo = start_demo(tmp_path, ports, log)
+    try:
+        wait_for(lambda: "Periscope is running" in log.read_text(), 240, "banner", demo, log)
+        assert dashboard_answers(ports[2])
+        wait_for(lambda: merged_by_both_layers(tmp_path), 120, "batch version with a stream watermark plus speed trips",
+                 demo, log)
+        children = [psutil.Process(entry["pid"]) for entry in started_processes(tmp_path)]
+        assert {entry["name"] for entry in started_processes(tmp_path)} == {"speed layer", "producer", "dashboard"}
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0, log.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    output = log.read_text()
+    assert "stopping what the demo started" in output
+    assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
+    assert not kafka_local.is_reachable(f"127.0.0.1:{ports[0]}"), "the demo started the broker, so it stops it"
+    assert bystander.poll() is None, "a process the demo did not start was touched"
+
+    # Second run: the broker is already running (not the demo's), model and history are kept.
+    state_dir = tmp_path / "var"
+    kafka_local.start_broker(state_dir, ports[0], ports[1])
+    log2 = tmp_path / "demo-2.log"
+    demo = start_demo(tmp_path, ports, log2)
+    try:
+        wait_for(lambda: "Periscope is running" in log2.read_text(), 240, "banner", demo, log2)
+        second = log2.read_text()
+        assert "already running" in second
+        assert "is live in" in second, "the second run keeps the trained model"
+        assert "already in master data" in second, "the history is not imported twice"
+        down = subprocess.run([sys.executable, "-m", "periscope.demo", "down"], cwd=ROOT, env=demo_env(tmp_path),
+                              capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "asking the demo" in down.stdout and "stopped the Kafka broker" not in down.stdout
+        assert demo.wait(60) == 0, log2.read_text()
+        assert "stopping what the demo started" in log2.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        assert kafka_local.is_reachable(f"127.0.0.1:{ports[0]}"), "a broker the demo did not start keeps running"
+        kafka_local.stop_broker(state_dir)
+        bystander.kill()

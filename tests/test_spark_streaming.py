@@ -1,0 +1,243 @@
+"""spark_streaming.py against real Spark (local mode) and the real broker, beside the plain consumer.
+
+One Spark session serves the module (starting one costs 10-20 s); the
+streaming layer runs in-process through ``spark_streaming.start``, except in
+the kill test, which needs a process to SIGKILL.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kafka_consumer
+import spark_streaming
+from periscope import schema, speed_view, spark_session, stream
+from periscope.schema import FIELDS, record_to_json
+from tests.test_kafka_consumer import (assert_exactly_once, consumer_args, produce, read_dlq, rule_violations,
+                                       trip_messages, wait_for)
+
+ROOT = Path(__file__).resolve().parent.parent
+MALFORMED = [b"{oops", b"", b'["a", "list"]', b'{"id": "x1"}', b"\xff\xfe not utf-8"]
+
+
+@pytest.fixture(scope="module")
+def spark():
+    return spark_session.get_session(app_name="periscope-tests")
+
+
+def spark_args(bootstrap: str, topics: tuple[str, str], speed_dir: Path, model_dir: Path, checkpoint: Path,
+               *extra: str) -> list[str]:
+    return ["--bootstrap", bootstrap, "--topic", topics[0], "--dlq-topic", topics[1], "--speed-dir", str(speed_dir),
+            "--model-dir", str(model_dir), "--checkpoint-dir", str(checkpoint), "--trigger", "100 milliseconds",
+            *extra]
+
+
+def run_in_process(spark, argv: list[str]) -> spark_streaming.SparkSpeedLayer:
+    """Start the layer, let it process everything on the broker now, and stop it."""
+    layer = spark_streaming.start(spark, spark_streaming.parse_args(argv))
+    try:
+        layer.process_all_available()
+    finally:
+        layer.stop()
+    return layer
+
+
+def dlq_by_component(bootstrap: str, topic: str, expected: int) -> dict[str, set[tuple[str, str]]]:
+    """Component -> {(source topic/partition/offset, reason)} of the dead letters."""
+    found: dict[str, set[tuple[str, str]]] = {}
+    for message in read_dlq(bootstrap, topic, expected):
+        headers = message.headers
+        found.setdefault(stream.header_value(headers, stream.REJECTED_BY_HEADER), set()).add(
+            (stream.header_value(headers, stream.SOURCE_HEADER), stream.header_value(headers, stream.REASON_HEADER)))
+    return found
+
+
+def retimed(trips: pd.DataFrame, pickups: list[str], vendor: int = 1) -> pd.DataFrame:
+    """Copies of valid trips with the given pickup times (dropoff moved along, so every rule still holds)."""
+    rows = trips.head(len(pickups)).copy()
+    rows["pickup_datetime"] = [schema.parse_time(text, "pickup_datetime") for text in pickups]
+    rows["dropoff_datetime"] = rows["pickup_datetime"] + rows["trip_duration"] * 1000
+    rows["vendor_id"] = vendor
+    return rows
+
+
+# --- pure parts ---------------------------------------------------------------------------------------
+
+
+def test_the_spark_schema_is_derived_from_the_trip_schema():
+    struct = spark_session.trip_struct()
+    assert struct.fieldNames() == list(FIELDS)
+    kinds = {field.name: field.dataType.simpleString() for field in struct.fields}
+    assert {kinds[name] for name in schema.INT_FIELDS + schema.TIME_FIELDS} == {"bigint"}
+    assert {kinds[name] for name in schema.FLOAT_FIELDS} == {"double"}
+    assert kinds["id"] == "string" and kinds["store_and_fwd_flag"] == "boolean"
+    assert spark_streaming.VALIDATED_SCHEMA.fieldNames()[-len(FIELDS):] == list(FIELDS)
+
+
+def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
+    records = sample_trips.head(4).to_dict("records")
+    short = {**records[1], "trip_duration": 5, "dropoff_datetime": records[1]["pickup_datetime"] + 5000}
+    values = [record_to_json(records[0]), b"{oops", record_to_json(short), None, record_to_json(records[2])]
+    messages = pd.DataFrame({"key": [b"k"] * 5, "value": values, "topic": ["t"] * 5, "partition": [1] * 5,
+                             "offset": range(10, 15), "timestamp_ms": [1_700_000_000_000] * 5})
+    frame = spark_streaming.validated_frame(messages)
+    assert list(frame.columns) == spark_streaming.VALIDATED_SCHEMA.fieldNames()
+    valid, invalid = frame[frame["reason"].isna()], frame[frame["reason"].notna()]
+    assert list(valid["id"]) == [records[0]["id"], records[2]["id"]] and list(valid["offset"]) == [10, 14]
+    assert [kafka_consumer.reason_code(r) for r in invalid["reason"]] == ["invalid_json", "duration_too_short",
+                                                                           "empty_message"]
+    assert list(invalid["value"])[0] == b"{oops" and valid["key"].isna().all()
+
+
+def test_limit_offsets_shares_a_batch_fairly_between_partitions():
+    latest = {"0": 100, "1": 10, "2": 100}
+    assert spark_session.limit_offsets({}, latest, None) == latest
+    assert spark_session.limit_offsets({"0": 0, "1": 0, "2": 0}, latest, 60) == {"0": 25, "1": 10, "2": 25}
+    assert spark_session.limit_offsets({"0": 100, "1": 10, "2": 90}, latest, 60) == {"0": 100, "1": 10, "2": 100}
+    assert sum(spark_session.limit_offsets({"0": 5}, latest, 7).values()) == 5 + 7
+
+
+def test_bad_arguments_are_explained(capsys):
+    for argv, expected in ((["--lateness", "ten minutes"], "--lateness must be a number and a unit"),
+                           (["--max-batches", "0"], "--max-batches must be at least 1"),
+                           (["--stop-when-idle", "-1"], "--stop-when-idle must be a positive")):
+        with pytest.raises(SystemExit):
+            spark_streaming.parse_args(argv)
+        assert expected in capsys.readouterr().err
+    with pytest.raises(ValueError, match="startingOffsets must be"):
+        spark_session.parse_starting_offsets("{not json")
+
+
+# --- with the broker ------------------------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reach_the_dlq(
+        spark, kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    trips = sample_trips.head(3000)
+    violations = rule_violations(trips)
+    produce(kafka_bootstrap, topics[0], trip_messages(trips) + [(b"bad", value) for value in MALFORMED])
+
+    plain_dir, spark_dir = tmp_path / "speed-plain", tmp_path / "speed-spark"
+    assert kafka_consumer.main(consumer_args(kafka_bootstrap, topics, plain_dir, trained_model_dir)) == 0
+    layer = run_in_process(spark, spark_args(kafka_bootstrap, topics, spark_dir, trained_model_dir,
+                                             tmp_path / "checkpoint", "--max-offsets-per-trigger", "1000"))
+
+    plain, ours = speed_view.read_speed(plain_dir), speed_view.read_speed(spark_dir)
+    assert list(ours.columns) == list(speed_view.COLUMNS) and (ours.dtypes == plain.dtypes).all()
+    assert_exactly_once(ours, set(trips["id"]) - set(violations))
+    keys = ["partition", "offset"]
+    pd.testing.assert_frame_equal(ours.drop(columns=["visible_at_ms", "predicted_duration_s"]),
+                                  plain.drop(columns=["visible_at_ms", "predicted_duration_s"]))
+    np.testing.assert_allclose(ours.sort_values(keys)["predicted_duration_s"],
+                               plain.sort_values(keys)["predicted_duration_s"], rtol=1e-9)
+    assert layer.batches >= 3, "1000 messages per trigger make several micro-batches"
+
+    dead = dlq_by_component(kafka_bootstrap, topics[1], 2 * (len(violations) + len(MALFORMED)))
+    assert dead["spark_streaming"] == dead["kafka_consumer"]
+    assert len(dead["spark_streaming"]) == len(violations) + len(MALFORMED)
+    reasons = {kafka_consumer.reason_code(reason) for _, reason in dead["spark_streaming"]}
+    assert {"invalid_json", "empty_message", "missing_field"} | set(violations.values()) == reasons
+
+    status = speed_view.read_statuses(spark_dir)[0]
+    assert status["consumer_id"] == "spark" and status["state"] == "stopped" and status["total_lag"] == 0
+    assert status["totals"]["consumed"] == len(trips) + len(MALFORMED)
+    assert status["totals"]["dlq"] == len(violations) + len(MALFORMED)
+    assert sum(status["totals"]["dlq_by_reason"].values()) == status["totals"]["dlq"]
+    assert status["live_error"]["cumulative"]["rows"] == len(ours) and status["latency_ms"]["p50"] > 0
+    assert status["assigned_partitions"] == [0, 1, 2] and status["model_version"] == "test-v1"
+
+
+@pytest.mark.kafka
+def test_a_replayed_batch_id_rewrites_the_same_files_and_sends_no_dead_letter_twice(
+        spark, kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    trips = sample_trips.head(200)
+    messages = pd.DataFrame({"key": [t.encode() for t in trips["id"]] + [b"bad"],
+                             "value": [record_to_json(r) for r in trips.to_dict("records")] + [b"{oops"],
+                             "topic": topics[0], "partition": [i % 3 for i in range(len(trips) + 1)],
+                             "offset": [i // 3 for i in range(len(trips) + 1)], "timestamp_ms": 1_700_000_000_000})
+    batch = spark.createDataFrame(messages, schema=spark_session.KAFKA_SCHEMA)
+    args = spark_streaming.parse_args(spark_args(kafka_bootstrap, topics, tmp_path / "speed", trained_model_dir,
+                                                 tmp_path / "checkpoint"))
+    args.checkpoint_dir.mkdir(parents=True)
+    layer = spark_streaming.SparkSpeedLayer(spark, args)
+    try:
+        layer.process_batch(batch, 0)
+        first = [path.name for *_, path in speed_view.batch_files(args.speed_dir)]
+        layer.process_batch(batch, 0)
+        again = [path.name for *_, path in speed_view.batch_files(args.speed_dir)]
+    finally:
+        layer.stop()
+    assert first == again and len(first) == 3
+    rows = speed_view.read_speed(args.speed_dir)
+    assert len(rows) == len(trips) - len(rule_violations(trips)) and not rows.duplicated(["partition", "offset"]).any()
+    assert len(read_dlq(kafka_bootstrap, topics[1], 1 + len(rule_violations(trips)), timeout_s=5)) == \
+        1 + len(rule_violations(trips))
+
+
+@pytest.mark.kafka
+def test_trips_later_than_the_watermark_leave_the_windows_but_stay_in_the_speed_view(
+        spark, kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    valid = sample_trips[sample_trips["id"].isin(set(sample_trips["id"].head(200)) -
+                                                 set(rule_violations(sample_trips.head(200))))]
+    on_time = retimed(valid, [f"2016-01-01 10:0{i % 5}:00" for i in range(20)])
+    ahead = retimed(valid.iloc[20:], ["2016-01-01 12:00:00"])            # watermark -> 11:50
+    late = retimed(valid.iloc[21:], ["2016-01-01 10:02:30"])             # older than 11:50: too late
+    in_time = retimed(valid.iloc[22:], ["2016-01-01 11:56:00"])          # within the 10 minutes: counted
+    closing = retimed(valid.iloc[23:], ["2016-01-01 14:00:00"])          # closes every window above
+    args = spark_streaming.parse_args(spark_args(kafka_bootstrap, topics, tmp_path / "speed", trained_model_dir,
+                                                 tmp_path / "checkpoint", "--lateness", "10 minutes"))
+    layer = spark_streaming.start(spark, args)
+    try:
+        for step in (on_time, ahead, late, in_time, closing):
+            produce(kafka_bootstrap, topics[0], trip_messages(step))
+            layer.process_all_available()
+            time.sleep(0.5)  # a no-data batch moves the watermark on
+        table = f"SELECT date_format(window_start, 'HH:mm') AS start, trips FROM {spark_streaming.WINDOWS_VIEW}"
+        windows = wait_for(lambda: dict(spark.sql(table).collect()) if len(spark.sql(table).collect()) >= 3
+                           else None, 60, "three closed windows")
+    finally:
+        layer.stop()
+    assert windows == {"10:00": 20, "11:55": 1, "12:00": 1}, "the late trip is not in the 10:00 window"
+    rows = speed_view.read_speed(args.speed_dir)
+    assert late["id"].iloc[0] in set(rows["id"]), "but it is in the speed view"
+    assert len(rows) == 24
+
+
+@pytest.mark.kafka
+def test_kill_9_mid_stream_then_restart_from_the_checkpoint_loses_and_duplicates_nothing(
+        kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    trips = sample_trips.head(4000)
+    expected = set(trips["id"]) - set(rule_violations(trips))
+    produce(kafka_bootstrap, topics[0], trip_messages(trips))
+    speed_dir, checkpoint = tmp_path / "speed", tmp_path / "checkpoint"
+    argv = spark_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, checkpoint,
+                      "--no-windows", "--max-offsets-per-trigger", "300")
+
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen([sys.executable, "spark_streaming.py", *argv, "--stop-when-idle", "60"], cwd=ROOT,
+                                 stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(speed_view.batch_files(speed_dir)) >= 6, 240, "the first speed files", poll_s=0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    written = len(speed_view.read_speed(speed_dir))
+    assert 0 < written < len(expected), "killed mid-stream"
+    assert (checkpoint / "speed" / "offsets").is_dir()
+
+    result = subprocess.run([sys.executable, "spark_streaming.py", *argv, "--stop-when-idle", "3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = speed_view.read_speed(speed_dir)
+    assert_exactly_once(rows, expected)
+    status = json.loads((speed_dir / "_status" / "spark.json").read_text())
+    assert status["total_lag"] == 0 and status["state"] == "stopped"
