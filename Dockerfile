@@ -6,22 +6,23 @@
 #   docker build -t periscope:local .
 #   docker run --rm periscope:local python batch_processor.py --help
 #
-# Spark needs nothing beyond requirements.txt and a Java runtime: Periscope reads Kafka and the
-# Avro master data through its own Python data sources (periscope/spark_session.py), so there
-# are no connector jars to fetch.
+# Spark reads Kafka and the Avro master data with its own connectors (spark-sql-kafka-0-10,
+# spark-avro), fetched with Maven for the installed pyspark (`make spark-fetch`, see
+# docs/SPARK.md) into /opt/periscope/spark-jars: outside /app/var, which compose mounts a volume on.
 
 # Debian 12 (bookworm) has OpenJDK 17, the Java the project is tested with (Spark 4 needs 17+).
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless maven \
  && rm -rf /var/lib/apt/lists/*
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONPATH=/app \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PERISCOPE_SPARK_JARS_DIR=/opt/periscope/spark-jars
 
 WORKDIR /app
 
@@ -36,6 +37,7 @@ RUN useradd --create-home --uid 1000 periscope \
  && chown -R periscope:periscope /app
 
 COPY --chown=periscope:periscope . .
+RUN python -m periscope.spark_session fetch && rm -rf /root/.m2
 
 USER periscope
 

@@ -36,11 +36,13 @@ test: setup kafka-fetch spark-fetch browser $(COMPOSE)  ## run every test: unit,
 test-fast: setup $(COMPOSE)  ## only the tests that need no broker
 	$(PY) -m pytest -m "not kafka"
 
-bench: setup kafka-fetch spark-fetch  ## run every benchmark (about 20 minutes; see docs/BENCHMARKS.md)
+bench: setup kafka-fetch spark-fetch  ## run every benchmark, one after another (about an hour; see docs/BENCHMARKS.md)
 	$(PY) bench/bench_model.py
 	$(PY) bench/bench_batch.py
 	$(PY) bench/bench_producer.py
 	$(PY) bench/bench_speed_layer.py
+	$(PY) bench/bench_spark.py
+	$(PY) bench/bench_app.py
 
 kafka-fetch: setup  ## fetch the Apache Kafka jars with Maven (once)
 	$(PY) -m periscope.kafka_local fetch
@@ -54,7 +56,7 @@ kafka-down:  ## stop the local Kafka broker (only the one this project started)
 kafka-status:  ## is the broker up?
 	$(PY) -m periscope.kafka_local status
 
-spark-fetch: setup  ## fetch Spark's Kafka and Avro connector jars with Maven (once)
+spark-fetch: setup  ## fetch Spark's Kafka and Avro connectors for the installed pyspark with Maven, into var/spark/jars (once)
 	$(PY) -m periscope.spark_session fetch
 
 browser:  ## install Debian's Chromium and ChromeDriver for the browser tests, where missing
@@ -66,8 +68,8 @@ browser:  ## install Debian's Chromium and ChromeDriver for the browser tests, w
 app: setup  ## serve the dashboard on http://127.0.0.1:8501
 	$(VENV)/bin/streamlit run app.py --server.address 127.0.0.1 --server.port 8501
 
-airflow: setup kafka-fetch  ## Airflow standalone on http://127.0.0.1:8080 with the project's DAGs (state in var/airflow)
-	$(PY) -m periscope.airflow_local standalone
+airflow: setup kafka-fetch  ## Airflow on http://127.0.0.1:8080 with the project's DAGs, state in var/airflow (AIRFLOW_ARGS="--port 8081")
+	$(PY) -m periscope.airflow_local standalone $(AIRFLOW_ARGS)
 
 compose-check: $(COMPOSE)  ## validate docker-compose.yaml with Docker Compose from PyPI (no Docker needed)
 	$(COMPOSE) -f docker-compose.yaml config -q && echo "docker-compose.yaml is valid"
@@ -77,6 +79,7 @@ $(COMPOSE): infra/compose/constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/infra/compose/constraints.txt $(COMPOSE_VENV)/bin/pip install --quiet docker-compose==1.29.2
 	@touch $@
 
-clean:  ## stop the broker, remove everything the pipeline made (model, data, local state); keep .venv
+clean:  ## stop the demo and the broker, remove everything the pipeline made (model, data, local state); keep .venv
+	-[ -x $(PY) ] && $(PY) -m periscope.demo down
 	-[ -x $(PY) ] && $(PY) -m periscope.kafka_local stop
 	rm -rf model data/master data/views data/speed var test-artifacts

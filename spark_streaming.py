@@ -7,14 +7,16 @@ and writes the *same speed view* (``periscope.speed_view``), so the
 dashboard and the Lambda merge take either speed layer's output. Two
 streaming queries run side by side:
 
-1. **speed** (``foreachBatch``): every micro-batch of messages is validated
-   by the shared schema code (``kafka_consumer.validate_batch``: the same
-   verdicts and reason codes as the plain consumer) inside ``mapInPandas``;
-   the valid trips get a predicted duration from a vectorised pandas UDF
-   (``periscope.features`` + the model from ``--model-dir``, broadcast to the
-   executors); invalid messages go to ``taxi-trips-dlq`` with the reason in
-   their headers (``periscope.stream.dlq_headers``); the trips are written as
-   one speed file per Kafka partition, named by offset range.
+1. **speed** (``foreachBatch``): every micro-batch of messages from Spark's
+   Kafka source (``format("kafka")``, ``spark-sql-kafka-0-10``; ``make
+   spark-fetch`` puts it in place) is validated by the shared schema code
+   (``kafka_consumer.validate_batch``: the same verdicts and reason codes as
+   the plain consumer) inside ``mapInPandas``; the valid trips get a
+   predicted duration from a vectorised pandas UDF (``periscope.features`` +
+   the model from ``--model-dir``, broadcast to the executors); invalid
+   messages go to ``taxi-trips-dlq`` with the reason in their headers
+   (``periscope.stream.dlq_headers``); the trips are written as one speed
+   file per Kafka partition, named by offset range.
 2. **windows** (memory sink): trips counted in 5-minute event-time windows
    per vendor, with a watermark of ``--lateness`` behind the latest pickup
    seen. A window is emitted once the watermark passes its end; a trip whose
@@ -26,11 +28,18 @@ Exactly once, across crashes: Spark writes each batch's offset range to the
 checkpoint (``--checkpoint-dir``) before running it and marks it done after.
 A restarted job re-runs an unfinished batch with the same offsets, so it
 rewrites the same speed files (a file's name is its offset range: rewriting
-replaces it) and never writes a trip twice. Dead letters of a re-run batch
-are not sent again (the last batch whose dead letters were delivered is
-recorded beside the checkpoint). A fresh checkpoint starts at the earliest
-offset (``--starting-offsets``), or after the last speed file of each
-partition when the speed view already holds some.
+replaces it) and never writes a trip twice. Dead letters are sent by the
+driver with kafka-python (acknowledged, ``acks=all``), and the last batch
+whose dead letters were delivered is recorded beside the checkpoint, so a
+re-run batch does not send them again. A fresh checkpoint starts at the
+earliest offset (``--starting-offsets``), or after the last speed file of
+each partition when the speed view already holds some.
+
+Data loss is an error, not a skip: the Kafka source runs with
+``failOnDataLoss=true``, so if Kafka no longer has offsets the checkpoint
+needs (retention deleted trips before they were read, or the topic was
+re-created), the query stops and says what to do, rather than silently
+leaving a gap in the speed view.
 
 Run it (a broker and a trained model first, as for kafka_consumer.py)::
 
@@ -85,14 +94,15 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.streaming import StreamingQuery
-from pyspark.sql.types import BinaryType, LongType, StringType, StructField, StructType
+from pyspark.sql.types import (BinaryType, IntegerType, LongType, StringType, StructField, StructType,
+                               TimestampType)
 
 from kafka_consumer import (INT_COLUMNS, LiveError, SlidingWindow, latency_percentiles, reason_code, speed_rows,
                             validate_batch, wall_clock_ms)
 from periscope import config, speed_view
 from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, current_version, load_model
 from periscope.schema import FIELDS, FLOAT_FIELDS
-from periscope.spark_session import KAFKA_SOURCE, SparkSetupError, get_session, trip_struct
+from periscope.spark_session import SparkSetupError, get_session, trip_struct
 from periscope.storage import atomic_write_bytes
 from periscope.stream import BrokerUnavailable, dlq_headers, wait_for_broker
 
@@ -114,6 +124,13 @@ RECENT_ERROR_WINDOW_S = 60.0
 DLQ_TIMEOUT_S = 60.0
 DLQ_MARKER = "dlq-delivered-batch.txt"
 _INTERVAL = re.compile(r"^\s*\d+\s+(millisecond|second|minute|hour|day)s?\s*$")
+
+KAFKA_SOURCE_SCHEMA = StructType([
+    StructField("key", BinaryType()), StructField("value", BinaryType()), StructField("topic", StringType()),
+    StructField("partition", IntegerType()), StructField("offset", LongType()),
+    StructField("timestamp", TimestampType()), StructField("timestampType", IntegerType()),
+])
+"""The rows of Spark's Kafka source (``format("kafka")``), one per message."""
 
 VALIDATED_SCHEMA = StructType([
     StructField("partition", LongType()), StructField("offset", LongType()),
@@ -138,8 +155,14 @@ class Message:
         self.timestamp, self.key, self.value = timestamp, key, value
 
 
+def kafka_messages(source: DataFrame) -> DataFrame:
+    """Spark's Kafka rows -> the fields ``validate_batch`` reads, the Kafka timestamp as ms (exact: it is ms)."""
+    return source.select("key", "value", "topic", "partition", "offset",
+                         F.unix_millis("timestamp").alias("timestamp_ms"))
+
+
 def validated_frame(messages: pd.DataFrame) -> pd.DataFrame:
-    """Messages (``periscope_kafka`` columns) -> ``VALIDATED_SCHEMA`` rows, by the plain consumer's own code."""
+    """Messages (``kafka_messages`` columns) -> ``VALIDATED_SCHEMA`` rows, by the plain consumer's own code."""
     batch = [Message(*row) for row in zip(messages["topic"], messages["partition"].astype(int),
                                           messages["offset"].astype(int), messages["timestamp_ms"].astype(int),
                                           messages["key"], messages["value"])]
@@ -210,10 +233,32 @@ def next_offsets(frame: pd.DataFrame) -> dict[int, int]:
     return {int(p): int(o) + 1 for p, o in frame.groupby("partition")["offset"].max().items()}
 
 
-def resume_offsets(speed_dir: Path) -> dict[str, int] | None:
-    """Where a fresh checkpoint starts when the speed view already holds trips: after its last file."""
-    on_disk = speed_view.last_offsets(speed_dir)
-    return {str(partition): last + 1 for partition, last in on_disk.items()} or None
+def resume_offsets(on_disk: dict[int, int], begin: dict[int, int], end: dict[int, int]) -> dict[int, int]:
+    """Where a fresh checkpoint starts when the speed view holds trips: after its last file, within what Kafka has.
+
+    ``on_disk`` is the last offset in the speed files per partition; ``begin``
+    and ``end`` are the topic's offsets now. Spark's Kafka source wants every
+    partition named; a partition without speed files starts at its beginning.
+    """
+    return {partition: min(max(on_disk[partition] + 1, begin[partition]), end[partition])
+            if partition in on_disk else begin[partition] for partition in begin}
+
+
+def offsets_json(topic: str, offsets: dict[int, int]) -> str:
+    """``startingOffsets`` for Spark's Kafka source: ``{"taxi-trips": {"0": 1200, "1": 1187}}``."""
+    return json.dumps({topic: {str(partition): offset for partition, offset in sorted(offsets.items())}})
+
+
+def explain_failure(error: str) -> str:
+    """A failed query's message, with what to do when it is Kafka data loss (Spark's ``failOnDataLoss``)."""
+    if "failOnDataLoss" not in error and "OffsetOutOfRange" not in error:
+        return error
+    return (f"{error.strip().splitlines()[0]}\n"
+            "Kafka no longer has offsets the checkpoint needs (retention deleted them before they were read, or the "
+            "topic was deleted and re-created). Those trips are lost to the speed layer; the batch layer has them "
+            "only if its own consumer read them in time. To go on from what Kafka still has, delete the checkpoint "
+            "(--checkpoint-dir): a fresh one starts after the speed view's last files, or at the earliest offset "
+            "Kafka keeps, and says so.")
 
 
 def progress_line(batch_id: int, consumed: int, valid: int, dlq: int, seconds: float, status: dict[str, Any]) -> str:
@@ -280,15 +325,32 @@ class SparkSpeedLayer:
 
     # the queries
 
-    def messages(self, starting: str | dict[str, int]) -> DataFrame:
-        return (self.spark.readStream.format(KAFKA_SOURCE).option("bootstrap", self.args.bootstrap)
-                .option("topic", self.args.topic)
-                .option("startingOffsets", starting if isinstance(starting, str) else json.dumps(starting))
-                .option("maxOffsetsPerTrigger", str(self.args.max_offsets_per_trigger)).load())
+    def messages(self, starting: str) -> DataFrame:
+        """The trips topic through Spark's Kafka source; a gap in the offsets fails the query (see the docstring)."""
+        return kafka_messages(
+            self.spark.readStream.format("kafka").option("kafka.bootstrap.servers", self.args.bootstrap)
+            .option("subscribe", self.args.topic).option("startingOffsets", starting)
+            .option("maxOffsetsPerTrigger", str(self.args.max_offsets_per_trigger))
+            .option("failOnDataLoss", "true").load())
+
+    def starting_offsets(self) -> str:
+        """``--starting-offsets``, unless the speed view already holds trips: then after its last files."""
+        on_disk = speed_view.last_offsets(self.args.speed_dir)
+        if not on_disk:
+            return self.args.starting_offsets
+        tps = [TopicPartition(self.args.topic, p) for p in sorted(self.probe.partitions_for_topic(self.args.topic))]
+        begin = {tp.partition: offset for tp, offset in self.probe.beginning_offsets(tps).items()}
+        end = {tp.partition: offset for tp, offset in self.probe.end_offsets(tps).items()}
+        offsets = resume_offsets(on_disk, begin, end)
+        for partition, last in sorted(on_disk.items()):
+            if offsets.get(partition) != last + 1:
+                log.warning("partition %d: the speed view ends at offset %d but Kafka holds %s..%s now: starting at %s",
+                            partition, last, begin.get(partition), end.get(partition), offsets.get(partition))
+        return offsets_json(self.args.topic, offsets)
 
     def start(self) -> None:
         """Start the speed query (checkpointed) and, unless ``--no-windows``, the windows query."""
-        starting = resume_offsets(self.args.speed_dir) or self.args.starting_offsets
+        starting = self.starting_offsets()
         self.queries.append(
             self.messages(starting).writeStream.queryName("speed").foreachBatch(self.process_batch)
             .option("checkpointLocation", str(self.args.checkpoint_dir / "speed"))
@@ -316,7 +378,15 @@ class SparkSpeedLayer:
         self.account(frame, invalid, rows, time.perf_counter() - began, batch_id)
 
     def send_dead_letters(self, invalid: pd.DataFrame, batch_id: int) -> None:
-        """Every invalid message to the DLQ topic, acknowledged, unless this batch's were delivered already."""
+        """Every invalid message to the DLQ topic, acknowledged, unless this batch's were delivered already.
+
+        Sent from the driver with kafka-python, not with Spark's Kafka sink
+        (``write.format("kafka")``): the batch is on the driver anyway (the
+        speed files are written there) and dead letters are few; here each is
+        sent once per batch run and every acknowledgement is awaited before the
+        batch is recorded as delivered, whereas the sink sends from tasks, so a
+        retried task re-sends its dead letters even when nothing crashed.
+        """
         if invalid.empty or batch_id <= self.delivered_batch():
             return
         futures = [self.producer.send(self.args.dlq_topic, key=key, value=value,
@@ -437,7 +507,7 @@ class SparkSpeedLayer:
             time.sleep(0.2)
             error = self.failed()
             if error is not None:
-                raise RuntimeError(f"a streaming query failed: {error}")
+                raise RuntimeError(f"a streaming query failed: {explain_failure(str(error))}")
             self.publish_status()
             if self.args.max_batches is not None and self.batches >= self.args.max_batches:
                 log.info("%d batches done (--max-batches): stopping", self.batches)

@@ -22,7 +22,8 @@ starts and stops (temporary state dir, free ports, the project's Maven-fetched j
    included), CPU time, peak RSS of the process tree (the JVM and Spark's
    Python workers included). Both engines' results are checked equal.
 
-Run it (needs a trained model: ``python train_model.py``)::
+Run it (needs a trained model, ``python train_model.py``, and Spark's Kafka and Avro
+connectors, ``make spark-fetch``)::
 
     python bench/bench_spark.py                                            # 1.5 M and 10 M trips; ~30 min
     python bench/bench_spark.py --sizes 100000 --trips 20000 --duration 20 # a quick check

@@ -255,9 +255,10 @@ def airflow_problems(compose: dict) -> list[str]:
 
     Only the addresses differ by design: the API server listens on every interface
     of its container (published on 127.0.0.1), and links point at the published address.
+    PATH and PYTHONPATH are the image's own (its Python is on PATH, the code in /app).
     """
     by_design = {"AIRFLOW__API__HOST", "AIRFLOW__API__BASE_URL", "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
-                 "PYTHONPATH"}
+                 "PYTHONPATH", "PATH"}
     service = compose["services"]["airflow"]
     environment = {k: str(v) for k, v in service["environment"].items()}
     home = Path(environment["AIRFLOW_HOME"])

@@ -97,12 +97,17 @@ def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
     assert list(invalid["value"])[0] == b"{oops" and valid["key"].isna().all()
 
 
-def test_limit_offsets_shares_a_batch_fairly_between_partitions():
-    latest = {"0": 100, "1": 10, "2": 100}
-    assert spark_session.limit_offsets({}, latest, None) == latest
-    assert spark_session.limit_offsets({"0": 0, "1": 0, "2": 0}, latest, 60) == {"0": 25, "1": 10, "2": 25}
-    assert spark_session.limit_offsets({"0": 100, "1": 10, "2": 90}, latest, 60) == {"0": 100, "1": 10, "2": 100}
-    assert sum(spark_session.limit_offsets({"0": 5}, latest, 7).values()) == 5 + 7
+def test_a_fresh_checkpoint_resumes_after_the_speed_files_within_what_kafka_holds():
+    begin, end = {0: 0, 1: 50, 2: 0}, {0: 100, 1: 100, 2: 10}
+    assert spark_streaming.resume_offsets({0: 41, 1: 10, 2: 30}, begin, end) == {0: 42, 1: 50, 2: 10}
+    assert spark_streaming.resume_offsets({0: 41}, begin, end) == {0: 42, 1: 50, 2: 0}, "every partition named"
+    assert json.loads(spark_streaming.offsets_json("t", {1: 5, 0: 7})) == {"t": {"0": 7, "1": 5}}
+
+
+def test_kafka_data_loss_is_explained_and_other_failures_left_alone():
+    lost = "Some data may have been lost because they are not available in Kafka any more ... failOnDataLoss ..."
+    assert "delete the checkpoint" in spark_streaming.explain_failure(lost)
+    assert spark_streaming.explain_failure("boom") == "boom"
 
 
 def test_bad_arguments_are_explained(capsys):
@@ -112,8 +117,6 @@ def test_bad_arguments_are_explained(capsys):
         with pytest.raises(SystemExit):
             spark_streaming.parse_args(argv)
         assert expected in capsys.readouterr().err
-    with pytest.raises(ValueError, match="startingOffsets must be"):
-        spark_session.parse_starting_offsets("{not json")
 
 
 # --- with the broker ------------------------------------------------------------------------------------
@@ -163,8 +166,9 @@ def test_a_replayed_batch_id_rewrites_the_same_files_and_sends_no_dead_letter_tw
     messages = pd.DataFrame({"key": [t.encode() for t in trips["id"]] + [b"bad"],
                              "value": [record_to_json(r) for r in trips.to_dict("records")] + [b"{oops"],
                              "topic": topics[0], "partition": [i % 3 for i in range(len(trips) + 1)],
-                             "offset": [i // 3 for i in range(len(trips) + 1)], "timestamp_ms": 1_700_000_000_000})
-    batch = spark.createDataFrame(messages, schema=spark_session.KAFKA_SCHEMA)
+                             "offset": [i // 3 for i in range(len(trips) + 1)],
+                             "timestamp": pd.Timestamp("2023-11-14 22:13:20"), "timestampType": 0})
+    batch = spark_streaming.kafka_messages(spark.createDataFrame(messages, schema=spark_streaming.KAFKA_SOURCE_SCHEMA))
     args = spark_streaming.parse_args(spark_args(kafka_bootstrap, topics, tmp_path / "speed", trained_model_dir,
                                                  tmp_path / "checkpoint"))
     args.checkpoint_dir.mkdir(parents=True)
