@@ -33,8 +33,8 @@ down:  ## stop what `make demo` started (from another terminal), and nothing els
 test: setup kafka-fetch spark-fetch browser $(COMPOSE)  ## run every test: unit, property and integration against real services
 	$(PY) -m pytest
 
-test-fast: setup $(COMPOSE)  ## only the tests that need no broker
-	$(PY) -m pytest -m "not kafka"
+test-fast: setup $(COMPOSE)  ## only the quick tests that need no broker
+	$(PY) -m pytest -m "not kafka and not slow"
 
 bench: setup kafka-fetch spark-fetch  ## run every benchmark, one after another (about an hour; see docs/BENCHMARKS.md)
 	$(PY) bench/bench_model.py

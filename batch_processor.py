@@ -58,6 +58,7 @@ from periscope.storage import (
     publish_dir,
     read_json,
     read_version,
+    views_manifest,
     write_avro,
     write_avro_atomic,
     write_version,
@@ -286,17 +287,6 @@ def summarise_all(files: list[Path], workers: int, progress: bool = True) -> lis
     return summaries
 
 
-def stream_watermark(summaries: list[FileSummary]) -> dict[str, int]:
-    """Highest Kafka offset per partition covered by stream files (empty for CSV-only data)."""
-    watermark: dict[str, int] = {}
-    for summary in summaries:
-        meta = summary.metadata
-        if meta.get("kind") == "stream":
-            partition, last = meta["kafka_partition"], int(meta["kafka_last_offset"])
-            watermark[partition] = max(last, watermark.get(partition, -1))
-    return dict(sorted(watermark.items(), key=lambda item: int(item[0])))
-
-
 ENGINES = ("python", "spark")
 
 
@@ -324,25 +314,11 @@ def compute_views(master_dir: Path, workers: int, progress: bool = True,
     rules = Counter()
     for summary in summaries:
         rules.update(summary.broken_rules)
-    manifest = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "engine": "python",
-        "watermark": stream_watermark(summaries),
-        "watermark_topics": sorted({s.metadata["topic"] for s in summaries if s.metadata.get("kind") == "stream"}),
-        "rows": {
-            "master": sum(s.rows for s in summaries),
-            "clean": sum(s.clean_rows for s in summaries),
-            "views": {name: len(frame) for name, frame in batch_views.items()},
-        },
-        "cleaning": {name: rules.get(name, 0) for name in RULE_NAMES},
-        "input_files": [
-            {**s.metadata, "path": str(s.path.relative_to(master_dir)), "rows": s.rows} for s in summaries
-        ],
-        "timings_s": {
-            "read_and_aggregate": round(read_done - started, 3),
-            "merge": round(merge_done - read_done, 3),
-        },
-    }
+    manifest = views_manifest(
+        "python", master_dir, [s.path for s in summaries], [s.metadata for s in summaries],
+        [s.rows for s in summaries], sum(s.clean_rows for s in summaries), rules, batch_views,
+        {"read_and_aggregate": read_done - started, "merge": merge_done - read_done},
+    )
     return batch_views, manifest
 
 

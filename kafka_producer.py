@@ -83,7 +83,7 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError
 
 from periscope import config
-from periscope.schema import EPOCH, format_time, record_to_json, trips_to_messages
+from periscope.schema import EPOCH, format_time, pass_suffix, record_to_json, trips_to_messages
 from periscope.sources import CsvLayoutError, LoadReport, read_trips, read_trips_parquet
 from periscope.stream import BrokerUnavailable, wait_for_broker
 
@@ -125,11 +125,6 @@ def replay_order(trips: pd.DataFrame) -> pd.DataFrame:
     """The trips in pickup-time order; trips with the same pickup keep their file order."""
     order = np.argsort(trips["pickup_datetime"].to_numpy(), kind="stable")
     return trips.iloc[order].reset_index(drop=True)
-
-
-def pass_suffix(pass_number: int) -> str:
-    """What ``--loop`` appends to every id in pass ``pass_number`` (1-based): nothing, -2, -3, ..."""
-    return "" if pass_number == 1 else f"-{pass_number}"
 
 
 def murmur2(keys: list[bytes]) -> np.ndarray:

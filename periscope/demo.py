@@ -37,7 +37,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,12 +178,6 @@ def down() -> int:
     return 0
 
 
-def tail(path: Path, lines: int = 15) -> str:
-    if not path.exists():
-        return "(no log)"
-    return "".join(deque(path.open(errors="replace"), maxlen=lines))
-
-
 # --- up ----------------------------------------------------------------------------------------
 
 
@@ -197,7 +190,8 @@ def run_step(title: str, command: list[str], env: dict[str, str], log: Path | No
         with open(log, "ab") as handle:
             result = subprocess.run(command, cwd=config.PROJECT_ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise RuntimeError(f"{title} failed (exit {result.returncode})" + (f"; end of {log}:\n{tail(log)}" if log else ""))
+        ending = f"; end of {log}:\n{kafka_local.tail(log, 15)}" if log else ""
+        raise RuntimeError(f"{title} failed (exit {result.returncode}){ending}")
 
 
 def prepare_stream_file(env: dict[str, str]) -> None:
@@ -221,7 +215,8 @@ def wait_for_dashboard(port: int, entry: dict, timeout: float = DASHBOARD_START_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ours(entry) is None:
-            raise RuntimeError(f"the dashboard exited; end of {entry['log']}:\n{tail(Path(entry['log']))}")
+            raise RuntimeError(f"the dashboard exited; end of {entry['log']}:\n"
+                               f"{kafka_local.tail(Path(entry['log']), 15)}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
                 if response.status == 200:
@@ -252,7 +247,8 @@ def watch(args: argparse.Namespace, env: dict[str, str], entries: list[dict]) ->
     while True:
         for entry in entries:
             if ours(entry) is None:
-                raise RuntimeError(f"{entry['name']} exited; end of {entry['log']}:\n{tail(Path(entry['log']))}")
+                raise RuntimeError(f"{entry['name']} exited; end of {entry['log']}:\n"
+                                   f"{kafka_local.tail(Path(entry['log']), 15)}")
         now = time.monotonic()
         if now >= next_status:
             print(time.strftime("%H:%M:%S ") + status_line(args.model_dir, config.VIEWS_DIR, config.SPEED_DIR),

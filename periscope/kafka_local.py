@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import deque
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,9 +322,11 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def _tail(path: Path, lines: int = 25) -> str:
+def tail(path: Path, lines: int = 25) -> str:
+    """The last ``lines`` lines of a log, read without loading the whole file: for error messages."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, errors="replace") as log:
+            return "".join(deque(log, maxlen=lines)).rstrip("\n")
     except OSError:
         return "(no log)"
 
@@ -392,7 +395,7 @@ def _wait_until_up(pid: int, bootstrap: str, files: BrokerFiles, timeout: float)
     while time.monotonic() - began < timeout:
         if not _alive(pid):
             raise KafkaLocalError(f"the broker exited while starting. Last lines of {files.log_file}:\n"
-                                  f"{_tail(files.log_file)}\n(Kafka 4 needs Java 17 or newer.)")
+                                  f"{tail(files.log_file)}\n(Kafka 4 needs Java 17 or newer.)")
         if is_reachable(bootstrap):
             log.info("Kafka answers at %s (pid %d) after %.1f s", bootstrap, pid, time.monotonic() - began)
             return

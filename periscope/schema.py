@@ -332,6 +332,16 @@ def format_times(ms: np.ndarray) -> list[str]:
     return [text.replace("T", " ") for text in np.datetime_as_string(seconds, unit="s").tolist()]
 
 
+def pass_suffix(pass_number: int) -> str:
+    """The id suffix of replay pass ``pass_number`` (1-based): nothing, -2, -3, ...
+
+    Whoever sends the same trips again as new events (``kafka_producer.py
+    --loop``, the simulated trips API's later cycles) appends it, so every id
+    in the topic stays unique.
+    """
+    return "" if pass_number == 1 else f"-{pass_number}"
+
+
 def trips_to_messages(trips: pd.DataFrame, id_suffix: str = "") -> tuple[list[bytes], list[bytes]]:
     """Kafka keys and JSON values of a whole trip frame: the bytes ``record_to_json`` gives, 4x faster.
 

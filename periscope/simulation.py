@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from periscope.schema import format_time, record_to_json
+from periscope.schema import format_time, pass_suffix, record_to_json
 from periscope.storage import atomic_write_json, locked, read_json
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,6 @@ def last_whole_hour(ms: int) -> tuple[int, int]:
 def compact(ms: int) -> str:
     """``20260105T100000`` for a ledger file name."""
     return format_time(ms).replace("-", "").replace(":", "").replace(" ", "T")
-
-
-def pass_suffix(cycle: int) -> str:
-    """Id suffix of cycle ``cycle`` (0-based): the convention of ``kafka_producer.py --loop``."""
-    return "" if cycle == 0 else f"-{cycle + 1}"
 
 
 @dataclass(frozen=True)
@@ -143,7 +138,7 @@ def select_interval(trips: pd.DataFrame, timeline: Timeline, start_ms: int, end_
         part["original_dropoff_datetime"] = part["dropoff_datetime"]
         part["pickup_datetime"] += shift
         part["dropoff_datetime"] += shift
-        part["id"] = part["id"] + pass_suffix(cycle)
+        part["id"] = part["id"] + pass_suffix(cycle + 1)  # cycle 0 is pass 1
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 

@@ -34,7 +34,6 @@ import pickle
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -47,7 +46,7 @@ from pyspark.sql.types import BinaryType, StructField, StructType
 from periscope import views
 from periscope.schema import AVRO_SCHEMA, RULE_NAMES, first_broken_rule
 from periscope.spark_session import AVRO_COLUMNS, get_session, spark_type
-from periscope.storage import avro_metadata, master_files
+from periscope.storage import avro_metadata, master_files, views_manifest
 
 PARTIAL_SCHEMA = StructType([StructField("partial", BinaryType())])
 FILE_COLUMN = "file_path"
@@ -88,16 +87,6 @@ def local_path(uri: str) -> Path:
     return Path(unquote(parsed.path) if parsed.scheme in ("file", "") else uri).resolve()
 
 
-def stream_watermark(metadata: list[dict[str, str]]) -> dict[str, int]:
-    """Highest Kafka offset per partition covered by stream files (as ``batch_processor.stream_watermark``)."""
-    watermark: dict[str, int] = {}
-    for meta in metadata:
-        if meta.get("kind") == "stream":
-            partition, last = meta["kafka_partition"], int(meta["kafka_last_offset"])
-            watermark[partition] = max(last, watermark.get(partition, -1))
-    return dict(sorted(watermark.items(), key=lambda item: int(item[0])))
-
-
 def compute_views(master_dir: Path, progress: bool = True,
                   spark: SparkSession | None = None) -> tuple[dict[str, pd.DataFrame], dict]:
     """Every batch view from the whole master dataset, with Spark, and the manifest (nothing published)."""
@@ -126,22 +115,9 @@ def compute_views(master_dir: Path, progress: bool = True,
     if progress:
         print(f"  read {len(files)} master files, {sum(rows_per_file.values()):,} trips, in "
               f"{len(partials)} Spark partitions", flush=True)
-    manifest = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "engine": "spark",
-        "watermark": stream_watermark(metadata),
-        "watermark_topics": sorted({meta["topic"] for meta in metadata if meta.get("kind") == "stream"}),
-        "rows": {
-            "master": sum(rows_per_file.values()),
-            "clean": sum(partial["clean"] for partial in partials),
-            "views": {name: len(frame) for name, frame in batch_views.items()},
-        },
-        "cleaning": {name: rules.get(name, 0) for name in RULE_NAMES},
-        "input_files": [{**meta, "path": str(path.relative_to(master_dir)), "rows": rows_per_file.get(index, 0)}
-                        for index, (path, meta) in enumerate(zip(files, metadata))],
-        "timings_s": {
-            "read_and_aggregate": round(read_done - started, 3),
-            "merge": round(merge_done - read_done, 3),
-        },
-    }
+    manifest = views_manifest(
+        "spark", master_dir, files, metadata, [rows_per_file.get(index, 0) for index in range(len(files))],
+        sum(partial["clean"] for partial in partials), rules, batch_views,
+        {"read_and_aggregate": read_done - started, "merge": merge_done - read_done},
+    )
     return batch_views, manifest

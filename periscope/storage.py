@@ -25,8 +25,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
@@ -38,7 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from periscope.schema import AVRO_SCHEMA, FIELDS
+from periscope.schema import AVRO_SCHEMA, FIELDS, RULE_NAMES
 
 PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
 META_PREFIX = "periscope."
@@ -248,6 +249,41 @@ def write_version(
         for old in version_dirs(views_dir)[:-keep]:
             shutil.rmtree(old)
     return manifest
+
+
+def stream_watermark(metadata: Sequence[Mapping[str, str]]) -> dict[str, int]:
+    """Highest Kafka offset per partition covered by stream master files (empty for CSV-only data)."""
+    watermark: dict[str, int] = {}
+    for meta in metadata:
+        if meta.get("kind") == "stream":
+            partition, last = meta["kafka_partition"], int(meta["kafka_last_offset"])
+            watermark[partition] = max(last, watermark.get(partition, -1))
+    return dict(sorted(watermark.items(), key=lambda item: int(item[0])))
+
+
+def views_manifest(engine: str, master_dir: Path, files: Sequence[Path], metadata: Sequence[Mapping[str, str]],
+                   file_rows: Sequence[int], clean_rows: int, broken_rules: Mapping[str, int],
+                   views: Mapping[str, pd.DataFrame], timings_s: Mapping[str, float]) -> dict[str, Any]:
+    """What a batch version is made of, the same for every engine: ``write_version`` adds its name.
+
+    ``files``, ``metadata`` (their Avro headers) and ``file_rows`` are parallel;
+    the watermark is the highest offset per partition their stream files cover.
+    """
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "engine": engine,
+        "watermark": stream_watermark(metadata),
+        "watermark_topics": sorted({meta["topic"] for meta in metadata if meta.get("kind") == "stream"}),
+        "rows": {
+            "master": sum(file_rows),
+            "clean": clean_rows,
+            "views": {name: len(frame) for name, frame in views.items()},
+        },
+        "cleaning": {name: broken_rules.get(name, 0) for name in RULE_NAMES},
+        "input_files": [{**meta, "path": str(path.relative_to(master_dir)), "rows": rows}
+                        for path, meta, rows in zip(files, metadata, file_rows)],
+        "timings_s": {name: round(value, 3) for name, value in timings_s.items()},
+    }
 
 
 def read_version(views_dir: Path, version: str | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:

@@ -252,7 +252,7 @@ def test_batch_dag_publishes_checked_views_and_reruns_change_nothing(airflow_hom
     assert len(master_snapshot(master)) > len(before), "the new events are in master data, just not published"
 
 
-@pytest.mark.kafka  # no broker needed; marked so `make test-fast` skips its two trainings
+@pytest.mark.slow  # two real trainings
 def test_retraining_dag_promotes_only_a_better_model_and_says_why(airflow_home, trained_model_dir, sample_csv,
                                                                  tmp_path):
     env = project_env(airflow_home, tmp_path)

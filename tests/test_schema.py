@@ -166,3 +166,9 @@ def test_vectorised_messages_are_exactly_what_record_to_json_makes(sample_trips)
         records = trips.to_dict("records")
         assert keys == [(record["id"] + suffix).encode() for record in records]
         assert values == [record_to_json(dict(record, id=record["id"] + suffix)) for record in records]
+
+
+def test_pass_suffix_keeps_replayed_ids_unique():
+    from periscope.schema import pass_suffix
+
+    assert [pass_suffix(n) for n in (1, 2, 3, 10)] == ["", "-2", "-3", "-10"]
