@@ -38,6 +38,15 @@ SPEED_GROUP = os.environ.get("PERISCOPE_SPEED_GROUP", "periscope-speed")
 BATCH_GROUP = os.environ.get("PERISCOPE_BATCH_GROUP", "periscope-batch")
 """Consumer group of the batch layer's stream ingestion, independent of the speed layer's."""
 
+CUTOFF = os.environ.get("PERISCOPE_CUTOFF", "2016-06-01")
+"""Where history ends and the stream begins (pickup time, New York wall clock; ``none`` = no cutoff).
+
+``batch_processor.py`` imports the trips picked up *before* it as history and
+``kafka_producer.py`` replays the trips picked up *at or after* it, so the
+stream continues where the history ends (the shipped sample: January-May 2016
+is history, June 2016 the stream).
+"""
+
 SPARK_MASTER = os.environ.get("SPARK_MASTER", "local[*]")
 """Where both Spark paths run: ``local[*]`` on this machine, or a cluster URL such as ``spark://host:7077``."""
 

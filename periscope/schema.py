@@ -210,6 +210,21 @@ def parse_time(value: Any, field: str) -> int:
     return (moment - EPOCH) // _MS
 
 
+def parse_cutoff(text: str) -> int | None:
+    """A ``--cutoff`` value: ``"2016-06-01"`` or ``"2016-06-01 12:00:00"`` to ms, ``"none"`` to None.
+
+    Raises ``ValueError`` with a message that says what would be right.
+    """
+    value = text.strip()
+    if value.lower() in ("none", ""):
+        return None
+    try:
+        return parse_time(value if " " in value else f"{value} 00:00:00", "cutoff")
+    except InvalidTrip:
+        raise ValueError(f"{text!r} is not a cutoff: give a pickup time like 2016-06-01 or "
+                         "'2016-06-01 12:00:00' (New York wall clock), or none") from None
+
+
 def format_time(ms: int) -> str:
     """Inverse of ``parse_time``."""
     return (EPOCH + int(ms) * _MS).isoformat(sep=" ", timespec="seconds")

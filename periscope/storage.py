@@ -45,6 +45,8 @@ PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
 META_PREFIX = "periscope."
 POINTER = "current.json"
 MANIFEST = "manifest.json"
+TRIP_INDEX = Path("index") / "trip_ids.parquet"
+"""Inside a version: every distinct trip id of the master data it was computed from, sorted."""
 
 _COLUMN_DTYPES = {
     "vendor_id": np.int64,
@@ -286,7 +288,32 @@ def views_manifest(engine: str, master_dir: Path, files: Sequence[Path], metadat
     }
 
 
-def read_version(views_dir: Path, version: str | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def write_trip_index(version_dir: Path, ids: Sequence[str] | np.ndarray | pa.Array) -> Path:
+    """Write the trip ids a batch version covers (``TRIP_INDEX``), sorted and distinct.
+
+    Every id of the master data counts, clean or not: the serving layer uses
+    the index to leave out speed rows whose trip the batch version already
+    holds, so that a trip is never counted twice (``periscope.serving``).
+    Not durable by itself: it is written into a version's staging directory.
+    """
+    table = pa.table({"id": pa.array(ids, type=pa.string())})
+    table = table.group_by("id").aggregate([]).sort_by("id")
+    path = version_dir / TRIP_INDEX
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def read_trip_index(views_dir: Path, version: str) -> np.ndarray | None:
+    """The sorted, distinct trip ids of ``version`` (an object array of str), or None for a
+    version published before versions carried an index."""
+    path = views_dir / version / TRIP_INDEX
+    if not path.exists():
+        return None
+    return pq.read_table(path).column("id").to_numpy()
+
+
+def read_version: Path, version: str | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Views and manifest of ``version`` (default: the current one)."""
     version = version or current_version(views_dir)
     if version is None:
