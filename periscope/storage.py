@@ -313,7 +313,7 @@ def read_trip_index(views_dir: Path, version: str) -> np.ndarray | None:
     return pq.read_table(path).column("id").to_numpy()
 
 
-def read_version: Path, version: str | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def read_version(views_dir: Path, version: str | None = None) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Views and manifest of ``version`` (default: the current one)."""
     version = version or current_version(views_dir)
     if version is None:
