@@ -53,7 +53,8 @@ terminal becomes a prompt (``spark.sql`` runs each line)::
     sql> SELECT * FROM trips_by_vendor_5min ORDER BY window_start DESC, vendor_id LIMIT 10
     sql> SELECT vendor_id, sum(trips) AS trips, avg(avg_duration_s) FROM trips_by_vendor_5min GROUP BY vendor_id
 
-(an empty line stops the job; the per-batch lines are silenced while the
+(``quit``, ``exit`` or Ctrl-D ends the prompt and stops the job; empty lines
+are skipped; the per-batch lines and Spark's warnings are silenced while the
 prompt is open, the status file still updates), or from Python, in a notebook
 or ``python -i``::
 
@@ -99,7 +100,7 @@ from pyspark.sql.types import (BinaryType, IntegerType, LongType, StringType, St
 
 from kafka_consumer import (INT_COLUMNS, LiveError, SlidingWindow, latency_percentiles, reason_code, speed_rows,
                             validate_batch, wall_clock_ms)
-from periscope import config, speed_view
+from periscope import cli, config, speed_view
 from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, current_version, load_model
 from periscope.schema import FIELDS, FLOAT_FIELDS
 from periscope.spark_session import SparkSetupError, get_session, trip_struct
@@ -540,17 +541,27 @@ class SparkSpeedLayer:
         self.probe.close()
 
 
+QUIT_WORDS = ("quit", "exit")
+
+
 def sql_prompt(spark: SparkSession) -> None:
-    """Read SQL lines from the terminal and show their result, until an empty line or end of input."""
+    """Read SQL lines from the terminal and show their result, until ``quit``, ``exit`` or Ctrl-D.
+
+    Empty lines are skipped. Spark's own WARN lines are held back while the
+    prompt is open (log level ERROR), so they do not mix into what is typed.
+    """
+    spark.sparkContext.setLogLevel("ERROR")
     print(f"SQL over the running streams: e.g. SELECT * FROM {WINDOWS_VIEW} ORDER BY window_start DESC LIMIT 10 "
-          "(an empty line ends the prompt)")
+          "(quit, exit or Ctrl-D ends the prompt and stops the speed layer)")
     while True:
         try:
             line = input("sql> ").strip().rstrip(";")
         except EOFError:
             return
-        if not line:
+        if line.lower() in QUIT_WORDS:
             return
+        if not line:
+            continue
         try:
             spark.sql(line).show(20, truncate=False)
         except Exception as error:  # noqa: BLE001 -- a typo in a query must not stop the stream
@@ -564,7 +575,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Speed layer on Spark Structured Streaming: validate, predict, write the speed view; "
                     "windowed aggregates as temporary views.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     parser.add_argument("--master", default=config.SPARK_MASTER,
                         help="Spark master: local[*] or a cluster URL like spark://host:7077 (env SPARK_MASTER)")
     parser.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS,
@@ -591,7 +602,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="messages per micro-batch at most")
     parser.add_argument("--no-windows", action="store_true",
                         help="run only the speed query (halves the work; no windowed views)")
-    parser.add_argument("--sql", action="store_true", help="an SQL prompt over the temporary views while it runs")
+    parser.add_argument("--sql", action="store_true", help="an SQL prompt over the temporary views while it runs; quit, exit or Ctrl-D ends "
+                             "it and stops the speed layer")
     parser.add_argument("--stop-when-idle", type=float, metavar="SECONDS",
                         help="exit after this long without new trips and with zero lag (default: run forever)")
     parser.add_argument("--max-batches", type=int, metavar="N", help="exit after N micro-batches with data")

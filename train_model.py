@@ -51,7 +51,7 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
 from threadpoolctl import threadpool_limits
 
-from periscope import config
+from periscope import cli, config
 from periscope.features import FEATURES, build_features, target
 from periscope.model import (
     ModelMismatchError,
@@ -340,7 +340,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train the trip-duration model on a Kaggle-layout CSV, or score the live model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV,
                         help="training data, Kaggle NYC Taxi Trip Duration layout, plain or .gz")

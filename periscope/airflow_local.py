@@ -43,7 +43,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from periscope import config
+from periscope import cli, config
 
 DAGS_FOLDER = config.PROJECT_ROOT / "airflow" / "dags"
 DEFAULT_HOST = "127.0.0.1"
@@ -201,7 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m periscope.airflow_local",
         description="Run Airflow with the project's settings: AIRFLOW_HOME var/airflow, the DAGs in airflow/dags, "
                     "SQLite, no examples, bound to 127.0.0.1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--home", type=Path, default=config.AIRFLOW_HOME, help="AIRFLOW_HOME (env AIRFLOW_HOME)")
@@ -211,7 +211,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=text, description=text, parents=[where],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
 
     command("init", "create or upgrade the metadata database (airflow db migrate)")
     command("standalone", "migrate, then run the API server/UI, scheduler, DAG processor and triggerer "

@@ -4,10 +4,12 @@ In one terminal, in order, it
 
 1. starts the local Kafka broker (unless one already runs) and creates the topics;
 2. trains the model (unless one is live already);
-3. imports the shipped sample as history and publishes the first batch version;
+3. imports the shipped sample's trips picked up before the cutoff (``config.CUTOFF``,
+   2016-06-01) as history and publishes the first batch version;
 4. starts the speed layer (``kafka_consumer.py``, or ``spark_streaming.py`` with ``--speed-layer spark``);
-5. replays *new* trips into Kafka at a classroom-friendly rate (realistic trips
-   generated from the sample, so nothing the batch layer already holds is sent again);
+5. replays the sample's trips from the cutoff on into Kafka at a classroom-friendly
+   rate, so the stream continues where the history ends; at the end of the file it
+   starts over with new trip ids (``--loop``: ``id2875421-2``, ...);
 6. serves the dashboard on http://127.0.0.1:8501;
 7. re-runs the batch layer (ingest the stream, recompute, publish, prune the
    speed view) every ``--batch-every`` seconds while trips keep flowing;
@@ -20,7 +22,13 @@ Ctrl-C stops everything this command started, and nothing else: a broker that
 was already running is left running. From another terminal, ``make down``
 (``python -m periscope.demo down``) does the same. Running it again resumes
 where the last run stopped: the import is idempotent, the model is kept, the
-consumer continues from its committed offsets.
+consumer continues from its committed offsets, and the producer skips the
+trips already on the topic (``resuming after ... trips``). Each trip is a fact
+with an identity (its id), so even a trip sent twice is counted once.
+
+Ctrl-C works the same when the output goes through a pipe (``make demo | tee
+demo.log``): the terminal interrupts the reader too, and the demo keeps
+stopping its services after it can no longer print.
 
     python -m periscope.demo                   # up, in the foreground
     python -m periscope.demo --rate 20         # a calmer stream
@@ -42,14 +50,11 @@ from pathlib import Path
 
 import psutil
 
-from periscope import config, kafka_local, model, serving, speed_view, storage
+from periscope import cli, config, kafka_local, model, serving, speed_view, storage
 
 DEMO_DIR = config.STATE_DIR / "demo"
 STATE_FILE = DEMO_DIR / "state.json"
 LOG_DIR = DEMO_DIR / "logs"
-STREAM_CSV = DEMO_DIR / "stream-trips.csv.gz"
-STREAM_ROWS = 20_000
-STREAM_SEED = 2016
 DEFAULT_RATE = 50.0
 DEFAULT_DASHBOARD_PORT = 8501
 STOP_TIMEOUT_S = 20.0
@@ -82,8 +87,8 @@ def services(args: argparse.Namespace) -> list[Service]:
     """The long-running processes, in the order they start (and the reverse order they stop)."""
     return [
         Service("speed layer", speed_layer_command(args.speed_layer, args.model_dir), LOG_DIR / "speed.log"),
-        Service("producer", python_command("kafka_producer.py", "--input", str(STREAM_CSV), "--rate", f"{args.rate:g}",
-                                           "--loop", "--progress", "10"), LOG_DIR / "producer.log"),
+        Service("producer", python_command("kafka_producer.py", "--rate", f"{args.rate:g}", "--loop",
+                                           "--progress", "10"), LOG_DIR / "producer.log"),
         Service("dashboard", python_command("-m", "streamlit", "run", "app.py", "--server.headless", "true",
                                             "--server.address", "127.0.0.1", "--server.port", str(args.dashboard_port),
                                             "--browser.gatherUsageStats", "false"), LOG_DIR / "dashboard.log"),
@@ -194,14 +199,6 @@ def run_step(title: str, command: list[str], env: dict[str, str], log: Path | No
         raise RuntimeError(f"{title} failed (exit {result.returncode}){ending}")
 
 
-def prepare_stream_file(env: dict[str, str]) -> None:
-    if STREAM_CSV.exists():
-        return
-    run_step(f"generate {STREAM_ROWS:,} new trips to replay", python_command(
-        "-m", "periscope.generate", "--rows", str(STREAM_ROWS), "--seed", str(STREAM_SEED), "--out", str(STREAM_CSV),
-        "--quiet"), env)
-
-
 def start_broker(port: int, controller_port: int) -> tuple[str, bool]:
     print(f"== Kafka broker on 127.0.0.1:{port}", flush=True)
     info = kafka_local.start_broker(config.STATE_DIR, port, controller_port)
@@ -264,6 +261,32 @@ def watch(args: argparse.Namespace, env: dict[str, str], entries: list[dict]) ->
         time.sleep(0.5)
 
 
+class _StdoutOrNothing:
+    """Standard output that turns into /dev/null once its reader is gone (a broken pipe)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (BrokenPipeError, ValueError, OSError):
+            self.stream = open(os.devnull, "w")
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            self.stream = open(os.devnull, "w")
+
+
+def keep_going_without_a_reader() -> None:
+    """Ctrl-C in ``make demo | tee demo.log`` interrupts ``tee`` as well: printing then fails with
+    a broken pipe, which must not stop the shutdown half-way (services left running)."""
+    sys.stdout, sys.stderr = _StdoutOrNothing(sys.stdout), _StdoutOrNothing(sys.stderr)
+
+
 def interrupt(signum: int, frame: object) -> None:
     """SIGTERM (``kill``, a closing terminal) stops the demo as Ctrl-C does."""
     raise KeyboardInterrupt
@@ -291,7 +314,6 @@ def up(args: argparse.Namespace) -> int:
             print(f"== model {model.current_version(args.model_dir)} is live in {args.model_dir} "
                   "(python train_model.py trains a new one)", flush=True)
         run_step("batch layer: import the history, ingest the stream, publish views", batch_command(), env)
-        prepare_stream_file(env)
         for service in services(args):
             print(f"== start {service.name}", flush=True)
             state["processes"].append(start(service, env))
@@ -299,10 +321,12 @@ def up(args: argparse.Namespace) -> int:
         wait_for_dashboard(args.dashboard_port, state["processes"][-1])
         print_banner(args, bootstrap, state["processes"])
         watch(args, env, state["processes"])
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):
+        keep_going_without_a_reader()
         print("\nstopping what the demo started", flush=True)
         return down()
     except (RuntimeError, kafka_local.KafkaLocalError) as error:
+        keep_going_without_a_reader()
         print(f"error: {error}", file=sys.stderr, flush=True)
         down()
         return 1
@@ -323,7 +347,7 @@ def status() -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m periscope.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("command", nargs="?", choices=("up", "down", "status"), default="up",
                         help="up: start everything and watch it; down: stop what a demo started; status: list it")
     parser.add_argument("--rate", type=float, default=DEFAULT_RATE, help="trips per second the producer replays")

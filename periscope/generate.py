@@ -53,7 +53,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from periscope import config
+from periscope import cli, config
 from periscope.schema import FIELDS, FLOAT_FIELDS, count_rules, first_broken_rule, parse_time
 from periscope.sources import CsvLayoutError, read_trips
 
@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m periscope.generate",
         description="Generate realistic NYC taxi trips in the Kaggle CSV layout by resampling the real sample.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--rows", type=int, default=1_500_000,
                         help=f"trips to generate, 1..{MAX_ROWS:,} (the full Kaggle training set has 1,458,644)")

@@ -55,6 +55,8 @@ from pathlib import Path
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from periscope import cli
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -455,7 +457,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=text, description=text, parents=parents,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
 
     command("fetch", "Download the Kafka jars with Maven into <state dir>/kafka/libs, unless already there.", state)
     start = command("start", "Start the broker in the background unless it runs, wait until it answers, "

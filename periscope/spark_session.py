@@ -43,7 +43,7 @@ from pathlib import Path
 from pyspark.sql import SparkSession
 from pyspark.sql.types import BooleanType, DataType, DoubleType, LongType, StringType, StructField, StructType
 
-from periscope import config
+from periscope import cli, config
 from periscope.schema import FIELDS, FLOAT_FIELDS, INT_FIELDS, TIME_FIELDS
 
 PROJECT_ROOT = config.PROJECT_ROOT
@@ -293,7 +293,7 @@ def get_session(master: str | None = None, app_name: str = "periscope",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m periscope.spark_session",
                                      description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     fetching = commands.add_parser("fetch", help="fetch Spark's Kafka and Avro connectors for the installed pyspark "
                                                  "with Maven (once)", formatter_class=parser.formatter_class)

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from periscope import config, model, storage
+from periscope import cli, config, model, storage
 
 
 def model_lines(model_dir: Path) -> list[str]:
@@ -49,7 +49,7 @@ def view_lines(views_dir: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=config.MODEL_DIR, help="model versions")
     parser.add_argument("--master-dir", type=Path, default=config.MASTER_DIR, help="Avro master dataset")
     parser.add_argument("--views-dir", type=Path, default=config.VIEWS_DIR, help="published batch views")

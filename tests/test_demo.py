@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -36,12 +37,28 @@ def demo_env(base: Path) -> dict[str, str]:
     }
 
 
-def start_demo(base: Path, ports: list[int], log: Path) -> subprocess.Popen:
+def demo_command(ports: list[int]) -> list[str]:
     kafka, controller, dashboard = ports
-    command = [sys.executable, "-m", "periscope.demo", "--rate", "200", "--batch-every", "15", "--status-every", "5",
-               "--kafka-port", str(kafka), "--controller-port", str(controller), "--dashboard-port", str(dashboard)]
-    return subprocess.Popen(command, cwd=ROOT, env=demo_env(base), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    return [sys.executable, "-m", "periscope.demo", "--rate", "200", "--batch-every", "15", "--status-every", "5",
+            "--kafka-port", str(kafka), "--controller-port", str(controller), "--dashboard-port", str(dashboard)]
+
+
+def start_demo(base: Path, ports: list[int], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(demo_command(ports), cwd=ROOT, env=demo_env(base), stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_demo_through_tee(base: Path, ports: list[int], log: Path) -> subprocess.Popen:
+    """``make demo | tee demo.log`` in a terminal of its own: one process group, as a shell runs it."""
+    pipeline = " ".join(shlex.quote(part) for part in demo_command(ports)) + f" 2>&1 | tee {shlex.quote(str(log))}"
+    return subprocess.Popen(["bash", "-c", pipeline], cwd=ROOT, env=demo_env(base), stdout=subprocess.DEVNULL,
                             start_new_session=True)
+
+
+def demo_watcher(base: Path) -> psutil.Process:
+    """The demo's own process (the one that stops the others), from its state file."""
+    entry = json.loads((base / "var" / "demo" / "state.json").read_text())["watcher"]
+    return psutil.Process(entry["pid"])
 
 
 def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, log: Path):
@@ -83,8 +100,9 @@ def test_demo_runs_merges_and_stops_only_what_it_started(tmp_path: Path):
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     log = tmp_path / "demo-1.log"
 
-    # First run: nothing is running; the demo starts the broker and everything else.
-    demo = start_demo(tmp_path, ports, log)
+    # First run, its output through `| tee`: nothing is running; the demo starts the broker and
+    # everything else. Ctrl-C in a terminal interrupts the whole pipeline, `tee` first.
+    demo = start_demo_through_tee(tmp_path, ports, log)
     try:
         wait_for(lambda: "Periscope is running" in log.read_text(), 240, "banner", demo, log)
         assert dashboard_answers(ports[2])
@@ -92,13 +110,13 @@ def test_demo_runs_merges_and_stops_only_what_it_started(tmp_path: Path):
                  demo, log)
         children = [psutil.Process(entry["pid"]) for entry in started_processes(tmp_path)]
         assert {entry["name"] for entry in started_processes(tmp_path)} == {"speed layer", "producer", "dashboard"}
-        demo.send_signal(signal.SIGINT)
-        assert demo.wait(60) == 0, log.read_text()
+        watcher = demo_watcher(tmp_path)
+        os.killpg(demo.pid, signal.SIGINT)
+        assert watcher.wait(90) == 0, log.read_text()
+        demo.wait(30)
     finally:
         if demo.poll() is None:
-            demo.kill()
-    output = log.read_text()
-    assert "stopping what the demo started" in output
+            os.killpg(demo.pid, signal.SIGKILL)
     assert not any(child.is_running() and child.status() != psutil.STATUS_ZOMBIE for child in children)
     assert not kafka_local.is_reachable(f"127.0.0.1:{ports[0]}"), "the demo started the broker, so it stops it"
     assert bystander.poll() is None, "a process the demo did not start was touched"
@@ -114,6 +132,8 @@ def test_demo_runs_merges_and_stops_only_what_it_started(tmp_path: Path):
         assert "already running" in second
         assert "is live in" in second, "the second run keeps the trained model"
         assert "already in master data" in second, "the history is not imported twice"
+        producer_log = tmp_path / "var" / "demo" / "logs" / "producer.log"
+        wait_for(lambda: "resuming after" in producer_log.read_text(), 60, "the producer's resume line", demo, log2)
         down = subprocess.run([sys.executable, "-m", "periscope.demo", "down"], cwd=ROOT, env=demo_env(tmp_path),
                               capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr

@@ -245,3 +245,15 @@ def test_kill_9_mid_stream_then_restart_from_the_checkpoint_loses_and_duplicates
     assert_exactly_once(rows, expected)
     status = json.loads((speed_dir / "_status" / "spark.json").read_text())
     assert status["total_lag"] == 0 and status["state"] == "stopped"
+
+
+def test_the_sql_prompt_skips_empty_lines_and_ends_on_quit(spark, monkeypatch, capsys):
+    import io
+    import re
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\nSELECT 41 + 1 AS answer;\n\nnot sql at all\nquit\nSELECT 7 AS late\n"))
+    spark_streaming.sql_prompt(spark)
+    shown = capsys.readouterr().out
+    assert re.search(r"\|answer\|\n\+-+\+\n\|42\s*\|", shown), shown
+    assert "error: " in shown, "a bad line is reported and the prompt goes on"
+    assert "late" not in shown, "quit ends the prompt; nothing after it runs"
