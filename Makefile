@@ -79,7 +79,9 @@ $(COMPOSE): infra/compose/constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/infra/compose/constraints.txt $(COMPOSE_VENV)/bin/pip install --quiet docker-compose==1.29.2
 	@touch $@
 
-clean:  ## stop the demo and the broker, remove everything the pipeline made (model, data, local state); keep .venv
+clean:  ## stop the demo and the broker, remove everything the pipeline made (model, data, state); keep .venv and the fetched jars
 	-[ -x $(PY) ] && $(PY) -m periscope.demo down
 	-[ -x $(PY) ] && $(PY) -m periscope.kafka_local stop
-	rm -rf model data/master data/views data/speed var test-artifacts
+	rm -rf model data/master data/views data/speed data/generated test-artifacts artifacts
+	find var -mindepth 1 -maxdepth 2 -not -path var/kafka -not -path var/kafka/libs \
+	  -not -path var/spark -not -path var/spark/jars -exec rm -rf {} + 2>/dev/null || true
