@@ -332,12 +332,31 @@ def test_minute_counts_keep_a_bounded_history():
     assert kept[-1]["counts"] == {"a": 5, "b": 1}
 
 
+def test_a_caught_up_speed_layer_without_recent_files_is_green_and_stale_consumers_are_not_alive():
+    now = data.now_ms()
+    running = status("live", "running", now - 1_000, {0: 0, 1: 0, 2: 0}, {}, now)
+    killed = status("killed", "running", now - 600_000, {0: 40}, {}, now)
+    stopped = status("stopped", "stopped", now - 5_000, {0: 0}, {}, now)
+    lights = data.health(now, True, "127.0.0.1:9092", [running, killed, stopped], None, None, {}, None, None)
+    light = dict(zip(lights["component"], zip(lights["ok"], lights["detail"])))
+    assert light["speed layer consumer"] == (True, "1 alive (2 stopped or silent ones ignored), total lag 0")
+    ok, detail = light["last speed write"]
+    assert ok and "caught up (lag 0)" in detail and "pruned" in detail
+
+    behind = status("live", "running", now - 1_000, {0: 7}, {}, now)
+    lights = data.health(now, True, "127.0.0.1:9092", [behind], None, None, {}, None, None)
+    assert not lights.set_index("component").loc["last speed write", "ok"], "lagging without writing is red"
+    lights = data.health(now, True, "127.0.0.1:9092", [killed], now - 2_000, None, {}, None, None)
+    consumer = lights.set_index("component").loc["speed layer consumer"]
+    assert not consumer["ok"] and consumer["detail"].startswith("none alive; the last heartbeat was 10 min")
+
+
 def test_operations_page_lights_versions_and_airflow_runs(demo):
     app = demo_page(demo, "operations")
     lights = {line.split("**")[1]: line for line in (m.value for m in app.markdown) if line.startswith(":")}
     assert lights["Kafka broker"].startswith(":red") and "`make kafka-up`" in lights["Kafka broker"]
-    assert lights["speed layer consumer"].startswith(":green") and "1 of 2 alive, total lag 17" in \
-        lights["speed layer consumer"]
+    assert lights["speed layer consumer"].startswith(":green") and \
+        "1 alive (1 stopped or silent one ignored), total lag 17" in lights["speed layer consumer"]
     assert lights["batch view"].startswith(":green") and "v000002" in lights["batch view"]
     assert lights["model"].startswith(":green")
     assert lights["Airflow"].startswith(":red") and "last run failed: periscope_batch" in lights["Airflow"]

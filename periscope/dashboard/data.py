@@ -473,22 +473,42 @@ def last_run_per_dag(runs: pd.DataFrame) -> pd.DataFrame:
 def health(now: int, broker_ok: bool, bootstrap: str, statuses: Sequence[Mapping[str, Any]],
            last_speed_ms: int | None, batch_version: str | None, manifest: Mapping[str, Any],
            model_version: str | None, airflow: pd.DataFrame | None) -> pd.DataFrame:
-    """A light per component: ok or not, what was seen, and the command that fixes a red one."""
+    """A light per component: ok or not, what was seen, and the command that fixes a red one.
+
+    Only speed-layer processes with a fresh heartbeat count as alive; the
+    status files of stopped or killed ones stay on disk and are only named as
+    ignored. No recent speed file is fine while a live speed layer is caught
+    up (no new trips, or a batch run just pruned its files).
+    """
     procs = consumers(statuses, now)
     alive = procs[procs["alive"]]
+    gone = len(procs) - len(alive)
     lag = int(alive["lag"].fillna(0).sum()) if len(alive) else None
+    caught_up = len(alive) > 0 and alive["lag"].notna().all() and lag == 0
     speed_age = None if last_speed_ms is None else (now - last_speed_ms) / 1000
     batch_age = None if batch_version is None else (now - (iso_ms(manifest.get("created_at")) or now)) / 1000
     failed = [] if airflow is None else list(last_run_per_dag(airflow).query("state == 'failed'")["dag_id"])
+    ignored = f" ({gone} stopped or silent one{'s' if gone != 1 else ''} ignored)" if gone else ""
+    if len(alive):
+        consumer_detail = f"{len(alive)} alive{ignored}, total lag {lag:,}"
+    elif len(procs):
+        consumer_detail = f"none alive; the last heartbeat was {format_age(procs['age_s'].min())} ago{ignored}"
+    else:
+        consumer_detail = "never ran here"
+    recent_write = speed_age is not None and speed_age <= SPEED_STALE_S
+    if recent_write:
+        write_detail = f"{format_age(speed_age)} ago"
+    elif caught_up:
+        write_detail = ("no recent speed file, and none needed: the speed layer is caught up (lag 0); "
+                        + ("the batch layer pruned what it covers" if speed_age is None else
+                           f"the last one was written {format_age(speed_age)} ago"))
+    else:
+        write_detail = "no speed files" if speed_age is None else f"{format_age(speed_age)} ago"
     rows = [
         ("Kafka broker", broker_ok, f"{bootstrap} {'answers' if broker_ok else 'does not answer'}",
          COMMANDS["broker"]),
-        ("speed layer consumer", len(alive) > 0,
-         f"{len(alive)} of {len(procs)} alive, total lag {lag:,}" if len(alive) else
-         (f"no heartbeat for {format_age(procs['age_s'].min())}" if len(procs) else "never ran here"),
-         COMMANDS["consumer"]),
-        ("last speed write", speed_age is not None and speed_age <= SPEED_STALE_S,
-         f"{format_age(speed_age)} ago" if speed_age is not None else "no speed files", COMMANDS["consumer"]),
+        ("speed layer consumer", len(alive) > 0, consumer_detail, COMMANDS["consumer"]),
+        ("last speed write", recent_write or caught_up, write_detail, COMMANDS["consumer"]),
         ("batch view", batch_version is not None and batch_age <= BATCH_STALE_S,
          f"{batch_version}, published {format_age(batch_age)} ago" if batch_version else "no version yet",
          COMMANDS["batch"]),

@@ -149,10 +149,27 @@ def mean_with_spread(frame: pd.DataFrame, x: str, x_title: str, title: str) -> a
     return (band + line).properties(height=260)
 
 
+def utc_time_axis(field: str, title: str = "time") -> alt.X:
+    """A wall-clock x axis in UTC with 24-hour labels, saying so in its title.
+
+    The frames hold naive UTC times; without ``type="utc"`` the browser would
+    show them in its own time zone, and Vega's default labels are 12-hour
+    ones without AM/PM.
+    """
+    return alt.X(f"{field}:T", title=f"{title} (UTC)", scale=alt.Scale(type="utc"),
+                 axis=alt.Axis(format="%H:%M", labelOverlap=True))
+
+
+def utc_tooltip(field: str, title: str = "time (UTC)") -> alt.Tooltip:
+    """The time of a point as a 24-hour UTC time, to go with ``utc_time_axis``."""
+    return alt.Tooltip(f"{field}:T", title=title, timeUnit="utcyearmonthdatehoursminutesseconds",
+                       format="%Y-%m-%d %H:%M:%S")
+
+
 def time_lines(frame: pd.DataFrame, y: str, color: str, title: str, y_title: str) -> alt.Chart:
     return alt.Chart(frame, title=title).mark_line(point=True).encode(
-        x=alt.X("time:T", title="time (UTC)"), y=alt.Y(f"{y}:Q", title=y_title), color=f"{color}:N",
-        tooltip=["time:T", f"{color}:N", alt.Tooltip(f"{y}:Q", format=",.3f")]).properties(height=260)
+        x=utc_time_axis("time"), y=alt.Y(f"{y}:Q", title=y_title), color=f"{color}:N",
+        tooltip=[utc_tooltip("time"), f"{color}:N", alt.Tooltip(f"{y}:Q", format=",.3f")]).properties(height=260)
 
 
 def metric_value(value: float | None, fmt: str = "{:,.0f}") -> str:

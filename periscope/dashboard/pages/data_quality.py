@@ -29,8 +29,8 @@ def render(settings: ui.Settings) -> None:
             left.info("This speed layer does not report dead letters per minute; the totals are on the right.")
         else:
             left.altair_chart(alt.Chart(over_time, title="Dead letters per minute, by reason").mark_bar().encode(
-                x=alt.X("minute:T", title="minute (UTC)"), y=alt.Y("sum(dead_letters):Q", title="dead letters"),
-                color=alt.Color("reason:N"), tooltip=["minute:T", "reason:N", "dead_letters:Q"]).properties(height=260),
+                x=ui.utc_time_axis("minute", "minute"), y=alt.Y("sum(dead_letters):Q", title="dead letters"),
+                color=alt.Color("reason:N"), tooltip=[ui.utc_tooltip("minute", "minute (UTC)"), "reason:N", "dead_letters:Q"]).properties(height=260),
                 width="stretch")
         right.metric("Dead letters since the processes started", f"{int(totals['dead_letters'].sum()):,}")
         right.dataframe(totals, hide_index=True)

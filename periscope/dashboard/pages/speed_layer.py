@@ -51,7 +51,7 @@ def render(settings: ui.Settings) -> None:
         left.altair_chart((scatter + diagonal).properties(height=300), width="stretch")
         flow = data.throughput(rows)
         right.altair_chart(alt.Chart(flow, title="Trips made visible per second (10 s bins)").mark_bar(
-            color=data.LAYER_COLORS[1]).encode(x=alt.X("time:T", title="time (UTC)"),
+            color=data.LAYER_COLORS[1]).encode(x=ui.utc_time_axis("time"),
                                                y=alt.Y("trips_per_s:Q", title="trips/s")).properties(height=300),
                            width="stretch")
         lat = flow.melt("time", ["latency_p50_ms", "latency_p99_ms"], var_name="percentile", value_name="ms")
