@@ -1,24 +1,29 @@
 """Ingestion: replay NYC taxi trips from a file into Kafka, as if they were happening.
 
 This is where the Lambda architecture's stream begins. Every trip of a
-Kaggle-layout file becomes one message on the ``taxi-trips`` topic: key = the
-trip id, value = the trip as UTF-8 JSON (``periscope.schema.record_to_json``).
-The speed layer (``kafka_consumer.py``, ``spark_streaming.py``) and the batch
-layer (``batch_processor.py``) read the topic back, each in its own consumer
-group.
+Kaggle-layout file picked up at or after the cutoff (``--cutoff``, default
+``config.CUTOFF`` = 2016-06-01) becomes one message on the ``taxi-trips``
+topic: key = the trip id, value = the trip as UTF-8 JSON
+(``periscope.schema.record_to_json``). The trips before the cutoff are the
+batch layer's history (``batch_processor.py import`` takes them), so each trip
+of the shipped sample reaches the system once: January-May 2016 as history,
+June 2016 as the stream. ``--cutoff none`` replays the whole file. The speed
+layer (``kafka_consumer.py``, ``spark_streaming.py``) and the batch layer
+(``batch_processor.py``) read the topic back, each in its own consumer group.
 
 Run it (a broker must be up: ``make kafka-up``)::
 
-    python kafka_producer.py                                # the shipped sample, as fast as possible
+    python kafka_producer.py                                # June 2016 of the shipped sample, at once
     python kafka_producer.py --speedup 3600                 # one hour of 2016 per second
     python kafka_producer.py --rate 200 --retime --loop     # an endless live feed at 200 trips/s
-    python kafka_producer.py --input trips.parquet --limit 10000
+    python kafka_producer.py --input trips.parquet --cutoff none --limit 10000
 
 What it sends, and why:
 
-* Trips go out in pickup-time order (a stable sort, so equal pickups keep
-  file order), the way they happened. A trip's partition is chosen from its
-  key, so all messages of a partition are in pickup-time order too.
+* The replay is the trips from the cutoff on, in pickup-time order (a stable
+  sort, so equal pickups keep file order), the way they happened; ``--limit N``
+  makes it the first N of them. A trip's partition is chosen from its key, so
+  all messages of a partition are in pickup-time order too.
 * The Kafka timestamp is left to the producer: it is the time of production
   (CreateTime). Broker retention therefore never deletes replayed 2016 trips,
   and a consumer can measure end-to-end latency. The event time is in the
@@ -28,23 +33,55 @@ What it sends, and why:
   the Kaggle times), its dropoff that plus ``trip_duration``, and the original
   times travel along as ``original_pickup_datetime`` and
   ``original_dropoff_datetime`` (consumers ignore extra fields).
-* ``--loop`` starts over at the end of the file. Ids stay unique: the second
+* ``--loop`` starts over at the end of the replay. Ids stay unique: the second
   pass sends ``id2875421-2``, the third ``id2875421-3``, and so on (the first
-  pass sends the ids unchanged), so no view counts a trip twice.
+  pass sends the ids unchanged, ``schema.pass_suffix``), so no view counts a
+  trip twice.
+
+Resume: a restarted replay continues where the last one stopped. Before
+sending, the producer reads the keys of every message already on the topic
+(``periscope.stream.read_topic_keys``: all partitions, from the beginning to
+the end offsets taken then; keys only) and leaves out every trip of the
+replay whose key is among them, saying so first: ``resuming after 5,982 trips
+already on taxi-trips``. The replay itself does not change: ``--limit`` still
+means its first N trips, sent before or now, so a restart with the same
+arguments completes the same replay, and with ``--loop`` the suffixed ids of
+later passes are planned keys like any other. The skip is worked out once,
+vectorised (``positions_on_topic``: the positions in the replay whose key is
+on the topic), and applied a chunk at a time as a mask before encoding, so
+the send loop does no extra work per trip. ``--from-start`` skips the
+read-back and sends every trip again; the topic then holds them twice, and
+the views still count each trip once (the trip id is its identity).
 
 Pacing: ``--rate N`` sends N trips per second; ``--speedup X`` keeps the real
-gaps between pickups, divided by X; neither sends as fast as possible. A
-replay that falls behind (a slow broker) catches up as fast as it can, so the
-average pace holds.
+gaps between pickups, divided by X; neither sends as fast as possible. Pacing
+starts with the first trip a run sends, so a resumed replay does not wait out
+the part already sent. A replay that falls behind (a slow broker) catches up
+as fast as it can, so the average pace holds.
 
-Delivery: ``acks=all`` and an idempotent producer. Every batch is retried for
-up to two minutes, so a broker that restarts for a few seconds loses nothing,
-and the broker drops retried batches it already has (by producer id and
-sequence number), so it duplicates nothing either. Each send's outcome is
-counted by a callback; the exit code is 0 only if every trip was delivered.
+Delivery semantics, where they happen:
+
+* Within a run, at least once, with the broker dropping the repeats:
+  ``acks=all`` and an idempotent producer. Every batch is retried for up to
+  two minutes, so a broker that restarts for a few seconds loses nothing, and
+  the broker drops retried batches it already has (by producer id and
+  sequence number), so it duplicates nothing either. Each send's outcome is
+  counted by a callback; the exit code is 0 only if every trip was delivered.
+* Across runs (a crash, ``kill -9``, Ctrl-C), the resume makes each trip of
+  the replay land on the topic once: what the broker acknowledged, or
+  received and wrote before the restart read the topic, is skipped; what it
+  never got is sent. Two cases still put a trip there twice: two producers
+  replaying into the same topic at the same time, and a message the dead run
+  had in flight that the broker makes visible only after the restart has
+  read the end offsets (a replica lagging behind for longer than the restart
+  takes). The batch layer and the serving merge count such a trip once.
+
 kafka-python 3 has no ``buffer_memory`` bound, so the replay bounds the trips
 in flight itself (``--max-in-flight``) and waits when the broker falls behind.
 The input file is read whole, to sort it; messages are made a chunk at a time.
+Reading the topic back keeps only its distinct keys (some 10-20 bytes each) and
+takes 4-7 s per 500,000 messages on this project's 2-core machine (kafka-python
+decodes every record).
 
 Speed: kafka-python is pure Python, so the send loop does as little as
 possible per trip. A chunk of trips at a time, values are encoded by
@@ -56,13 +93,15 @@ costs about half the top rate. Install ``crc32c`` (``pip install
 kafka-python[crc32c]``): without it kafka-python checksums every batch in pure
 Python, which alone makes the producer two to three times slower.
 
-Output: one progress line per second (``--progress``), a summary at the end.
-Ctrl-C (or SIGTERM) stops sending, waits for the trips in flight, prints the
-summary and exits with 130.
+Output: what the cutoff left out and what a resume skips, first; one progress
+line per second (``--progress``), while reading the topic back and while
+sending; a summary at the end. Ctrl-C (or SIGTERM) stops sending, waits for the
+trips in flight, prints the summary and exits with 130.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import itertools
 import logging
@@ -83,9 +122,9 @@ from kafka import KafkaAdminClient, KafkaProducer
 from kafka.errors import KafkaError
 
 from periscope import config
-from periscope.schema import EPOCH, format_time, pass_suffix, record_to_json, trips_to_messages
+from periscope.schema import EPOCH, format_time, parse_cutoff, pass_suffix, record_to_json, trips_to_messages
 from periscope.sources import CsvLayoutError, LoadReport, read_trips, read_trips_parquet
-from periscope.stream import BrokerUnavailable, wait_for_broker
+from periscope.stream import BrokerUnavailable, read_topic_keys, wait_for_broker
 
 log = logging.getLogger("kafka_producer")
 
@@ -125,6 +164,58 @@ def replay_order(trips: pd.DataFrame) -> pd.DataFrame:
     """The trips in pickup-time order; trips with the same pickup keep their file order."""
     order = np.argsort(trips["pickup_datetime"].to_numpy(), kind="stable")
     return trips.iloc[order].reset_index(drop=True)
+
+
+def from_cutoff(trips: pd.DataFrame, cutoff_ms: int | None) -> tuple[pd.DataFrame, int]:
+    """The trips (in replay order) picked up at or after ``cutoff_ms``, and how many were before it.
+
+    The batch layer imports the trips before the cutoff as history; the stream
+    continues where the history ends. ``None`` keeps every trip.
+    """
+    if cutoff_ms is None:
+        return trips, 0
+    start = int(np.searchsorted(trips["pickup_datetime"].to_numpy(), cutoff_ms, side="left"))
+    return trips.iloc[start:].reset_index(drop=True), start
+
+
+def planned_total(trips: int, limit: int | None, loop: bool) -> int | None:
+    """How many trips the replay plans: the file once, ``--limit`` of them, or None (``--loop`` forever)."""
+    if loop:
+        return limit
+    return min(limit, trips) if limit is not None else trips
+
+
+def positions_on_topic(ids: pd.Series, keys: np.ndarray, planned: int | None, loop: bool) -> np.ndarray:
+    """The positions in the replay whose key is already on the topic, sorted: the trips a resume skips.
+
+    Position ``(k - 1) * len(ids) + row`` is trip ``row`` of pass ``k``, whose
+    key is ``ids[row] + pass_suffix(k)``; ``planned`` bounds the positions
+    (None = without end). ``keys`` are the topic's distinct keys, sorted
+    (``periscope.stream.read_topic_keys``). Only the passes some key can
+    belong to are compared, pass 1 and pass k when a key ends in ``-k``, so
+    the work grows with the topic, not with an endless ``--loop``. Everything
+    is vectorised: a binary search of each planned key among the topic's.
+    """
+    n = len(ids)
+    if n == 0 or len(keys) == 0 or planned == 0:
+        return np.empty(0, dtype=np.int64)
+    passes = {1}
+    if loop:
+        head, separator, tail = np.strings.rpartition(keys, b"-")
+        numbered = ((separator == b"-") & (np.strings.str_len(head) > 0) & (np.strings.str_len(tail) <= 9)
+                    & np.strings.isdigit(tail))
+        passes.update(number for number in np.unique(tail[numbered].astype(np.int64)).tolist() if number >= 2)
+    last_pass = None if planned is None else -(-planned // n)
+    trip_keys = np.strings.encode(np.asarray(ids, dtype=str), "utf-8")
+    found = [np.empty(0, dtype=np.int64)]
+    for number in sorted(passes):
+        if last_pass is not None and number > last_pass:
+            break
+        planned_keys = trip_keys if number == 1 else np.strings.add(trip_keys, pass_suffix(number).encode())
+        at = np.minimum(np.searchsorted(keys, planned_keys), len(keys) - 1)
+        found.append(np.flatnonzero(keys[at] == planned_keys).astype(np.int64) + (number - 1) * n)
+    positions = np.concatenate(found)
+    return positions[positions < planned] if planned is not None else positions
 
 
 def murmur2(keys: list[bytes]) -> np.ndarray:
@@ -210,7 +301,7 @@ class Chunk:
     """Up to ``CHUNK_TRIPS`` consecutive trips, ready to send."""
 
     pass_number: int
-    first_index: int  # how many trips the replay sent before this chunk
+    first_index: int  # how many trips this run sent before this chunk (skipped ones not counted)
     keys: list[bytes]
     partitions: list[int]  # of each trip, from its key
     values: list[bytes] | None  # the JSON values, or None when they are made at send time (--retime)
@@ -221,12 +312,16 @@ class Chunk:
 
 def plan_chunks(trips: pd.DataFrame, partitions: list[int], *, rate: float | None = None, speedup: float | None = None,
                 limit: int | None = None, loop: bool = False, retime_trips: bool = False,
-                chunk_trips: int = CHUNK_TRIPS) -> Iterator[Chunk]:
+                skip: np.ndarray | None = None, chunk_trips: int = CHUNK_TRIPS) -> Iterator[Chunk]:
     """The replay as a lazy sequence of chunks: which trips, which keys and values, when.
 
-    ``trips`` must be in replay order, ``partitions`` are the topic's. Nothing
-    here reads a clock or a socket;
-    encoding happens one chunk at a time, so memory stays that of the input.
+    ``trips`` must be in replay order, ``partitions`` are the topic's. ``limit``
+    counts positions in the replay, sent or skipped; ``skip`` holds the sorted
+    positions not to send (``positions_on_topic``): a resumed replay is the
+    same replay with those trips left out, a chunk at a time by a boolean mask,
+    before anything is encoded. Pacing starts with the first trip this run
+    sends. Nothing here reads a clock or a socket; encoding happens one chunk
+    at a time, so memory stays that of the input.
     """
     n = len(trips)
     if n == 0:
@@ -234,20 +329,35 @@ def plan_chunks(trips: pd.DataFrame, partitions: list[int], *, rate: float | Non
     pickups = trips["pickup_datetime"].to_numpy()
     event_s = (pickups - pickups[0]) / 1000.0
     span_s = float(event_s[-1])
-    sent = 0
+    skip = skip if skip is not None and len(skip) else None
+    planned = sent = 0
+    origin_s: float | None = None
     for pass_number in itertools.count(1) if loop else (1,):
         suffix = pass_suffix(pass_number)
         for begin in range(0, n, chunk_trips):
             count = min(chunk_trips, n - begin)
             if limit is not None:
-                count = min(count, limit - sent)
+                count = min(count, limit - planned)
             if count <= 0:
                 return
-            chunk = trips.iloc[begin:begin + count]
+            rows = slice(begin, begin + count)
+            first, planned = planned, planned + count
+            if skip is not None:
+                low, high = np.searchsorted(skip, [first, first + count])
+                if high > low:
+                    keep = np.ones(count, dtype=bool)
+                    keep[skip[low:high] - first] = False
+                    rows = np.flatnonzero(keep) + begin
+                    if len(rows) == 0:
+                        continue
+            chunk = trips.iloc[rows]
+            count = len(chunk)
             if rate is not None:
                 due = rate_schedule(sent, count, rate).tolist()
             elif speedup is not None:
-                due = speedup_schedule(event_s[begin:begin + count], pass_number, span_s, speedup).tolist()
+                due_s = speedup_schedule(event_s[rows], pass_number, span_s, speedup)
+                origin_s = due_s[0] if origin_s is None else origin_s
+                due = (due_s - origin_s).tolist()
             else:
                 due = None
             if retime_trips:
@@ -259,7 +369,7 @@ def plan_chunks(trips: pd.DataFrame, partitions: list[int], *, rate: float | Non
                 records = None
                 keys, values = trips_to_messages(chunk, suffix)
             yield Chunk(pass_number, sent, keys, key_partitions(keys, partitions), values, records, due,
-                        pickups[begin:begin + count].tolist())
+                        pickups[rows].tolist())
             sent += count
 
 
@@ -323,6 +433,9 @@ class ReplayResult:
     errors: list[str]
     passes: int
     stopped: str | None  # why sending stopped early: "interrupted", a send error; None if it completed
+    skipped: int = 0  # planned trips already on the topic, not sent again (resume)
+    history: int = 0  # trips of the file picked up before the cutoff, left out
+    cutoff_ms: int | None = None
 
     @property
     def rate(self) -> float:
@@ -350,6 +463,12 @@ def summary_lines(result: ReplayResult, topic: str, bootstrap: str, report: Load
         lines.append(f"  {unconfirmed:,} trips were still in flight when the producer was closed: "
                      "they may or may not be in the topic")
     lines += [f"  failed e.g. {error}" for error in result.errors]
+    if result.skipped:
+        lines.append(f"  skipped {result.skipped:,} trips already on {topic} "
+                     "(resumed; --from-start sends them again)")
+    if result.history:
+        lines.append(f"  left out {result.history:,} trips picked up before the cutoff "
+                     f"{format_time(result.cutoff_ms)} (history, for batch_processor.py)")
     if report.rows_malformed:
         lines.append(f"  not sent: {report.rows_malformed:,} malformed rows of {report.source} "
                      f"({', '.join(f'{reason} {count:,}' for reason, count in sorted(report.malformed.items()))})")
@@ -487,8 +606,21 @@ class Replay:
                             dict(d.per_partition), list(d.errors), max(self.passes, 1), stopped)
 
 
+def keys_on_topic(bootstrap: str, topic: str, longest_key: int, progress_s: float, out: TextIO) -> np.ndarray:
+    """The distinct keys already on the topic, printing a progress line per ``progress_s`` while reading."""
+    began = time.monotonic()
+
+    def report(read: int, total: int) -> None:
+        print(f"reading the keys already on {topic}: {read:,} of {total:,} messages "
+              f"({time.monotonic() - began:.0f} s)", file=out, flush=True)
+
+    keys, _ = read_topic_keys(bootstrap, topic, max_key_bytes=longest_key,
+                              report=report if progress_s > 0 else None, report_every_s=progress_s or 1.0)
+    return keys
+
+
 def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayResult | None, int]:
-    """Load, wait for the broker, send, sum up; return the result and the exit code.
+    """Load, cut, wait for the broker, find where to resume, send, sum up; return the result and the exit code.
 
     Progress and summary go to ``out`` (standard output unless given), errors to standard error.
     """
@@ -508,13 +640,23 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
         print(f"error: {args.input} has no well-formed trip to send", file=sys.stderr)
         return None, 1
     trips = replay_order(trips)
-    total = args.limit if args.loop else min(args.limit or len(trips), len(trips))
-    planned = f"{total:,} trips" if total else "trips without end (Ctrl-C stops)"
-    print(f"loaded {len(trips):,} trips in {time.monotonic() - began:.1f} s, pickups "
-          f"{format_time(trips['pickup_datetime'].iloc[0])} .. {format_time(trips['pickup_datetime'].iloc[-1])}",
-          file=out)
+    pickups = f"{format_time(trips['pickup_datetime'].iloc[0])} .. {format_time(trips['pickup_datetime'].iloc[-1])}"
+    print(f"loaded {len(trips):,} trips in {time.monotonic() - began:.1f} s, pickups {pickups}", file=out)
+    trips, history = from_cutoff(trips, args.cutoff)
+    if args.cutoff is None:
+        print("no cutoff: replaying every trip of the file", file=out)
+    elif len(trips) == 0:
+        out.flush()
+        print(f"error: no trip of {args.input} was picked up at or after the cutoff {format_time(args.cutoff)} "
+              f"(its pickups run {pickups}); give an earlier --cutoff, or --cutoff none to replay the whole file",
+              file=sys.stderr)
+        return None, 1
+    else:
+        print(f"cutoff {format_time(args.cutoff)}: replaying the {len(trips):,} trips picked up at or after it; "
+              f"the {history:,} before it are history (batch_processor.py imports them)", file=out)
+    planned = planned_total(len(trips), args.limit, args.loop)
     if args.limit and not args.loop and args.limit > len(trips):
-        print(f"note: --limit {args.limit:,} is more than the {len(trips):,} trips of the file; "
+        print(f"note: --limit {args.limit:,} is more than the {len(trips):,} trips of the replay; "
               "add --loop to send more", file=out)
 
     try:
@@ -524,6 +666,11 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
                   f"`python -m periscope.kafka_local create-topics --bootstrap {args.bootstrap}` "
                   "(`make kafka-up` creates taxi-trips), or choose another with --topic", file=sys.stderr)
             return None, 1
+        skip = np.empty(0, dtype=np.int64)
+        if not args.from_start:
+            longest_key = int(trips["id"].str.len().max()) * 4 + 12  # the longest id in UTF-8, a pass suffix
+            keys = keys_on_topic(args.bootstrap, args.topic, longest_key, args.progress, out)
+            skip = positions_on_topic(trips["id"], keys, planned, args.loop)
         producer = KafkaProducer(bootstrap_servers=args.bootstrap, **PRODUCER_CONFIG)
     except BrokerUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
@@ -533,19 +680,28 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
               "Is it running? `make kafka-up` starts the local broker.", file=sys.stderr)
         return None, 1
 
+    extra = {"skipped": len(skip), "history": history, "cutoff_ms": args.cutoff}
+    if len(skip):
+        print(f"resuming after {len(skip):,} trips already on {args.topic} (--from-start sends them again)",
+              file=out, flush=True)
+    if planned is not None and len(skip) == planned:
+        producer.close(timeout=5)
+        print(f"nothing left to send: all {planned:,} trips of the replay are already on {args.topic}", file=out)
+        return ReplayResult(0, 0, 0, 0.0, 0, {}, [], 1, None, **extra), 0
+    to_send = f"{planned - len(skip):,} trips" if planned is not None else "trips without end (Ctrl-C stops)"
     partitions = sorted(producer.partitions_for(args.topic))
-    print(f"replaying {planned} to {args.topic} ({len(partitions)} partitions) at {args.bootstrap}, "
+    print(f"replaying {to_send} to {args.topic} ({len(partitions)} partitions) at {args.bootstrap}, "
           f"{pacing_text(args.rate, args.speedup)}{', retimed to now' if args.retime else ''}", file=out, flush=True)
     sender = Replay(producer, args.topic, args, out)
     chunks = plan_chunks(trips, partitions, rate=args.rate, speedup=args.speedup, limit=args.limit, loop=args.loop,
-                         retime_trips=args.retime)
+                         retime_trips=args.retime, skip=skip)
     try:
         stopped = sender.run(chunks)
     except KeyboardInterrupt:
         stopped = "interrupted"
         print(f"\ninterrupted: waiting for the {sender.in_flight():,} trips in flight "
               "(interrupt again to give up)", file=out, flush=True)
-    result = sender.finish(stopped)
+    result = dataclasses.replace(sender.finish(stopped), **extra)
     for line in summary_lines(result, args.topic, args.bootstrap, report):
         print(line, file=out)
     out.flush()
@@ -562,36 +718,58 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
 # --- command line -------------------------------------------------------------------------
 
 
+def cutoff_value(text: str) -> int | None:
+    """``--cutoff`` as ms since 1970 (New York wall clock), or None for ``none``."""
+    try:
+        return parse_cutoff(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Replay NYC taxi trips from a Kaggle-layout file into Kafka, in pickup-time order.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Replay NYC taxi trips from a Kaggle-layout file into Kafka, in pickup-time order, from the "
+                    "cutoff on; restarted, it resumes after the trips already on the topic.",
     )
-    parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV,
+    parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV, metavar="FILE",
                         help="trips in the Kaggle NYC Taxi Trip Duration layout: CSV (plain or .gz) or "
-                             ".parquet with the same columns (env PERISCOPE_SAMPLE_CSV)")
-    parser.add_argument("--topic", default=config.TRIPS_TOPIC, help="topic to send to (env PERISCOPE_TRIPS_TOPIC)")
-    parser.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS,
-                        help="Kafka bootstrap servers, host:port[,host:port...] (env KAFKA_BOOTSTRAP_SERVERS)")
+                             ".parquet with the same columns (default: %(default)s, env PERISCOPE_SAMPLE_CSV)")
+    parser.add_argument("--cutoff", type=cutoff_value, default=config.CUTOFF, metavar="TIME",
+                        help="replay only the trips picked up at or after this New York wall-clock time, "
+                             "2016-06-01 or '2016-06-01 12:00:00'; the ones before it are the batch layer's "
+                             f"history; none = every trip (default: {config.CUTOFF}, env PERISCOPE_CUTOFF)")
+    parser.add_argument("--topic", default=config.TRIPS_TOPIC,
+                        help="topic to send to (default: %(default)s, env PERISCOPE_TRIPS_TOPIC)")
+    parser.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS, metavar="HOST:PORT[,...]",
+                        help="Kafka bootstrap servers (default: %(default)s, env KAFKA_BOOTSTRAP_SERVERS)")
     pacing = parser.add_argument_group("pacing (give at most one; neither = as fast as possible)")
-    pacing.add_argument("--rate", type=float, metavar="TRIPS_PER_S", help="send this many trips per second")
+    pacing.add_argument("--rate", type=float, metavar="TRIPS_PER_S",
+                        help="send this many trips per second (default: no pacing)")
     pacing.add_argument("--speedup", type=float, metavar="X",
-                        help="keep the real gaps between pickups, divided by X (3600 = an hour per second)")
+                        help="keep the real gaps between pickups, divided by X (3600 = an hour per second) "
+                             "(default: no pacing)")
     parser.add_argument("--limit", type=int, metavar="N",
-                        help="send N trips in all, then stop; none = the whole file once, or forever with --loop")
+                        help="the replay is its first N trips (pickup order, from the cutoff on), those already "
+                             "on the topic included (default: all, once; forever with --loop)")
     parser.add_argument("--loop", action="store_true",
                         help="start over at the end of the file; pass k >= 2 sends ids with the suffix -k "
-                             "(id2875421-2) so every id stays unique")
+                             "(id2875421-2) so every id stays unique (default: one pass)")
     parser.add_argument("--retime", action="store_true",
                         help="pickup = the local time of sending (whole seconds), dropoff = pickup + trip_duration; "
-                             "the record keeps original_pickup_datetime and original_dropoff_datetime")
+                             "the record keeps original_pickup_datetime and original_dropoff_datetime "
+                             "(default: the trips' own times)")
+    parser.add_argument("--from-start", action="store_true",
+                        help="send every trip of the replay, even those already on the topic, which then holds "
+                             "them twice; the views still count each trip once (default: read the topic's keys "
+                             "back and resume after the trips already on it)")
     parser.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to wait for the broker to answer before giving up (0 = do not wait)")
+                        help="how long to wait for the broker to answer before giving up, 0 = do not wait "
+                             "(default: %(default)g)")
     parser.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT, metavar="N",
                         help="trips sent but not yet acknowledged, at most; the replay waits for the broker "
-                             "beyond that, so memory stays bounded")
+                             "beyond that, so memory stays bounded (default: %(default)s)")
     parser.add_argument("--progress", type=float, default=1.0, metavar="SECONDS",
-                        help="print a progress line this often (0 = only the summary)")
+                        help="print a progress line this often, 0 = only the summary (default: %(default)g)")
     args = parser.parse_args(argv)
     if args.rate is not None and args.speedup is not None:
         parser.error("--rate and --speedup are alternatives: give --rate N for N trips per second, or "

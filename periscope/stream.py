@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+
+import numpy as np
 
 from periscope.kafka_local import is_reachable
 
@@ -23,6 +26,8 @@ REASON_HEADER = "periscope.reason"
 SOURCE_HEADER = "periscope.source"
 REJECTED_BY_HEADER = "periscope.rejected_by"
 MAX_BACKOFF_S = 10.0
+KEY_BATCH = 50_000
+"""Messages per poll when reading a topic's keys back, and keys compacted at a time."""
 
 
 class BrokerUnavailable(RuntimeError):
@@ -49,6 +54,75 @@ def wait_for_broker(bootstrap: str, purpose: str, timeout_s: float | None = None
                     "or set KAFKA_BOOTSTRAP_SERVERS); retrying in %.0f s", bootstrap, purpose, attempt, waited, delay)
         time.sleep(delay)
         delay, attempt = min(delay * 2, MAX_BACKOFF_S), attempt + 1
+
+
+def read_topic_keys(bootstrap: str, topic: str, *, max_key_bytes: int | None = None,
+                    report: Callable[[int, int], None] | None = None, report_every_s: float = 1.0,
+                    stall_timeout_s: float = 60.0) -> tuple[np.ndarray, int]:
+    """The distinct keys of the messages on ``topic``, sorted, and how many messages were read.
+
+    A producer that resumes needs to know what is already on the topic, and
+    only the keys tell it. "On the topic" is fixed when the call begins: every
+    partition is assigned (no consumer group, nothing committed) and read from
+    its beginning up to the end offsets taken then, so a topic that keeps
+    growing still ends. Memory is that of the distinct keys, not of the
+    messages: they are kept as a numpy bytes array (one slot of the longest
+    key's length per key), compacted every ``KEY_BATCH`` keys. Messages without
+    a key, and keys longer than ``max_key_bytes`` (which cannot be the
+    caller's), are left out; numpy drops a key's trailing NUL bytes.
+
+    ``report(read, total)`` is called about every ``report_every_s`` seconds
+    while reading. Raises ``BrokerUnavailable`` when nothing arrives for
+    ``stall_timeout_s`` seconds while messages are still missing.
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", client_id="periscope-key-reader",
+                             max_poll_records=KEY_BATCH, max_partition_fetch_bytes=8 << 20)
+    try:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return np.empty(0, dtype="S1"), 0
+        consumer.assign(partitions)
+        begin, end = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
+        total = sum(end[tp] - begin[tp] for tp in partitions)
+        pending = {tp for tp in partitions if end[tp] > begin[tp]}
+        consumer.seek_to_beginning(*partitions)
+        if set(partitions) - pending:
+            consumer.pause(*(set(partitions) - pending))
+        longest = max_key_bytes if max_key_bytes is not None else float("inf")
+        compacted: list[np.ndarray] = []
+        keys: list[bytes] = []
+        read = 0
+        last_arrival = last_report = time.monotonic()
+        while pending:
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                if tp not in pending:
+                    continue
+                if records[-1].offset >= end[tp]:
+                    records = [record for record in records if record.offset < end[tp]]
+                keys.extend([record.key for record in records
+                             if record.key is not None and len(record.key) <= longest])
+                read += len(records)
+                last_arrival = time.monotonic()
+            for tp in [tp for tp in pending if consumer.position(tp) >= end[tp]]:
+                pending.discard(tp)
+                consumer.pause(tp)
+            if len(keys) >= KEY_BATCH:
+                compacted.append(np.unique(np.array(keys, dtype=bytes)))
+                keys = []
+            now = time.monotonic()
+            if pending and now - last_arrival >= stall_timeout_s:
+                raise BrokerUnavailable(f"reading the keys on {topic} at {bootstrap} stalled: nothing arrived "
+                                        f"for {stall_timeout_s:.0f} s with {read:,} of {total:,} messages read")
+            if report is not None and now - last_report >= report_every_s:
+                report(read, total)
+                last_report = now
+        compacted.append(np.array(keys, dtype=bytes) if keys else np.empty(0, dtype="S1"))
+        return np.unique(np.concatenate(compacted)), read
+    finally:
+        consumer.close()
 
 
 def dlq_headers(reason: str, topic: str, partition: int, offset: int, rejected_by: str) -> list[tuple[str, bytes]]:

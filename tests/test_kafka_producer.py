@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 import kafka_producer
-from periscope import kafka_local
+from periscope import config, kafka_local
 from periscope.schema import FLOAT_FIELDS, format_time, parse_json, record_to_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,6 +145,47 @@ def test_plan_without_pacing_sends_at_once_and_stops_at_the_end_of_the_file(repl
     assert chunks[-1].pickup_ms[-1] == trips["pickup_datetime"].iloc[-1]
 
 
+def test_the_cutoff_keeps_the_trips_picked_up_at_or_after_it():
+    trips = pd.DataFrame({"id": list("abcde"), "pickup_datetime": [10, 20, 20, 30, 40]})
+    kept, history = kafka_producer.from_cutoff(trips, 20)
+    assert kept["id"].tolist() == ["b", "c", "d", "e"] and history == 1
+    kept, history = kafka_producer.from_cutoff(trips, None)
+    assert kept["id"].tolist() == list("abcde") and history == 0
+    kept, history = kafka_producer.from_cutoff(trips, 41)
+    assert len(kept) == 0 and history == 5
+
+
+def test_positions_on_topic_are_the_planned_trips_whose_key_is_there():
+    ids = pd.Series(["a", "b", "c"])
+    keys = np.array(sorted([b"a", b"c-2", b"b-3", b"zz-2", b"x", b"c-99", b"-4", b"a-"]))
+    # position (pass - 1) * 3 + row: a = 0, c-2 = 3 + 2, b-3 = 6 + 1, c-99 = 98 * 3 + 2
+    assert kafka_producer.positions_on_topic(ids, keys, planned=None, loop=True).tolist() == [0, 5, 7, 296]
+    assert kafka_producer.positions_on_topic(ids, keys, planned=8, loop=True).tolist() == [0, 5, 7]
+    assert kafka_producer.positions_on_topic(ids, keys, planned=7, loop=True).tolist() == [0, 5]
+    assert kafka_producer.positions_on_topic(ids, keys, planned=3, loop=False).tolist() == [0]
+    assert kafka_producer.positions_on_topic(ids, np.array([], dtype="S1"), planned=3, loop=False).tolist() == []
+    assert kafka_producer.planned_total(3, None, False) == 3 and kafka_producer.planned_total(3, 2, False) == 2
+    assert kafka_producer.planned_total(3, 7, False) == 3 and kafka_producer.planned_total(3, 7, True) == 7
+    assert kafka_producer.planned_total(3, None, True) is None
+
+
+def test_a_resumed_plan_leaves_out_the_skipped_positions_and_paces_what_it_sends(replayed):
+    trips = replayed.iloc[:2500]
+    skip = np.array([0, 1, 5, *range(1000, 2000), 2499, 2500, 4000])  # all of chunk 2, the ends of passes 1 and 2
+    chunks = list(kafka_producer.plan_chunks(trips, [0, 1, 2], rate=100.0, limit=4001, loop=True, skip=skip))
+    ids = trips["id"].tolist()
+    planned = ids + [i + "-2" for i in ids]
+    expected = [key for position, key in enumerate(planned[:4001]) if position not in set(skip.tolist())]
+    assert [key.decode() for chunk in chunks for key in chunk.keys] == expected
+    assert [chunk.first_index for chunk in chunks] == [0, 997, 1496, 2495]
+    due = [d for chunk in chunks for d in chunk.due_s]
+    assert due == pytest.approx([i / 100.0 for i in range(len(expected))])  # the pace starts with what is sent
+    by_speedup = list(kafka_producer.plan_chunks(trips, [0], speedup=60.0, skip=np.arange(1200)))
+    pickups = trips["pickup_datetime"].to_numpy()
+    assert by_speedup[0].due_s[0] == 0.0
+    assert by_speedup[0].due_s[-1] == pytest.approx((pickups[1999] - pickups[1200]) / 1000 / 60)
+
+
 def test_summary_names_failures_and_malformed_rows():
     result = kafka_producer.ReplayResult(sent=10, delivered=8, failed=2, elapsed_s=2.0, bytes=3300,
                                          per_partition={0: 5, 1: 3}, errors=["id1: KafkaTimeoutError: expired"],
@@ -187,6 +229,9 @@ def test_parquet_input_reads_like_the_csv(sample_trips, tmp_path):
     (["--speedup", "-1"], "--speedup must be a positive factor"),
     (["--limit", "0"], "--limit must be at least 1 trip"),
     (["--input", "no/such/trips.csv"], "--input no/such/trips.csv: no such file"),
+    (["--cutoff", "June"], "argument --cutoff: 'June' is not a cutoff: give a pickup time like 2016-06-01"),
+    (["--cutoff", "2016-06-31"], "'2016-06-31' is not a cutoff: give a pickup time like 2016-06-01 or "
+                                 "'2016-06-01 12:00:00' (New York wall clock), or none"),
 ])
 def test_bad_flags_are_clear_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -195,13 +240,19 @@ def test_bad_flags_are_clear_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_help_explains_every_flag():
+def test_help_explains_every_flag_and_its_default_once():
     result = subprocess.run([sys.executable, "kafka_producer.py", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0
-    for flag in ("--input", "--topic", "--bootstrap", "--rate", "--speedup", "--limit", "--loop", "--retime",
-                 "--wait", "--max-in-flight", "--progress"):
-        assert flag in result.stdout
+    entries = {match.group(1): match.group(2) for match in
+               re.finditer(r"^  (--[a-z-]+)(.*?)(?=^  -|^\S|\Z)", result.stdout, re.MULTILINE | re.DOTALL)}
+    flags = ("--input", "--cutoff", "--topic", "--bootstrap", "--rate", "--speedup", "--limit", "--loop", "--retime",
+             "--from-start", "--wait", "--max-in-flight", "--progress")
+    assert sorted(entries) == sorted(flags)
+    for flag, entry in entries.items():
+        assert " ".join(entry.split()).count("(default: ") == 1, (flag, entry)
+    assert "(default: None)" not in result.stdout and "(default: False)" not in result.stdout
+    assert f"(default: {config.CUTOFF}, env PERISCOPE_CUTOFF)" in " ".join(result.stdout.split())
 
 
 def test_an_unreachable_broker_fails_fast_naming_the_address(capsys):
@@ -220,7 +271,8 @@ def test_an_unreachable_broker_fails_fast_naming_the_address(capsys):
 def test_replays_real_trips_in_pickup_order_with_production_timestamps(kafka_bootstrap, topics, replayed, capsys):
     topic, _ = topics
     before_ms = time.time() * 1000
-    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "2000")
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "2000",
+                       "--cutoff", "none")
     after_ms = time.time() * 1000
     assert code == 0, out
     assert "summary: sent 2,000 trips to " + topic in out
@@ -245,7 +297,8 @@ def test_replays_real_trips_in_pickup_order_with_production_timestamps(kafka_boo
 def test_retime_sends_trips_as_happening_now_with_their_original_times(kafka_bootstrap, topics, replayed, capsys):
     topic, _ = topics
     before = kafka_producer.local_now_ms()
-    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "300", "--retime")
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "300", "--retime",
+                       "--cutoff", "none")
     after = kafka_producer.local_now_ms()
     assert code == 0, out
     expected = {record["id"]: record for record in replayed.iloc[:300].to_dict("records")}
@@ -282,7 +335,7 @@ def test_loop_starts_over_with_unique_ids(kafka_bootstrap, topics, sample_trips,
     topic, _ = topics
     small = write_csv(sample_trips.iloc[:300], tmp_path / "small.csv")
     code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--input", str(small),
-                       "--loop", "--limit", "700")
+                       "--loop", "--limit", "700", "--cutoff", "none")
     assert code == 0, out
     assert "in 3 passes" in out
     messages = consume_all(kafka_bootstrap, topic)
@@ -304,7 +357,7 @@ def test_parquet_input_and_malformed_rows_are_reported(kafka_bootstrap, topics, 
     typed.loc[7, "pickup_datetime"] = None  # a missing value: counted, not sent
     typed.to_parquet(tmp_path / "trips.parquet")
     code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic,
-                       "--input", str(tmp_path / "trips.parquet"))
+                       "--input", str(tmp_path / "trips.parquet"), "--cutoff", "none")
     assert code == 0, out
     assert "1 malformed" in out and "not sent: 1 malformed rows" in out and "missing_value 1" in out
     messages = consume_all(kafka_bootstrap, topic)
@@ -355,7 +408,7 @@ def test_a_broker_restart_mid_stream_loses_and_duplicates_nothing(kafka_bootstra
     topic, _ = topics
     producer = subprocess.Popen(
         [sys.executable, "kafka_producer.py", "--bootstrap", kafka_bootstrap, "--topic", topic,
-         "--rate", "2000", "--limit", "12000"],
+         "--rate", "2000", "--limit", "12000", "--cutoff", "none"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in producer.stdout:
@@ -376,3 +429,151 @@ def test_a_broker_restart_mid_stream_loses_and_duplicates_nothing(kafka_bootstra
     for partition in {m.partition for m in messages}:
         pickups = [parse_json(m.value)["pickup_datetime"] for m in messages if m.partition == partition]
         assert pickups == sorted(pickups)
+
+
+# --- the cutoff and the resume, against the real broker -------------------------------------------
+
+
+def stream_ids(sample_csv: Path, cutoff: str = config.CUTOFF) -> pd.Series:
+    """The ids of the shipped file picked up at or after the cutoff, in pickup order: pandas over the raw CSV."""
+    raw = pd.read_csv(sample_csv, usecols=["id", "pickup_datetime"])
+    pickups = pd.to_datetime(raw["pickup_datetime"], format="%Y-%m-%d %H:%M:%S")
+    raw = raw[pickups >= pd.Timestamp(cutoff)]
+    return raw.iloc[np.argsort(pd.to_datetime(raw["pickup_datetime"]).to_numpy(), kind="stable")]["id"]
+
+
+def start_producer(bootstrap: str, topic: str, *argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "kafka_producer.py", "--bootstrap", bootstrap, "--topic", topic, *argv],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_mid_replay(producer: subprocess.Popen, planned: int) -> None:
+    """SIGKILL the producer once its progress line shows some trips delivered, well before the end."""
+    try:
+        for line in producer.stdout:
+            match = PROGRESS.match(line) and re.search(r"delivered\s+([\d,]+)", line)
+            if match and int(match.group(1).replace(",", "")) >= planned // 10:
+                break
+        producer.send_signal(signal.SIGKILL)
+        producer.communicate(timeout=30)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+    assert producer.returncode == -signal.SIGKILL
+
+
+def finish(producer: subprocess.Popen, timeout_s: float = 120) -> str:
+    try:
+        out, err = producer.communicate(timeout=timeout_s)
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+    assert producer.returncode == 0, out + err
+    assert "Traceback" not in err
+    return out
+
+
+def topic_keys(bootstrap: str, topic: str) -> Counter:
+    return Counter(m.key.decode() for m in consume_all(bootstrap, topic))
+
+
+def test_nothing_after_the_cutoff_is_a_clear_error(capsys, sample_csv):
+    pickups = pd.read_csv(sample_csv, usecols=["pickup_datetime"])["pickup_datetime"]
+    code, out, err = run(capsys, "--input", str(sample_csv), "--cutoff", "2016-07-01", "--wait", "0")
+    assert code == 1 and "Traceback" not in err
+    assert (f"no trip of {sample_csv} was picked up at or after the cutoff 2016-07-01 00:00:00 "
+            f"(its pickups run {pickups.min()} .. {pickups.max()})") in err
+    assert "--cutoff none" in err
+
+
+@pytest.mark.kafka
+def test_the_cutoff_splits_the_shipped_sample_exactly(kafka_bootstrap, topics, sample_csv, capsys):
+    topic, _ = topics
+    expected = stream_ids(sample_csv)
+    history = len(pd.read_csv(sample_csv, usecols=["id"])) - len(expected)
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--progress", "0")
+    assert code == 0, out
+    cutoff = str(pd.Timestamp(config.CUTOFF))
+    assert (f"cutoff {cutoff}: replaying the {len(expected):,} trips picked up at or after it; "
+            f"the {history:,} before it are history") in out
+    assert f"left out {history:,} trips picked up before the cutoff {cutoff}" in out
+    assert "resuming" not in out
+    keys = topic_keys(kafka_bootstrap, topic)
+    assert sum(keys.values()) == len(expected) and set(keys) == set(expected)
+
+
+@pytest.mark.kafka
+def test_killed_mid_replay_it_resumes_and_the_topic_holds_every_trip_once(kafka_bootstrap, topics, sample_csv):
+    topic, _ = topics
+    expected = set(stream_ids(sample_csv))
+    argv = ("--rate", "1500", "--progress", "0.5")
+    kill_mid_replay(start_producer(kafka_bootstrap, topic, *argv), len(expected))
+    before = topic_keys(kafka_bootstrap, topic)
+    assert 0 < sum(before.values()) < len(expected) and max(before.values()) == 1
+
+    out = finish(start_producer(kafka_bootstrap, topic, *argv))
+    resumed = rf"^resuming after {len(before):,} trips already on {re.escape(topic)}\b"
+    assert re.search(resumed, out, re.MULTILINE), out
+    assert f"replaying {len(expected) - len(before):,} trips to {topic}" in out
+    after = topic_keys(kafka_bootstrap, topic)
+    assert set(after) == expected
+    assert sum(after.values()) == len(expected)  # no trip twice
+
+    out = finish(start_producer(kafka_bootstrap, topic, *argv))  # a third run: everything is there already
+    assert f"nothing left to send: all {len(expected):,} trips of the replay are already on {topic}" in out
+    assert topic_keys(kafka_bootstrap, topic) == after
+
+
+@pytest.mark.kafka
+def test_from_start_sends_everything_again_after_a_kill(kafka_bootstrap, topics, sample_csv):
+    topic, _ = topics
+    expected = set(stream_ids(sample_csv))
+    kill_mid_replay(start_producer(kafka_bootstrap, topic, "--rate", "1500", "--progress", "0.5"), len(expected))
+    before = topic_keys(kafka_bootstrap, topic)
+    out = finish(start_producer(kafka_bootstrap, topic, "--from-start", "--progress", "0"))
+    assert "resuming" not in out and f"replaying {len(expected):,} trips" in out
+    after = topic_keys(kafka_bootstrap, topic)
+    assert set(after) == expected
+    assert sum(after.values()) == len(expected) + sum(before.values())
+    twice = {key for key, count in after.items() if count == 2}
+    assert twice == set(before) and max(after.values()) == 2  # the duplicates are what was there before
+
+
+@pytest.mark.kafka
+def test_resume_with_limit_completes_the_same_replay(kafka_bootstrap, topics, sample_csv, capsys):
+    topic, _ = topics
+    planned = list(stream_ids(sample_csv))
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "1000")
+    assert code == 0 and "resuming" not in out
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "3000")
+    assert code == 0, out
+    assert f"resuming after 1,000 trips already on {topic}" in out and "replaying 2,000 trips" in out
+    assert "summary: sent 2,000 trips" in out and f"skipped 1,000 trips already on {topic}" in out
+    keys = topic_keys(kafka_bootstrap, topic)
+    assert sorted(keys) == sorted(planned[:3000]) and max(keys.values()) == 1
+
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "3000")
+    assert code == 0 and "nothing left to send: all 3,000 trips" in out
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "500", "--from-start")
+    assert code == 0 and "resuming" not in out and "summary: sent 500 trips" in out
+    keys = topic_keys(kafka_bootstrap, topic)
+    assert sum(keys.values()) == 3500 and {k for k, n in keys.items() if n == 2} == set(planned[:500])
+
+
+@pytest.mark.kafka
+def test_resume_works_across_loop_passes_and_with_retime(kafka_bootstrap, topics, sample_trips, tmp_path, capsys):
+    topic, _ = topics
+    small = write_csv(sample_trips.iloc[:300], tmp_path / "small.csv")
+    common = ("--bootstrap", kafka_bootstrap, "--topic", topic, "--input", str(small), "--cutoff", "none", "--loop")
+    code, out, _ = run(capsys, *common, "--limit", "500")
+    assert code == 0, out
+    code, out, _ = run(capsys, *common, "--limit", "800", "--retime")
+    assert code == 0, out
+    assert f"resuming after 500 trips already on {topic}" in out and "summary: sent 300 trips in 3 passes" in out
+    ids = kafka_producer.replay_order(sample_trips.iloc[:300])["id"].tolist()
+    messages = consume_all(kafka_bootstrap, topic)
+    keys = Counter(m.key.decode() for m in messages)
+    assert set(keys) == set(ids) | {i + "-2" for i in ids} | {i + "-3" for i in ids[:200]}
+    assert max(keys.values()) == 1 and sum(keys.values()) == 800
+    retimed = {m.key.decode() for m in messages if b"original_pickup_datetime" in m.value}
+    assert retimed == {i + "-2" for i in ids[200:]} | {i + "-3" for i in ids[:200]}
