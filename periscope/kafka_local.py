@@ -337,7 +337,9 @@ def _format_storage(java: str, classpath: str, files: BrokerFiles) -> None:
     """Give the data dir its KRaft identity once; a formatted dir keeps its data and topics."""
     if (files.data / "meta.properties").is_file():
         return
-    cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    cluster_id = "-"
+    while cluster_id.startswith("-"):  # as Kafka's own Uuid.randomUuid: a leading '-' reads as an option
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
     log.info("Formatting %s for KRaft (cluster id %s)", files.data, cluster_id)
     result = subprocess.run([java, "-cp", classpath, "kafka.tools.StorageTool", "format",
                              "--cluster-id", cluster_id, "--config", str(files.properties),
