@@ -6,10 +6,16 @@ and that a refresh takes at most 1 s. This benchmark builds exactly that:
 
 1. 1.5 M generated trips (``periscope.generate``, seeded) aggregated into the
    batch views by the batch layer's own code (``views.aggregate`` on the trips
-   passing the cleaning rules) and published as a version with a watermark;
-2. 50,000 more generated trips, predicted by the live model, written as speed
-   files above that watermark (``--speed-file-rows`` per file);
-3. app.py run by Streamlit's AppTest in this process, the way the server runs
+   passing the cleaning rules) and published as a version with a watermark
+   and its trip index (1.5 M ids, ``storage.write_trip_index``);
+2. 50,000 more generated trips (ids after the batch's), predicted by the live
+   model, written as speed files above that watermark (``--speed-file-rows``
+   per file);
+3. the merge alone (``serving.combined_views``, no Streamlit): with the
+   index not yet read (the first read of a version), warm (every refresh), and
+   without the dedupe (the same version without its index), plus the dedupe
+   step itself (``serving.count_once``: 50,000 ids searched in 1.5 M);
+4. app.py run by Streamlit's AppTest in this process, the way the server runs
    it for a browser session: a warm-up on empty directories (imports), then
    *first render* (empty caches), *refresh* (nothing new: the cached merge),
    and *refresh after a new speed file* (one re-read through the merge).
@@ -42,7 +48,7 @@ if __package__ in (None, ""):  # run as a file: python bench/bench_app.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import machine_busy_s, print_machine  # noqa: E402
-from periscope import config, generate, speed_view, storage, views  # noqa: E402
+from periscope import config, generate, serving, speed_view, storage, views  # noqa: E402
 from periscope.model import load_model  # noqa: E402
 from periscope.schema import FIELDS, first_broken_rule  # noqa: E402
 from periscope.sources import read_trips  # noqa: E402
@@ -62,20 +68,27 @@ def clean_columns(trips: pd.DataFrame) -> dict[str, np.ndarray]:
 
 
 def publish_batch(source: pd.DataFrame, rows: int, seed: int, views_dir: Path) -> dict[str, Any]:
-    """Batch views of ``rows`` generated trips, published as a version whose watermark is offset 0 everywhere."""
+    """Batch views of ``rows`` generated trips, published as a version whose watermark is offset 0 everywhere,
+    with the index of their ids (written into the version after publishing: nothing reads it before)."""
     parts = [views.aggregate(clean_columns(chunk)) for chunk in generate.generate(source, rows, seed)]
     merged = views.merge(*parts)
     clean = int(merged["daily_summary"]["trips"].sum())
     manifest = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "engine": "bench",
-                "watermark": {str(p): 0 for p in range(PARTITIONS)}, "rows": {"master": rows, "clean": clean},
+                "watermark": {str(p): 0 for p in range(PARTITIONS)},
+                "rows": {"master": rows, "distinct": rows, "duplicates": 0, "clean": clean},
                 "cleaning": {}, "input_files": []}
-    return storage.write_version(views_dir, merged, manifest, keep=2)
+    published = storage.write_version(views_dir, merged, manifest, keep=2)
+    storage.write_trip_index(views_dir / published["version"], generate.trip_ids(1, rows))
+    return published
 
 
-def speed_rows(source: pd.DataFrame, rows: int, seed: int, model_dir: Path, first_offset: int) -> pd.DataFrame:
-    """``rows`` clean generated trips laid out over the partitions above the watermark, with real predictions."""
+def speed_rows(source: pd.DataFrame, rows: int, seed: int, model_dir: Path, first_offset: int,
+               first_id: int) -> pd.DataFrame:
+    """``rows`` clean generated trips (ids from ``first_id`` on) laid out over the partitions above the
+    watermark, with real predictions."""
     trips = pd.concat(list(generate.generate(source, rows * 2, seed + 1)), ignore_index=True)
     trips = trips[first_broken_rule({n: trips[n].to_numpy() for n in FIELDS[1:]}) < 0].head(rows).reset_index(drop=True)
+    trips["id"] = generate.trip_ids(first_id, len(trips))
     model = load_model(model_dir)
     now_ms = time.time_ns() // 1_000_000
     trips["partition"] = np.arange(len(trips)) % PARTITIONS
@@ -94,6 +107,44 @@ def write_speed(speed_dir: Path, rows: pd.DataFrame, file_rows: int) -> int:
             speed_view.write_batch(speed_dir, int(partition), part.iloc[start:start + file_rows])
             files += 1
     return files
+
+
+def merge_cost(views_dir: Path, speed_dir: Path, scratch: Path, repeat: int) -> dict[str, Any]:
+    """The merge without Streamlit: first read of a version (index not cached), warm, and without the dedupe."""
+    version = storage.current_version(views_dir)
+    plain = scratch / "views-without-index"
+    shutil.copytree(views_dir / version, plain / version, ignore=shutil.ignore_patterns(storage.TRIP_INDEX.parts[0]))
+    storage.atomic_write_json(plain / storage.POINTER, {"version": version})
+
+    def timed(directory: Path, cold: bool = False) -> tuple[float, serving.Combined]:
+        if cold:
+            serving.clear_index_cache()
+        started = time.perf_counter()
+        combined = serving.combined_views(directory, speed_dir)
+        return time.perf_counter() - started, combined
+
+    runs = max(repeat, 5)
+    cold, warm, without = [], [], []
+    for _ in range(runs):  # interleaved, so that the other work on a shared machine hits all three alike
+        cold.append(timed(views_dir, cold=True)[0])
+        warm.append(timed(views_dir)[0])
+        without.append(timed(plain)[0])
+    _, combined = timed(views_dir)
+    rows = speed_view.read_speed(speed_dir, combined.watermark)
+    index = serving.trip_index(views_dir, version)
+    dedupe = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        serving.count_once(rows, index)
+        dedupe.append(time.perf_counter() - started)
+    result = {"runs": runs, "speed_rows": len(rows), "index_trips": len(index), "counted": combined.speed_trips,
+              "first_read_s": statistics.median(cold), "refresh_s": statistics.median(warm),
+              "refresh_without_dedupe_s": statistics.median(without), "dedupe_step_s": statistics.median(dedupe)}
+    print(f"  merge of {len(rows):,} speed rows with a {len(index):,}-id index (median of {runs}): first read of "
+          f"the version {result['first_read_s']:.3f} s, refresh {result['refresh_s']:.3f} s, refresh of the same "
+          f"version without its index {result['refresh_without_dedupe_s']:.3f} s; the dedupe step "
+          f"(serving.count_once) {result['dedupe_step_s'] * 1000:.1f} ms", flush=True)
+    return {name: round(value, 4) if isinstance(value, float) else value for name, value in result.items()}
 
 
 def timed_run(app: Any) -> float:
@@ -126,6 +177,7 @@ def measure(views_dir: Path, speed_dir: Path, model_dir: Path, scratch: Path, ex
     runs = []
     for run in range(repeat):
         st.cache_data.clear()
+        serving.clear_index_cache()  # a fresh server: the first render reads the version's trip index too
         app = open_app(views_dir, speed_dir, model_dir, scratch)
         first = timed_run(app)
         shown = {metric.label: metric.value for metric in app.metric}
@@ -172,12 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         source, _ = read_trips(config.SAMPLE_CSV)
         started = time.perf_counter()
         manifest = publish_batch(source, args.batch_trips, args.seed, views_dir)
-        rows = speed_rows(source, args.speed_trips + 100 * args.repeat, args.seed, args.model_dir, first_offset=1)
+        rows = speed_rows(source, args.speed_trips + 100 * args.repeat, args.seed, args.model_dir, first_offset=1,
+                          first_id=args.batch_trips + 1)
         files = write_speed(speed_dir, rows.iloc[:args.speed_trips], args.speed_file_rows)
         print(f"built batch views of {args.batch_trips:,} trips ({manifest['rows']['clean']:,} clean) and "
               f"{args.speed_trips:,} speed trips in {files} files in {time.perf_counter() - started:.1f} s", flush=True)
         busy = machine_busy_s()
+        merge = merge_cost(views_dir, speed_dir, scratch, args.repeat)
         result = measure(views_dir, speed_dir, args.model_dir, scratch, rows.iloc[args.speed_trips:], args.repeat)
+        result["merge"] = merge
         result["others_busy_cpu_s"] = round(machine_busy_s() - busy, 1)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -73,6 +73,7 @@ def clean(trips: pd.DataFrame) -> pd.DataFrame:
 def stream_trips(sample_trips: pd.DataFrame, model_dir: Path, now_ms: int) -> pd.DataFrame:
     """3,000 clean real trips as consumed from 3 partitions (offsets 0..999), predicted by the real model."""
     trips = clean(sample_trips.iloc[-4000:]).tail(PARTITIONS * (SPEED_LAST + 1)).copy().reset_index(drop=True)
+    trips["id"] = trips["id"] + "-stream"  # new facts: the imported history holds the originals
     trips["partition"] = np.arange(len(trips)) % PARTITIONS
     trips["offset"] = np.arange(len(trips)) // PARTITIONS
     trips["kafka_timestamp_ms"] = now_ms - 600_000 + trips["offset"] * 500

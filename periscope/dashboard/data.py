@@ -149,6 +149,12 @@ class Coverage:
     speed_minutes: float | None
     speed_first_pickup: str | None
     speed_last_pickup: str | None
+    speed_duplicates_of_batch: int = 0
+    """Speed rows left out: their trip is in the batch version already."""
+    speed_duplicates_of_speed: int = 0
+    """Speed rows left out: an earlier speed row holds their trip."""
+    index_missing: bool = False
+    """The batch version has no trip index, so speed rows were not checked against it."""
 
 
 def coverage(combined: serving.Combined) -> Coverage:
@@ -165,6 +171,9 @@ def coverage(combined: serving.Combined) -> Coverage:
         speed_minutes=None if minutes is None else float(minutes),
         speed_first_pickup=format_time(pickups.min()) if len(rows) else None,
         speed_last_pickup=format_time(pickups.max()) if len(rows) else None,
+        speed_duplicates_of_batch=combined.speed_duplicates_of_batch,
+        speed_duplicates_of_speed=combined.speed_duplicates_of_speed,
+        index_missing=combined.index_missing,
     )
 
 
@@ -188,7 +197,20 @@ def coverage_sentence(cover: Coverage) -> str:
         span = f"{cover.speed_minutes:.1f} minutes" if cover.speed_minutes is not None else "-"
         speed = (f"speed layer covers the last **{cover.speed_trips:,} trips / {span}** of the stream "
                  f"(pickups {cover.speed_first_pickup} to {cover.speed_last_pickup})")
-    return f"{batch}; {speed}."
+    return f"{batch}; {speed}{duplicates_text(cover)}."
+
+
+def duplicates_text(cover: Coverage) -> str:
+    """What the merge left out so that each trip counts once (or why it could not check)."""
+    text = ""
+    left_out = cover.speed_duplicates_of_batch + cover.speed_duplicates_of_speed
+    if left_out:
+        text = (f"; {left_out:,} speed rows left out as copies ({cover.speed_duplicates_of_batch:,} of trips in "
+                f"the batch, {cover.speed_duplicates_of_speed:,} of earlier speed rows)")
+    if cover.index_missing:
+        text += (f"; batch version {cover.batch_version} has no trip index, so speed trips it holds too may "
+                 f"count twice until the next batch run")
+    return text
 
 
 # --- speed layer ---------------------------------------------------------------------------------
