@@ -133,7 +133,7 @@ def wait_until_caught_up(bootstrap: str, topic: str, consumer: subprocess.Popen,
 
 def produce(bootstrap: str, topic: str, csv: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "kafka_producer.py", "--bootstrap", bootstrap, "--topic", topic,
-                             "--input", str(csv), "--progress", "0", *extra], cwd=ROOT,
+                             "--input", str(csv), "--progress", "0", "--cutoff", "none", *extra], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
