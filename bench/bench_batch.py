@@ -277,7 +277,8 @@ def bench_config(setup: Config, repeat: int, workers: int, decoders: list[str], 
 
 
 def medians(runs: list[dict[str, Any]]) -> dict[str, float]:
-    return {key: statistics.median(run[key] for run in runs) for key in runs[0] if isinstance(runs[0][key], (int, float))}
+    numbers = [key for key, value in runs[0].items() if isinstance(value, (int, float))]
+    return {key: statistics.median(run[key] for run in runs) for key in numbers}
 
 
 def verdicts(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -329,7 +330,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decoder", choices=[*DECODERS, "both"], default="both",
                         help="which decoder(s) to run; both alternate run by run")
     parser.add_argument("--workers", type=int, default=2, help="batch_processor recompute --workers")
-    parser.add_argument("--seed", type=int, default=7, help="generator seed; generated files are reused per size and seed")
+    parser.add_argument("--seed", type=int, default=7,
+                        help="generator seed; generated files are reused per size and seed")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()),
                         help="where the temporary master datasets go (removed afterwards); needs ~60 bytes per trip")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON result file is written")

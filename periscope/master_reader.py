@@ -26,7 +26,8 @@ from periscope.schema import AVRO_SCHEMA
 DECODERS: tuple[str, ...] = ("polars", "fastavro")
 _AVRO_TYPES = {"string": pl.String, "int": pl.Int32, "long": pl.Int64, "double": pl.Float64, "boolean": pl.Boolean}
 _RECORD_DTYPES = {"int": np.int64, "long": np.int64, "double": np.float64, "boolean": np.bool_}
-TRIP_SCHEMA: dict[str, pl.DataType] = {field["name"]: _AVRO_TYPES[field["type"]] for field in AVRO_SCHEMA["fields"]}
+TRIP_SCHEMA: dict[str, pl.DataType] = {field["name"]: _AVRO_TYPES[field["type"]]
+                                        for field in AVRO_SCHEMA["fields"]}
 """Column name -> polars dtype of a master frame, derived from the Avro schema."""
 
 

@@ -260,7 +260,8 @@ def test_a_cutoff_import_takes_the_history_and_leaves_the_rest_for_the_stream(sa
     assert target.name == storage.file_sha256(sample_csv)[:24] + "-before-20160315T120000"
     summary = json.loads((target / "import.json").read_text())
     assert summary["rows"] == history and summary["left_for_stream"] == rest and summary["import_seq"] == 1
-    assert summary["cutoff"] == "2016-03-15 12:00:00" and summary["cutoff_ms"] == (cutoff - pd.Timestamp(0)) // pd.Timedelta(milliseconds=1)
+    assert summary["cutoff"] == "2016-03-15 12:00:00"
+    assert summary["cutoff_ms"] == (cutoff - pd.Timestamp(0)) // pd.Timedelta(milliseconds=1)
     assert {storage.avro_metadata(p)["cutoff"] for p in storage.master_files(master)} == {"2016-03-15 12:00:00"}
     assert sorted(r["id"] for r in storage.read_master_records(master)) == sorted(raw.loc[pickup < cutoff, "id"])
 

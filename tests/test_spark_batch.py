@@ -11,7 +11,7 @@ import pytest
 
 import batch_processor
 from periscope import generate, spark_batch, spark_session, storage, views
-from periscope.schema import FIELDS
+from periscope.schema import FIELDS, parse_cutoff
 from periscope.storage import frame_to_records
 from tests.test_batch_processor import as_csv_rows, assert_views_match_pandas
 
@@ -37,10 +37,16 @@ def assert_same_result(master_dir, spark) -> dict:
     return with_spark.manifest
 
 
-def test_engine_parity_on_the_real_sample(spark, sample_csv, tmp_path):
+def test_engine_parity_on_the_real_sample_imported_twice(spark, sample_csv, tmp_path):
+    """The history before the cutoff, then the whole file: both engines leave out the same copies."""
+    batch_processor.import_csv(sample_csv, tmp_path / "master", part_rows=20_000,
+                               cutoff_ms=parse_cutoff("2016-06-01"))
     batch_processor.import_csv(sample_csv, tmp_path / "master", part_rows=20_000)
     manifest = assert_same_result(tmp_path / "master", spark)
-    assert manifest["rows"]["master"] == 73_177 and len(manifest["input_files"]) == 4
+    raw = pd.read_csv(sample_csv)
+    history = int((pd.to_datetime(raw["pickup_datetime"]) < pd.Timestamp("2016-06-01")).sum())
+    assert manifest["rows"]["master"] == 73_177 + history and len(manifest["input_files"]) == 8
+    assert manifest["rows"]["duplicates"] == history and manifest["rows"]["distinct"] == 73_177
     assert 0 < sum(manifest["cleaning"].values()) < 1000
 
 
