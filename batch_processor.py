@@ -9,50 +9,62 @@ layer's recent trips on top of it.
 
 Commands::
 
-    python batch_processor.py                    # import the sample (once) + recompute + publish
+    python batch_processor.py                    # import the history (once) + recompute + publish
     python batch_processor.py import FILE ...    # append CSV history to master data
     python batch_processor.py ingest             # drain new Kafka events into master data
     python batch_processor.py recompute          # recompute, publish, prune the speed view
     python batch_processor.py run --from-stream  # import (once) + ingest + recompute
     python batch_processor.py status             # what master data and views hold
 
-Importing is idempotent: a source is identified by its SHA-256, so importing
-the same file twice adds nothing. A recompute is a map-reduce over master
-files: each worker turns a file into small mergeable views (see
-``periscope.views``) chunk by chunk, so memory does not grow with the data;
-the parts are merged and written as ``data/views/vNNNNNN/`` with a manifest,
-then ``data/views/current.json`` is switched to it.
+**History and stream meet at a cutoff** (``--cutoff``, default
+``config.CUTOFF``, 2016-06-01): an import takes the trips picked up before it;
+``kafka_producer.py`` replays those from it on. **Facts are identifiable**: the
+trip id is a trip's identity, and master data may hold a trip twice (a file
+imported and also replayed, a producer restarted after a crash). Nothing is
+rewritten to remove a copy; the recompute counts each trip once: the first
+copy in *source order* (CSV imports in import order, then stream files by
+partition and offset, rows in file order), the same rule in both engines.
+
+Importing is idempotent: an import is identified by the file's SHA-256 and the
+cutoff, so importing the same file with the same cutoff twice adds nothing. A
+recompute reads every master file (``periscope.master_reader``: polars),
+drops later copies of a trip, applies the cleaning rules and aggregates each
+file into small mergeable views (``periscope.views``; ``--workers`` files at a
+time), merges them and publishes ``data/views/vNNNNNN/`` with a manifest and the
+version's trip index, then switches ``data/views/current.json`` to it.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import polars as pl
 
-from periscope import config, speed_view, views
-from periscope.schema import RULE_NAMES, first_broken_rule
+from periscope import config, dedupe, speed_view, views
+from periscope.master_reader import DECODERS, UnreadableMasterFile, read_files, record_columns
+from periscope.schema import count_rules, first_broken_rule, format_time, parse_cutoff
 from periscope.sources import CsvLayoutError, LoadReport, iter_trip_chunks
-from periscope.stream import BrokerUnavailable
 from periscope.storage import (
+    IMPORT_SUMMARY,
+    BatchVersion,
     avro_metadata,
+    csv_imports,
     current_version,
     file_sha256,
     frame_to_records,
-    iter_avro_columns,
     locked,
     master_files,
     publish_dir,
@@ -65,7 +77,6 @@ from periscope.storage import (
 )
 
 PART_ROWS = 250_000
-READ_CHUNK_ROWS = 100_000
 KEEP_VERSIONS = 5
 
 
@@ -79,40 +90,95 @@ class ImportResult:
     added: bool
     rows: int
     report: dict
+    cutoff_ms: int | None = None
+    left_for_stream: int = 0
 
 
-def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS) -> ImportResult:
-    """Append a Kaggle CSV to the master dataset, unless this exact content is already there.
+def import_name(digest: str, cutoff_ms: int | None) -> str:
+    """An import's identity: the file's content, and where its history ends.
 
-    Well-formed rows are stored as they are, outliers included (the cleaning
-    rules apply when views are computed); malformed rows are counted in the
-    import report. The files appear all at once, under ``csv/<sha256>/``.
+    ``<sha256[:24]>`` for the whole file, ``<sha256[:24]>-before-20160601T000000``
+    for the trips picked up before a cutoff: a different import of the same file.
+    """
+    if cutoff_ms is None:
+        return digest[:24]
+    return f"{digest[:24]}-before-{format_time(cutoff_ms).replace('-', '').replace(':', '').replace(' ', 'T')}"
+
+
+@dataclass
+class Cutoff:
+    """Splits trips at a pickup time: before it is history, from it on the stream's (counted, not imported)."""
+
+    at_ms: int | None
+    left_for_stream: int = 0
+
+    def history(self, chunks: Iterable[pd.DataFrame], part_rows: int) -> Iterator[pd.DataFrame]:
+        """The trips picked up before the cutoff, in file order, as parts of ``part_rows`` trips."""
+        pending: list[pd.DataFrame] = []
+        held = 0
+        for chunk in chunks:
+            if self.at_ms is not None:
+                before = chunk["pickup_datetime"].to_numpy() < self.at_ms
+                self.left_for_stream += int((~before).sum())
+                chunk = chunk[before]
+            pending.append(chunk)
+            held += len(chunk)
+            while held >= part_rows:
+                rows = pd.concat(pending, ignore_index=True)
+                yield rows.iloc[:part_rows]
+                pending, held = [rows.iloc[part_rows:]], len(rows) - part_rows
+        if held:
+            yield pd.concat(pending, ignore_index=True)
+
+
+def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS,
+               cutoff_ms: int | None = None) -> ImportResult:
+    """Append a Kaggle CSV to the master dataset, unless this import is already there.
+
+    With ``cutoff_ms`` only the trips picked up before it are imported (the
+    history; the producer replays the others). Well-formed rows are stored as
+    they are, outliers included (the cleaning rules apply when views are
+    computed); malformed rows are counted in the import report. The files
+    appear all at once, under ``csv/<import_name>/``; ``import.json`` records
+    the import's place in source order (``import_seq``) and its cutoff.
     """
     path = Path(path)
     digest = file_sha256(path)
-    target = master_dir / "csv" / digest[:24]
+    target = master_dir / "csv" / import_name(digest, cutoff_ms)
     if target.exists():
-        return ImportResult(path, target, False, int(read_json(target / "import.json")["rows"]), {})
+        return already_imported(path, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     with locked(master_dir):
         if target.exists():
-            return ImportResult(path, target, False, int(read_json(target / "import.json")["rows"]), {})
+            return already_imported(path, target)
+        import_seq = len(csv_imports(master_dir)) + 1
+        cutoff = "none" if cutoff_ms is None else format_time(cutoff_ms)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            report = LoadReport(source=str(path))
+            report, split = LoadReport(source=str(path)), Cutoff(cutoff_ms)
             rows = 0
-            for part, chunk in enumerate(iter_trip_chunks(path, report, chunk_rows=part_rows)):
-                metadata = {"kind": "csv", "source": path.name, "source_sha256": digest, "part": part, "rows": len(chunk)}
-                write_avro(staging / f"part-{part:05d}.avro", frame_to_records(chunk), metadata)
-                rows += len(chunk)
-            summary = {"source": str(path), "sha256": digest, "rows": rows, "load_report": report.as_dict(),
+            for part, trips in enumerate(split.history(iter_trip_chunks(path, report, chunk_rows=part_rows),
+                                                       part_rows)):
+                metadata = {"kind": "csv", "source": path.name, "source_sha256": digest, "cutoff": cutoff,
+                            "part": part, "rows": len(trips)}
+                write_avro(staging / f"part-{part:05d}.avro", frame_to_records(trips), metadata)
+                rows += len(trips)
+            summary = {"source": str(path), "sha256": digest, "import_seq": import_seq,
+                       "cutoff": None if cutoff_ms is None else cutoff, "cutoff_ms": cutoff_ms, "rows": rows,
+                       "left_for_stream": split.left_for_stream, "load_report": report.as_dict(),
                        "imported_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            (staging / "import.json").write_text(json.dumps(summary, indent=2))
+            (staging / IMPORT_SUMMARY).write_text(json.dumps(summary, indent=2))
             publish_dir(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return ImportResult(path, target, True, rows, report.as_dict())
+    return ImportResult(path, target, True, rows, report.as_dict(), cutoff_ms, split.left_for_stream)
+
+
+def already_imported(path: Path, target: Path) -> ImportResult:
+    summary = read_json(target / IMPORT_SUMMARY)
+    return ImportResult(path, target, False, int(summary["rows"]), {}, summary.get("cutoff_ms"),
+                        int(summary.get("left_for_stream", 0)))
 
 
 # --- ingest: Kafka stream -> master data -----------------------------------------------
@@ -229,74 +295,73 @@ def ingest_stream(bootstrap: str, topic: str, group: str, master_dir: Path,
 
 
 # --- recompute: master data -> batch views ---------------------------------------------
+#
+#   read master -> drop duplicates -> clean -> aggregate (per file: the map) -> merge (the reduce) -> publish
+
+
+def read_master(files: list[Path], decoder: str = "polars", progress: bool = True) -> list[pl.DataFrame]:
+    """Every master file as a frame of trips, in source order (``periscope.master_reader``)."""
+    master: list[pl.DataFrame] = []
+    last_print = time.monotonic()
+    for trips in read_files(files, decoder):
+        master.append(trips)
+        now = time.monotonic()
+        if progress and len(files) > 1 and (now - last_print >= 1.0 or len(master) == len(files)):
+            print(f"  read {len(master)}/{len(files)} master files, {sum(map(len, master)):,} trips", flush=True)
+            last_print = now
+    return master
+
+
+def drop_duplicates(master: list[pl.DataFrame]) -> tuple[list[np.ndarray], pl.Series]:
+    """Which rows count: the first copy of each trip id in source order; later copies are left out.
+
+    Returns, per file, the mask of its first copies, and every distinct trip id
+    (sorted: the version's trip index, which the serving layer needs).
+    Exact: the ids themselves are compared (``periscope.dedupe``).
+    """
+    return dedupe.drop_duplicates([trips["id"] for trips in master])
+
+
+def clean(trips: pl.DataFrame) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The trips that pass the cleaning rules, and how many each rule removed (its first broken rule)."""
+    columns = record_columns(trips)
+    broken = first_broken_rule(columns)
+    keep = broken < 0
+    return {name: values[keep] for name, values in columns.items()}, count_rules(broken)
 
 
 @dataclass
 class FileSummary:
-    """One master file reduced to mergeable views and counts (a worker's output)."""
+    """One master file reduced to mergeable views and counts (the map's output)."""
 
     path: Path
     metadata: dict[str, str]
     rows: int = 0
+    duplicates: int = 0
     clean_rows: int = 0
     broken_rules: Counter = field(default_factory=Counter)
     views: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
-def summarise_file(path: Path, chunk_rows: int = READ_CHUNK_ROWS) -> FileSummary:
-    """Read one master file chunk by chunk: apply the cleaning rules, aggregate every view."""
-    summary = FileSummary(path=path, metadata=avro_metadata(path))
-    parts: list[dict[str, pd.DataFrame]] = []
-    gc.disable()  # decoding makes millions of short-lived dicts; cycle collection only slows it down
-    try:
-        for columns in iter_avro_columns(path, chunk_rows):
-            broken = first_broken_rule(columns)
-            keep = broken < 0
-            summary.rows += len(keep)
-            summary.clean_rows += int(keep.sum())
-            for index, count in zip(*np.unique(broken[~keep], return_counts=True)):
-                summary.broken_rules[RULE_NAMES[index]] += int(count)
-            parts.append(views.aggregate({name: values[keep] for name, values in columns.items()}))
-    finally:
-        gc.enable()
-    summary.views = views.merge(*parts)
-    return summary
-
-
-def summarise_all(files: list[Path], workers: int, progress: bool = True) -> list[FileSummary]:
-    """Map ``summarise_file`` over master files on ``workers`` processes."""
-    if workers <= 1 or len(files) <= 1:
-        results = map(summarise_file, files)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(summarise_file, files)
-    summaries: list[FileSummary] = []
-    last_print = time.monotonic()
-    try:
-        for summary in results:
-            summaries.append(summary)
-            now = time.monotonic()
-            if progress and (now - last_print >= 1.0 or len(summaries) == len(files)) and len(files) > 1:
-                rows = sum(s.rows for s in summaries)
-                print(f"  read {len(summaries)}/{len(files)} master files, {rows:,} trips", flush=True)
-                last_print = now
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    return summaries
+def summarise_file(path: Path, trips: pl.DataFrame, first: np.ndarray) -> FileSummary:
+    """The map, for one master file: its first copies through the cleaning rules, then every view."""
+    distinct = trips.filter(pl.Series(first))
+    clean_trips, broken = clean(distinct)
+    return FileSummary(path=path, metadata=avro_metadata(path), rows=len(trips),
+                       duplicates=len(trips) - len(distinct), clean_rows=len(clean_trips["trip_duration"]),
+                       broken_rules=Counter(broken), views=views.aggregate(clean_trips))
 
 
 ENGINES = ("python", "spark")
 
 
-def compute_views(master_dir: Path, workers: int, progress: bool = True,
-                  engine: str = "python") -> tuple[dict[str, pd.DataFrame], dict]:
-    """Every batch view from the whole master dataset, and the manifest describing them.
+def compute_views(master_dir: Path, workers: int, progress: bool = True, engine: str = "python",
+                  decoder: str = "polars") -> BatchVersion:
+    """Every batch view from the whole master dataset, its manifest and its trip index.
 
     Nothing is published: ``publish`` does that, so a caller (the Airflow DAG)
-    can check the result first. ``engine="spark"`` computes the same views
-    with Spark (``periscope.spark_batch``) for data that outgrew one machine.
+    can check the result first. ``engine="spark"`` computes the same views,
+    with the same duplicates removed, with Spark (``periscope.spark_batch``).
     """
     if engine == "spark":
         from periscope import spark_batch  # pyspark is heavy; only this engine needs it
@@ -306,40 +371,61 @@ def compute_views(master_dir: Path, workers: int, progress: bool = True,
     started = time.perf_counter()
     files = master_files(master_dir)
     if progress:
-        print(f"recomputing batch views from {len(files)} master files with {workers} worker(s)", flush=True)
-    summaries = summarise_all(files, workers, progress)
+        print(f"recomputing batch views from {len(files)} master files, {workers} file(s) at a time", flush=True)
+    master = read_master(files, decoder, progress)
     read_done = time.perf_counter()
+
+    first, trip_ids = drop_duplicates(master)
+    if progress and files:
+        print(f"  {len(trip_ids):,} distinct trips; {sum(map(len, master)) - len(trip_ids):,} later copies "
+              "of a trip left out", flush=True)
+    dedupe_done = time.perf_counter()
+
+    summaries: list[FileSummary] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        mapped = pool.map(summarise_file, files, master, first)
+        master.clear()  # each file's trips are freed as soon as its views are made
+        last_print = time.monotonic()
+        for summary in mapped:
+            summaries.append(summary)
+            if progress and len(files) > 1 and time.monotonic() - last_print >= 1.0:
+                print(f"  cleaned and aggregated {len(summaries)}/{len(files)} master files", flush=True)
+                last_print = time.monotonic()
+    map_done = time.perf_counter()
+
     batch_views = views.merge(*(s.views for s in summaries))
     merge_done = time.perf_counter()
+
     rules = Counter()
     for summary in summaries:
         rules.update(summary.broken_rules)
     manifest = views_manifest(
         "python", master_dir, [s.path for s in summaries], [s.metadata for s in summaries],
-        [s.rows for s in summaries], sum(s.clean_rows for s in summaries), rules, batch_views,
-        {"read_and_aggregate": read_done - started, "merge": merge_done - read_done},
+        [s.rows for s in summaries], [s.duplicates for s in summaries], sum(s.clean_rows for s in summaries),
+        rules, batch_views,
+        {"read": read_done - started, "drop_duplicates": dedupe_done - read_done,
+         "clean_and_aggregate": map_done - dedupe_done, "merge": merge_done - map_done},
     )
-    return batch_views, manifest
+    return BatchVersion(batch_views, manifest, trip_ids)
 
 
-def publish(views_dir: Path, batch_views: dict[str, pd.DataFrame], manifest: dict, keep: int,
-            speed_dir: Path | None = None) -> dict:
-    """Publish computed views as a new version; then prune the speed view at or below its watermark.
+def publish(views_dir: Path, version: BatchVersion, keep: int, speed_dir: Path | None = None) -> dict:
+    """Publish computed views and their trip index as a new version; then prune the speed view at
+    or below its watermark.
 
     Those speed trips are in the batch view now. Returns the manifest as
     published (with ``version`` and ``speed_files_pruned``).
     """
-    published = write_version(views_dir, batch_views, manifest, keep)
+    published = write_version(views_dir, version.views, version.manifest, keep, version.trip_ids)
     if speed_dir is not None:
         published["speed_files_pruned"] = speed_view.prune(speed_dir, published["watermark"])
     return published
 
 
 def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progress: bool = True,
-              speed_dir: Path | None = None, engine: str = "python") -> dict:
+              speed_dir: Path | None = None, engine: str = "python", decoder: str = "polars") -> dict:
     """Recompute every view from the whole master dataset and publish a new version."""
-    batch_views, manifest = compute_views(master_dir, workers, progress, engine)
-    return publish(views_dir, batch_views, manifest, keep, speed_dir)
+    return publish(views_dir, compute_views(master_dir, workers, progress, engine, decoder), keep, speed_dir)
 
 
 # --- command line ------------------------------------------------------------------------
@@ -350,8 +436,12 @@ def print_import(result: ImportResult) -> None:
         print(f"{result.source}: already in master data ({result.rows:,} trips in {result.target}); nothing added")
         return
     report = result.report
-    print(f"{result.source}: imported {result.rows:,} trips into {result.target} "
+    history = "" if result.cutoff_ms is None else f" picked up before {format_time(result.cutoff_ms)}"
+    print(f"{result.source}: imported {result.rows:,} trips{history} into {result.target} "
           f"({report['rows_malformed']:,} malformed rows rejected)")
+    if result.cutoff_ms is not None:
+        print(f"  {result.left_for_stream:,} trips picked up from the cutoff on are left for the stream "
+              "(`python kafka_producer.py` replays them)")
     for reason, count in report["malformed"].items():
         print(f"  malformed  {reason:<30} {count:>9,}")
     for example in report["examples"]:
@@ -361,6 +451,7 @@ def print_import(result: ImportResult) -> None:
 def print_manifest(manifest: dict) -> None:
     rows = manifest["rows"]
     print(f"published batch version {manifest['version']}: {rows['master']:,} master trips, "
+          f"{rows['distinct']:,} distinct ({rows['duplicates']:,} later copies of a trip left out), "
           f"{rows['clean']:,} pass the cleaning rules, {len(manifest['input_files'])} input files")
     for name, count in manifest["cleaning"].items():
         if count:
@@ -370,8 +461,8 @@ def print_manifest(manifest: dict) -> None:
           + (f"; pruned {manifest['speed_files_pruned']} speed files at or below it"
              if manifest.get("speed_files_pruned") else ""))
     timings = manifest["timings_s"]
-    print(f"  took {sum(timings.values()):.2f} s (read+aggregate {timings['read_and_aggregate']:.2f} s, "
-          f"merge {timings['merge']:.2f} s, write {timings['write']:.2f} s)")
+    print(f"  took {sum(timings.values()):.2f} s ("
+          + ", ".join(f"{step.replace('_', ' ')} {seconds:.2f} s" for step, seconds in timings.items()) + ")")
 
 
 def print_status(master_dir: Path, views_dir: Path) -> None:
@@ -382,8 +473,11 @@ def print_status(master_dir: Path, views_dir: Path) -> None:
         print(f"batch views: none yet in {views_dir} (run `python batch_processor.py recompute`)")
         return
     _, manifest = read_version(views_dir, version)
+    rows = manifest["rows"]
+    copies = f" ({rows['duplicates']:,} later copies left out)" if "duplicates" in rows else ""
     print(f"batch views: current version {version} in {views_dir}, created {manifest['created_at']}, "
-          f"{manifest['rows']['clean']:,} clean trips, watermark {manifest['watermark'] or 'none'}")
+          f"{rows['clean']:,} clean trips of {rows.get('distinct', rows['master']):,} distinct{copies}, "
+          f"watermark {manifest['watermark'] or 'none'}")
 
 
 def print_ingest(result: IngestResult, topic: str) -> None:
@@ -397,32 +491,58 @@ def print_ingest(result: IngestResult, topic: str) -> None:
           + (f" ({dict(result.malformed)})" if malformed else ""))
 
 
+def cutoff_value(text: str) -> int | None:
+    """``--cutoff``: a pickup time (ms of the New York wall clock) or None for ``none``."""
+    try:
+        return parse_cutoff(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    def directory_flags(sub: argparse.ArgumentParser, defaults: bool) -> None:
+        """The directories work before or after the command (``status --master-dir X``): every parser
+        knows them, and only the top one has defaults, so a command never resets what came before it."""
+        for flag, default, text in (
+                ("--master-dir", config.MASTER_DIR, "Avro master dataset (env PERISCOPE_MASTER_DIR)"),
+                ("--views-dir", config.VIEWS_DIR, "published batch views (env PERISCOPE_VIEWS_DIR)"),
+                ("--speed-dir", config.SPEED_DIR, "speed view, pruned below the watermark after each publish "
+                                                  "(env PERISCOPE_SPEED_DIR)")):
+            sub.add_argument(flag, type=Path, default=default if defaults else argparse.SUPPRESS,
+                             help=text if defaults else f"{text}; default {default}")
+
     parser = argparse.ArgumentParser(
         description="Batch layer: CSV history and Kafka events into Avro master data; "
                     "recompute and publish Parquet batch views.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--master-dir", type=Path, default=config.MASTER_DIR,
-                        help="Avro master dataset (env PERISCOPE_MASTER_DIR)")
-    parser.add_argument("--views-dir", type=Path, default=config.VIEWS_DIR,
-                        help="published batch views (env PERISCOPE_VIEWS_DIR)")
-    parser.add_argument("--speed-dir", type=Path, default=config.SPEED_DIR,
-                        help="speed view, pruned below the watermark after each publish (env PERISCOPE_SPEED_DIR)")
+    directory_flags(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      help="run (the default), import, ingest, recompute or status")
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=text, description=text,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub = commands.add_parser(name, help=text, description=text,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        directory_flags(sub, defaults=False)
+        return sub
+
+    def cutoff_flag(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--cutoff", type=cutoff_value, default=config.CUTOFF,
+                         help="import only the trips picked up before this time (New York wall clock, e.g. "
+                              "2016-06-01 or '2016-06-01 12:00:00') as history: kafka_producer.py replays the "
+                              "others; 'none' imports every trip (env PERISCOPE_CUTOFF)")
 
     def recompute_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                         help="processes reading master files in parallel")
+                         help="master files cleaned and aggregated at a time (threads)")
         sub.add_argument("--keep", type=int, default=KEEP_VERSIONS, help="published versions to keep")
         sub.add_argument("--engine", choices=ENGINES, default="python",
-                         help="python: a process pool on this machine; spark: Spark on SPARK_MASTER "
+                         help="python: polars on this machine; spark: Spark on SPARK_MASTER "
                               "(default local[*]), for data that outgrew one machine")
+        sub.add_argument("--decoder", choices=DECODERS, default="polars",
+                         help="python engine: how master files are decoded; fastavro is the slower reference "
+                              "decoder, kept to compare with")
 
     def stream_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS,
@@ -434,19 +554,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     run = command("run", "import --input once, optionally ingest the stream, then recompute and publish")
     run.add_argument("--input", type=Path, default=config.SAMPLE_CSV, help="CSV history to import first")
+    cutoff_flag(run)
     run.add_argument("--from-stream", action="store_true", help="also ingest new Kafka events before recomputing")
     recompute_flags(run)
     stream_flags(run)
-    imp = command("import", "append CSV files to the master dataset (a file already imported adds nothing)")
+    imp = command("import", "append CSV files to the master dataset (a file already imported with the same "
+                            "cutoff adds nothing)")
     imp.add_argument("files", type=Path, nargs="+", metavar="FILE", help="Kaggle-layout CSV, plain or .gz")
+    cutoff_flag(imp)
     imp.add_argument("--part-rows", type=int, default=PART_ROWS, help="trips per master file")
     stream_flags(command("ingest", "drain new Kafka events into master files, then commit offsets"))
     recompute_flags(command("recompute", "recompute all views, publish a new version, prune the speed view"))
     command("status", "show master data and the current batch version")
 
-    parser.set_defaults(command="run", input=config.SAMPLE_CSV, from_stream=False,
-                        workers=os.cpu_count() or 1, keep=KEEP_VERSIONS, engine="python")
     args = parser.parse_args(argv)
+    if args.command is None:  # no command: `run` with its defaults
+        args = parser.parse_args([*argv, "run"])
     for flag, minimum in (("workers", 1), ("keep", 1), ("part_rows", 1000), ("file_rows", 1)):
         value = getattr(args, flag, minimum)
         if value < minimum:
@@ -456,6 +579,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def explained_errors() -> tuple[type[Exception], ...]:
+    """Errors that end the command with a one-line message and status 2 instead of a traceback.
+
+    Evaluated only when an error happens, so the Kafka client is imported only then.
+    """
+    from periscope.stream import BrokerUnavailable
+
+    return FileNotFoundError, CsvLayoutError, UnreadableMasterFile, BrokerUnavailable
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -463,15 +596,15 @@ def main(argv: list[str] | None = None) -> int:
             print_status(args.master_dir, args.views_dir)
             return 0
         for path in [args.input] if args.command == "run" else getattr(args, "files", []):
-            print_import(import_csv(path, args.master_dir, getattr(args, "part_rows", PART_ROWS)))
-        if args.command == "ingest" or args.from_stream:
+            print_import(import_csv(path, args.master_dir, getattr(args, "part_rows", PART_ROWS), args.cutoff))
+        if args.command == "ingest" or getattr(args, "from_stream", False):
             result = ingest_stream(args.bootstrap, args.topic, args.group, args.master_dir, args.file_rows, args.wait)
             print_ingest(result, args.topic)
         if args.command in ("run", "recompute"):
             manifest = recompute(args.master_dir, args.views_dir, args.workers, args.keep,
-                                 speed_dir=args.speed_dir, engine=args.engine)
+                                 speed_dir=args.speed_dir, engine=args.engine, decoder=args.decoder)
             print_manifest(manifest)
-    except (FileNotFoundError, CsvLayoutError, BrokerUnavailable) as error:
+    except explained_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

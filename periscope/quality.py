@@ -6,25 +6,34 @@ disk (views are too big for Airflow's XCom), checks them here, and only then
 publishes with ``batch_processor.publish``. A failed check fails the run and
 publishes nothing: the dashboard keeps serving the last good version.
 
-``check`` is a pure function of the staged views, their manifest, what the
-master files' own headers say, and the current published manifest, so the
-tests call it on real views with real defects.
+``check`` is a pure function of the staged views, their manifest and trip
+index, what the master files' own headers say, and the current published
+manifest, so the tests call it on real views with real defects.
 """
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from periscope import views as view_defs
-from periscope.storage import MANIFEST, atomic_write_json, avro_metadata, read_json
+from periscope.storage import (
+    MANIFEST,
+    TRIP_INDEX,
+    BatchVersion,
+    atomic_write_json,
+    avro_metadata,
+    read_json,
+    write_trip_index,
+)
 
 DEFAULT_MAX_REJECTED_SHARE = 0.05
 """The real sample loses 0.8 % of its trips to the cleaning rules; 5 % means something broke upstream."""
@@ -39,21 +48,24 @@ class Thresholds:
 # --- staging: computed views on disk, between Airflow tasks --------------------------------
 
 
-def stage(staging_dir: Path, batch_views: Mapping[str, pd.DataFrame], manifest: dict[str, Any]) -> Path:
-    """Write computed views and their manifest to ``staging_dir`` (replacing an earlier attempt's)."""
+def stage(staging_dir: Path, version: BatchVersion) -> Path:
+    """Write computed views, their manifest and trip index to ``staging_dir`` (replacing an earlier
+    attempt's); the manifest last, so that its presence means the rest is there."""
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)
-    for name, frame in batch_views.items():
+    for name, frame in version.views.items():
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), staging_dir / f"{name}.parquet")
-    atomic_write_json(staging_dir / MANIFEST, manifest)
+    write_trip_index(staging_dir, version.trip_ids)
+    atomic_write_json(staging_dir / MANIFEST, version.manifest)
     return staging_dir
 
 
-def read_staged(staging_dir: Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+def read_staged(staging_dir: Path) -> BatchVersion:
     if not (staging_dir / MANIFEST).exists():
         raise FileNotFoundError(f"nothing staged in {staging_dir}: the compute_views task did not finish")
     batch_views = {path.stem: pq.read_table(path).to_pandas() for path in sorted(staging_dir.glob("*.parquet"))}
-    return batch_views, read_json(staging_dir / MANIFEST)
+    trip_ids = pl.read_parquet(staging_dir / TRIP_INDEX)["id"]
+    return BatchVersion(batch_views, read_json(staging_dir / MANIFEST), trip_ids)
 
 
 # --- the checks ---------------------------------------------------------------------------
@@ -69,11 +81,15 @@ def master_rows(master_dir: Path, manifest: Mapping[str, Any]) -> dict[str, int]
 
 
 def check(batch_views: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any], file_rows: Mapping[str, int],
-          previous: Mapping[str, Any] | None, thresholds: Thresholds = Thresholds()) -> list[str]:
+          previous: Mapping[str, Any] | None, thresholds: Thresholds = Thresholds(),
+          trip_ids: Sized | None = None) -> list[str]:
     """Every way the computed views are not fit to publish; empty if they pass.
 
     ``file_rows`` is ``master_rows(...)``; ``previous`` the current published
-    manifest (None before the first publish).
+    manifest (None before the first publish); ``trip_ids`` the version's trip
+    index, which must hold one id per distinct trip. The counts must add up:
+    master rows = distinct trips + duplicates (later copies left out), and
+    distinct trips = clean + rejected by the cleaning rules.
     """
     problems: list[str] = []
     rows = manifest["rows"]
@@ -86,12 +102,22 @@ def check(batch_views: Mapping[str, pd.DataFrame], manifest: Mapping[str, Any], 
     if rows["master"] != sum(max(count, 0) for count in file_rows.values()):
         problems.append(f"views cover {rows['master']:,} master trips, the master files hold "
                         f"{sum(max(c, 0) for c in file_rows.values()):,}")
+    if rows["distinct"] + rows["duplicates"] != rows["master"]:
+        problems.append(f"distinct ({rows['distinct']:,}) + duplicates ({rows['duplicates']:,}) != master trips "
+                        f"({rows['master']:,})")
+    if sum(int(entry.get("duplicates", 0)) for entry in manifest["input_files"]) != rows["duplicates"]:
+        problems.append(f"the input files' duplicates do not add up to the {rows['duplicates']:,} removed")
+    if trip_ids is not None and len(trip_ids) != rows["distinct"]:
+        problems.append(f"the trip index holds {len(trip_ids):,} ids, not one per distinct trip "
+                        f"({rows['distinct']:,})")
     rejected = sum(manifest["cleaning"].values())
-    if rows["clean"] + rejected != rows["master"]:
-        problems.append(f"clean ({rows['clean']:,}) + rejected ({rejected:,}) != master trips ({rows['master']:,})")
-    if rows["master"] and rejected / rows["master"] > thresholds.max_rejected_share:
-        problems.append(f"the cleaning rules rejected {rejected / rows['master']:.2%} of the master trips, more "
-                        f"than max_rejected_share {thresholds.max_rejected_share:.2%}: {dict(manifest['cleaning'])}")
+    if rows["clean"] + rejected != rows["distinct"]:
+        problems.append(f"clean ({rows['clean']:,}) + rejected ({rejected:,}) != distinct trips "
+                        f"({rows['distinct']:,})")
+    if rows["distinct"] and rejected / rows["distinct"] > thresholds.max_rejected_share:
+        problems.append(f"the cleaning rules rejected {rejected / rows['distinct']:.2%} of the distinct trips, "
+                        f"more than max_rejected_share {thresholds.max_rejected_share:.2%}: "
+                        f"{dict(manifest['cleaning'])}")
     if rows["clean"] < thresholds.min_clean_trips:
         problems.append(f"only {rows['clean']:,} clean trips, fewer than {thresholds.min_clean_trips:,}: "
                         "is master data empty? (`python batch_processor.py import` or run the simulation DAG)")
@@ -134,4 +160,5 @@ def report(problems: list[str]) -> str:
 
 def summary(manifest: Mapping[str, Any]) -> str:
     rows = manifest["rows"]
-    return json.dumps({"master": rows["master"], "clean": rows["clean"], "watermark": manifest.get("watermark")})
+    return json.dumps({"master": rows["master"], "distinct": rows["distinct"], "duplicates": rows["duplicates"],
+                       "clean": rows["clean"], "watermark": manifest.get("watermark")})

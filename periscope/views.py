@@ -19,13 +19,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import polars as pl
 
-from periscope.features import time_parts
 from periscope.schema import haversine_km
 
 MEASURES: tuple[str, ...] = ("duration_s", "distance_m")
 STATS: tuple[str, ...] = ("sum", "sumsq", "min", "max")
 AGGREGATES: tuple[str, ...] = ("trips",) + tuple(f"{m}_{s}" for m in MEASURES for s in STATS)
+
+MS_PER_DAY = 86_400_000
+NS_PER_DAY = MS_PER_DAY * 1_000_000
 
 GRID_DEG = 0.005
 """Pickup-density cell size: about 560 m north-south, 420 m east-west in NYC."""
@@ -54,19 +57,23 @@ KEY_DTYPES: dict[str, str] = {
 }
 
 
-def trip_facts(trips: Mapping[str, Any]) -> pd.DataFrame:
-    """Per-trip keys and integer measures, from clean record-form trips."""
+def trip_facts(trips: Mapping[str, Any]) -> pl.DataFrame:
+    """Per-trip keys and integer measures, from clean record-form trips.
+
+    ``pickup_date`` is a day number here (days since 1970-01-01); the views
+    turn it into a date once, after grouping.
+    """
     pickup = np.asarray(trips["pickup_datetime"], dtype=np.int64)
-    when = time_parts(pickup)
+    days = pickup // MS_PER_DAY
     lat, lon = np.asarray(trips["pickup_latitude"]), np.asarray(trips["pickup_longitude"])
     km = haversine_km(lat, lon, np.asarray(trips["dropoff_latitude"]), np.asarray(trips["dropoff_longitude"]))
     duration = np.asarray(trips["trip_duration"], dtype=np.int64)
     distance = np.rint(km * 1000).astype(np.int64)
-    return pd.DataFrame(
+    return pl.DataFrame(
         {
-            "pickup_date": (pickup // 86_400_000).astype("datetime64[D]").astype("datetime64[ns]"),
-            "pickup_hour": when["hour"].astype(np.int64),
-            "pickup_weekday": when["weekday"].astype(np.int64),
+            "pickup_date": days,
+            "pickup_hour": pickup % MS_PER_DAY // 3_600_000,
+            "pickup_weekday": (days + 3) % 7,
             "vendor_id": np.asarray(trips["vendor_id"], dtype=np.int64),
             "distance_band": np.searchsorted(DISTANCE_BANDS_KM, km, side="right").astype(np.int64),
             "grid_lat": np.floor(lat / GRID_DEG).astype(np.int64),
@@ -86,34 +93,48 @@ def empty_view(name: str) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def _aggregate_view(facts: pd.DataFrame, keys: tuple[str, ...]) -> pd.DataFrame:
-    spec: dict[str, tuple[str, str]] = {"trips": ("duration_s", "size")}
-    for measure in MEASURES:
-        spec[f"{measure}_sum"] = (measure, "sum")
-        spec[f"{measure}_sumsq"] = (f"{measure}_sq", "sum")
-        spec[f"{measure}_min"] = (measure, "min")
-        spec[f"{measure}_max"] = (measure, "max")
-    view = facts.groupby(list(keys), sort=True).agg(**spec).reset_index()
-    return view.astype({agg: "int64" for agg in AGGREGATES})
+def _to_pandas(name: str, frame: pl.DataFrame) -> pd.DataFrame:
+    """A grouped polars view as the pandas view every layer reads (day numbers become dates).
+
+    Column by column through numpy: for frames this small, ten times faster than ``to_pandas``.
+    """
+    columns = {column: frame[column].to_numpy().astype(np.int64, copy=False) for column in frame.columns}
+    if "pickup_date" in columns:
+        columns["pickup_date"] = (columns["pickup_date"] * NS_PER_DAY).astype("datetime64[ns]")
+    return pd.DataFrame({column: columns[column] for column in (*VIEWS[name], *AGGREGATES)})
+
+
+def _from_pandas(view: pd.DataFrame) -> pl.DataFrame:
+    columns = {column: view[column].to_numpy() for column in view.columns}
+    if "pickup_date" in columns:
+        columns["pickup_date"] = columns["pickup_date"].astype("datetime64[ns]").astype(np.int64) // NS_PER_DAY
+    return pl.DataFrame({column: values.astype(np.int64, copy=False) for column, values in columns.items()})
+
+
+_AGGREGATIONS = [pl.len().cast(pl.Int64).alias("trips")] + [
+    expression for measure in MEASURES for expression in (
+        pl.col(measure).sum().alias(f"{measure}_sum"), pl.col(f"{measure}_sq").sum().alias(f"{measure}_sumsq"),
+        pl.col(measure).min().alias(f"{measure}_min"), pl.col(measure).max().alias(f"{measure}_max"))]
+_MERGES = [pl.col(agg).min() if agg.endswith("_min") else pl.col(agg).max() if agg.endswith("_max")
+           else pl.col(agg).sum() for agg in AGGREGATES]
 
 
 def aggregate(trips: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
-    """Every view of a set of clean trips (record-form columns)."""
+    """Every view of a set of clean trips (record-form columns), keys in ascending order."""
     if len(trips["trip_duration"]) == 0:
         return {name: empty_view(name) for name in VIEWS}
-    facts = trip_facts(trips)
-    return {name: _aggregate_view(facts, keys) for name, keys in VIEWS.items()}
+    facts = trip_facts(trips).lazy()
+    grouped = pl.collect_all([facts.group_by(keys).agg(_AGGREGATIONS).sort(keys) for keys in VIEWS.values()])
+    return {name: _to_pandas(name, frame) for name, frame in zip(VIEWS, grouped)}
 
 
 def merge_view(name: str, parts: Iterable[pd.DataFrame]) -> pd.DataFrame:
     """Add up several versions of one view: counts and sums add, min/max combine."""
-    frames = [part for part in parts if len(part)]
+    frames = [_from_pandas(part) for part in parts if len(part)]
     if not frames:
         return empty_view(name)
     keys = list(VIEWS[name])
-    how = {agg: ("min" if agg.endswith("_min") else "max" if agg.endswith("_max") else "sum") for agg in AGGREGATES}
-    merged = pd.concat(frames, ignore_index=True).groupby(keys, sort=True).agg(how).reset_index()
-    return merged.astype({**{key: KEY_DTYPES[key] for key in keys}, **{agg: "int64" for agg in AGGREGATES}})
+    return _to_pandas(name, pl.concat(frames).group_by(keys).agg(_MERGES).sort(keys))
 
 
 def merge(*view_sets: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:

@@ -225,7 +225,7 @@ def test_batch_dag_publishes_checked_views_and_reruns_change_nothing(airflow_hom
     assert run["state"] == "success", run["log"][-4000:]
     published, manifest = storage.read_version(views_dir)
     assert manifest["version"] == "v000001"
-    direct, direct_manifest = batch_processor.compute_views(master, workers=1, progress=False)
+    direct, direct_manifest, _ = batch_processor.compute_views(master, workers=1, progress=False)
     assert views.views_equal(published, direct)
     assert manifest["rows"]["master"] == 73_177 + sent.planned == direct_manifest["rows"]["master"]
     ends = simulation.end_offsets(kafka_bootstrap, topic)

@@ -26,7 +26,7 @@ import batch_processor
 from periscope import kafka_local, speed_view
 from periscope.dashboard import data
 from periscope.model import load_model, read_metadata
-from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule
+from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule, parse_cutoff
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
@@ -62,6 +62,7 @@ class Demo:
     batch_frame: pd.DataFrame
     sample_clean: pd.DataFrame
     rule_counts: dict[str, int]
+    duplicates: int
     dlq_total: int
     lag: int
 
@@ -71,7 +72,8 @@ def clean(trips: pd.DataFrame) -> pd.DataFrame:
 
 
 def stream_trips(sample_trips: pd.DataFrame, model_dir: Path, now_ms: int) -> pd.DataFrame:
-    """3,000 clean real trips as consumed from 3 partitions (offsets 0..999), predicted by the real model."""
+    """3,000 clean real trips as consumed from 3 partitions (offsets 0..999), predicted by the real model;
+    new trips (ids of their own), not copies of the history's."""
     trips = clean(sample_trips.iloc[-4000:]).tail(PARTITIONS * (SPEED_LAST + 1)).copy().reset_index(drop=True)
     trips["id"] = trips["id"] + "-stream"  # new facts: the imported history holds the originals
     trips["partition"] = np.arange(len(trips)) % PARTITIONS
@@ -161,7 +163,9 @@ def build_demo(root: Path, sample_csv: Path, sample_trips: pd.DataFrame, model_d
     now = datetime.now(timezone.utc)
     now_ms = int(now.timestamp() * 1000)
     master, views_dir, speed_dir = root / "master", root / "views", root / "speed"
-    batch_processor.import_csv(sample_csv, master)
+    history = pd.to_datetime(sample_trips["pickup_datetime"], unit="ms") < pd.Timestamp("2016-06-01")
+    batch_processor.import_csv(sample_csv, master, cutoff_ms=parse_cutoff("2016-06-01"))
+    batch_processor.import_csv(sample_csv, master)  # the whole file again: its history trips twice
     batch_processor.recompute(master, views_dir, workers=1, keep=3, progress=False)
     trips = stream_trips(sample_trips, model_dir, now_ms)
     write_master_stream(master, trips)
@@ -181,7 +185,7 @@ def build_demo(root: Path, sample_csv: Path, sample_trips: pd.DataFrame, model_d
     return Demo(views_dir, speed_dir, model_dir, root / "airflow", f"127.0.0.1:{kafka_local.free_ports(1)[0]}",
                 batch_trips=len(sample_clean) + len(in_batch), speed_trips=len(above), durations=durations,
                 stream=above.reset_index(drop=True), batch_frame=pd.concat([sample_clean, in_batch[list(FIELDS)]]),
-                sample_clean=sample_clean, rule_counts=rule_counts,
+                sample_clean=sample_clean, rule_counts=rule_counts, duplicates=int(history.sum()),
                 dlq_total=sum(map(sum, DLQ_MINUTES.values())) + 1, lag=17)
 
 
@@ -305,6 +309,7 @@ def test_quality_page_shows_dead_letters_over_time_and_cleaning_counts(demo):
     assert shown["Dead letters since the processes started"] == f"{demo.dlq_total:,}"
     removed = sum(demo.rule_counts.values())
     assert shown["Trips removed by the rules in v000002"] == f"{removed:,}"
+    assert shown["Duplicate copies removed in v000002"] == f"{demo.duplicates:,}"
     rules = app.dataframe[1].value
     assert dict(zip(rules["rule"], rules["removed"])) == demo.rule_counts
     totals = app.dataframe[0].value

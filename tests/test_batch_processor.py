@@ -2,23 +2,25 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import batch_processor
-from periscope import storage, views
+from periscope import config, storage, views
+from periscope.schema import FIELDS, parse_cutoff
 from tests.test_sources import BAD_LINES, GOOD, HEADER, independent_clean_mask
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, sample_csv):
-    """The real sample imported and recomputed once for this module."""
+    """The whole real sample imported (no cutoff) and recomputed once for this module."""
     root = tmp_path_factory.mktemp("batch")
     master, views_dir = root / "master", root / "views"
     assert batch_processor.main(["--master-dir", str(master), "--views-dir", str(views_dir),
-                                 "run", "--input", str(sample_csv)]) == 0
+                                 "run", "--input", str(sample_csv), "--cutoff", "none"]) == 0
     return master, views_dir
 
 
@@ -27,7 +29,7 @@ def test_master_data_holds_every_well_formed_trip(published, sample_csv):
     files = storage.master_files(master)
     assert len(files) == 1
     meta = storage.avro_metadata(files[0])
-    assert meta["kind"] == "csv" and meta["rows"] == "73177"
+    assert meta["kind"] == "csv" and meta["rows"] == "73177" and meta["cutoff"] == "none"
     assert meta["source_sha256"] == storage.file_sha256(sample_csv)
     records = list(storage.read_master_records(master))
     raw = pd.read_csv(sample_csv)
@@ -35,11 +37,11 @@ def test_master_data_holds_every_well_formed_trip(published, sample_csv):
     assert sorted(r["id"] for r in records) == sorted(raw["id"])
 
 
-def test_views_match_an_independent_pandas_computation(published, sample_csv):
-    _, views_dir = published
-    batch, manifest = storage.read_version(views_dir)
-    raw = pd.read_csv(sample_csv)
-    clean = raw[independent_clean_mask(raw)].copy()
+def assert_views_match_pandas(batch: dict[str, pd.DataFrame], rows: pd.DataFrame) -> pd.DataFrame:
+    """``batch`` holds exactly what plain pandas computes over ``rows`` (CSV rows in source order):
+    the first row of each trip id, the cleaning rules re-derived in pandas. Returns the clean trips."""
+    distinct = rows.drop_duplicates("id", keep="first")
+    clean = distinct[independent_clean_mask(distinct)].copy()
     pickup = pd.to_datetime(clean["pickup_datetime"])
     clean["date"], clean["hour"] = pickup.dt.normalize(), pickup.dt.hour
 
@@ -58,19 +60,29 @@ def test_views_match_an_independent_pandas_computation(published, sample_csv):
     np.testing.assert_array_equal(batch["vendor_stats"]["duration_s_sum"], vendor["sum"])
     daily = clean.groupby("date").size()
     np.testing.assert_array_equal(batch["daily_summary"]["trips"], daily.to_numpy())
-    assert manifest["rows"] == {"master": 73_177, "clean": len(clean),
+    return clean
+
+
+def test_views_match_an_independent_pandas_computation(published, sample_csv):
+    _, views_dir = published
+    batch, manifest = storage.read_version(views_dir)
+    raw = pd.read_csv(sample_csv)
+    clean = assert_views_match_pandas(batch, raw)
+    assert manifest["rows"] == {"master": 73_177, "distinct": 73_177, "duplicates": 0, "clean": len(clean),
                                 "views": {name: len(frame) for name, frame in batch.items()}}
     assert sum(manifest["cleaning"].values()) == 73_177 - len(clean)
 
 
-def test_manifest_describes_the_version(published):
+def test_manifest_and_trip_index_describe_the_version(published, sample_csv):
     _, views_dir = published
     _, manifest = storage.read_version(views_dir)
     assert manifest["version"] == storage.current_version(views_dir) == "v000001"
     assert manifest["watermark"] == {}
-    assert manifest["input_files"][0]["rows"] == 73_177
-    assert {"read_and_aggregate", "merge", "write"} <= set(manifest["timings_s"])
+    assert manifest["input_files"][0]["rows"] == 73_177 and manifest["input_files"][0]["duplicates"] == 0
+    assert {"read", "drop_duplicates", "clean_and_aggregate", "merge", "write"} == set(manifest["timings_s"])
     assert set(manifest["cleaning"]) >= {"duration_too_short", "pickup_outside_nyc"}
+    index = storage.read_trip_index(views_dir, "v000001")
+    assert list(index) == sorted(set(pd.read_csv(sample_csv)["id"]))
 
 
 def test_reimporting_the_same_file_adds_nothing(published, sample_csv, tmp_path, capsys):
@@ -81,7 +93,7 @@ def test_reimporting_the_same_file_adds_nothing(published, sample_csv, tmp_path,
     assert {p: p.read_bytes() for p in storage.master_files(master)} == before
     copy = tmp_path / "same-content.csv.gz"
     copy.write_bytes(sample_csv.read_bytes())
-    assert batch_processor.main(["--master-dir", str(master), "import", str(copy)]) == 0
+    assert batch_processor.main(["--master-dir", str(master), "import", str(copy), "--cutoff", "none"]) == 0
     assert "nothing added" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in storage.master_files(master)} == before
 
@@ -167,6 +179,200 @@ def test_bad_flag_values(capsys):
     with pytest.raises(SystemExit):
         batch_processor.main(["recompute", "--workers", "0"])
     assert "--workers must be at least 1, got 0" in capsys.readouterr().err
+
+
+# --- identifiable facts: duplicates, source order, the cutoff ------------------------
+
+
+def as_csv_rows(trips: pd.DataFrame) -> pd.DataFrame:
+    """Record-form trips (times in ms) as the CSV reads them with pandas (times as text)."""
+    rows = trips[list(FIELDS)].copy()
+    for column in ("pickup_datetime", "dropoff_datetime"):
+        rows[column] = pd.to_datetime(rows[column], unit="ms").dt.strftime("%Y-%m-%d %H:%M:%S")
+    rows["store_and_fwd_flag"] = np.where(trips["store_and_fwd_flag"], "Y", "N")
+    return rows
+
+
+def shifted(rows: pd.DataFrame, hours: int) -> pd.DataFrame:
+    """The same trips (same ids), picked up ``hours`` later: copies whose content differs."""
+    moved = rows.copy()
+    for column in ("pickup_datetime", "dropoff_datetime"):
+        moved[column] = (pd.to_datetime(moved[column]) + pd.Timedelta(hours=hours)).dt.strftime("%Y-%m-%d %H:%M:%S")
+    return moved
+
+
+def recompute_version(master, views_dir, **kwargs):
+    batch_processor.recompute(master, views_dir, workers=2, keep=3, progress=False, **kwargs)
+    return storage.read_version(views_dir)
+
+
+def test_duplicates_inside_one_csv_file_count_once_the_first_copy_wins(sample_csv, tmp_path):
+    raw = pd.read_csv(sample_csv).head(6000)
+    copies = shifted(raw.sample(900, random_state=3), hours=5)  # some land before their original
+    rows = pd.concat([raw.iloc[:4000], copies, raw.iloc[4000:], raw.iloc[100:150]], ignore_index=True)
+    path = tmp_path / "with-duplicates.csv"
+    rows.to_csv(path, index=False)
+    master = tmp_path / "master"
+    batch_processor.import_csv(path, master, part_rows=2500)  # the copies cross part files
+    batch, manifest = recompute_version(master, tmp_path / "views")
+    clean = assert_views_match_pandas(batch, rows)
+    expected_duplicates = len(rows) - rows["id"].nunique()
+    assert expected_duplicates == 950
+    assert manifest["rows"]["master"] == len(rows) and manifest["rows"]["duplicates"] == expected_duplicates
+    assert manifest["rows"]["distinct"] == rows["id"].nunique() == 6000
+    assert manifest["rows"]["clean"] == len(clean)
+    assert sum(f["duplicates"] for f in manifest["input_files"]) == expected_duplicates
+    assert list(storage.read_trip_index(tmp_path / "views", manifest["version"])) == sorted(set(rows["id"]))
+
+
+def test_the_same_trips_in_two_csv_files_count_once(sample_csv, tmp_path, capsys):
+    """The README flow's history import, then the whole file again: 73,177 distinct trips, views unchanged."""
+    raw = pd.read_csv(sample_csv)
+    before = pd.to_datetime(raw["pickup_datetime"]) < pd.Timestamp("2016-06-01")
+    master, views_dir = tmp_path / "master", tmp_path / "views"
+    argv = ["--master-dir", str(master), "--views-dir", str(views_dir)]
+    assert batch_processor.main([*argv, "import", str(sample_csv), "--cutoff", "2016-06-01"]) == 0
+    assert batch_processor.main([*argv, "import", str(sample_csv), "--cutoff", "none"]) == 0
+    capsys.readouterr()
+    batch, manifest = recompute_version(master, views_dir)
+    assert manifest["rows"]["distinct"] == raw["id"].nunique() == 73_177
+    assert manifest["rows"]["duplicates"] == int(before.sum())
+    assert manifest["rows"]["master"] == int(before.sum()) + len(raw)
+    assert_views_match_pandas(batch, pd.concat([raw[before], raw], ignore_index=True))
+    alone = tmp_path / "alone"
+    batch_processor.import_csv(sample_csv, alone)
+    assert views.views_equal(batch, recompute_version(alone, tmp_path / "alone-views")[0])
+    assert [f["duplicates"] for f in manifest["input_files"]] == [0, int(before.sum())]
+
+
+def test_a_cutoff_import_takes_the_history_and_leaves_the_rest_for_the_stream(sample_csv, tmp_path, capsys):
+    raw = pd.read_csv(sample_csv)
+    pickup = pd.to_datetime(raw["pickup_datetime"])
+    cutoff = pd.Timestamp("2016-03-15 12:00:00")
+    master = tmp_path / "master"
+    argv = ["--master-dir", str(master), "import", str(sample_csv), "--cutoff", "2016-03-15 12:00:00"]
+    assert batch_processor.main(argv) == 0
+    out = capsys.readouterr().out
+    history, rest = int((pickup < cutoff).sum()), int((pickup >= cutoff).sum())
+    assert f"imported {history:,} trips picked up before 2016-03-15 12:00:00" in out
+    assert f"{rest:,} trips picked up from the cutoff on are left for the stream" in out
+    (target,) = (master / "csv").iterdir()
+    assert target.name == storage.file_sha256(sample_csv)[:24] + "-before-20160315T120000"
+    summary = json.loads((target / "import.json").read_text())
+    assert summary["rows"] == history and summary["left_for_stream"] == rest and summary["import_seq"] == 1
+    assert summary["cutoff"] == "2016-03-15 12:00:00"
+    assert summary["cutoff_ms"] == (cutoff - pd.Timestamp(0)) // pd.Timedelta(milliseconds=1)
+    assert {storage.avro_metadata(p)["cutoff"] for p in storage.master_files(master)} == {"2016-03-15 12:00:00"}
+    assert sorted(r["id"] for r in storage.read_master_records(master)) == sorted(raw.loc[pickup < cutoff, "id"])
+
+    before = {p: p.read_bytes() for p in storage.master_files(master)}
+    assert batch_processor.main(argv) == 0
+    assert "nothing added" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in storage.master_files(master)} == before
+    later = batch_processor.import_csv(sample_csv, master, cutoff_ms=parse_cutoff("2016-04-01"))
+    assert later.added and later.rows == int((pickup < pd.Timestamp("2016-04-01")).sum())
+    assert json.loads((later.target / "import.json").read_text())["import_seq"] == 2
+
+
+def test_the_cutoff_defaults_to_config_and_none_takes_everything(sample_csv, tmp_path):
+    args = batch_processor.parse_args(["import", str(sample_csv)])
+    assert args.cutoff == parse_cutoff(config.CUTOFF)
+    assert batch_processor.parse_args(["run", "--cutoff", "none"]).cutoff is None
+    assert batch_processor.parse_args([]).command == "run"
+    assert batch_processor.parse_args([]).cutoff == parse_cutoff(config.CUTOFF)
+
+
+@pytest.mark.parametrize("value", ["2016-13-01", "tomorrow", "2016-06-01T00:00"])
+def test_a_bad_cutoff_is_a_one_line_error(value, sample_csv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        batch_processor.main(["import", str(sample_csv), "--cutoff", value])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(
+        f" import: error: argument --cutoff: {value!r} is not a cutoff: give a pickup time like "
+        "2016-06-01 or '2016-06-01 12:00:00' (New York wall clock), or none")
+
+
+def test_stream_copies_of_history_trips_count_once_as_in_history(sample_csv, sample_trips, tmp_path):
+    """A trip imported as history and replayed into Kafka: the CSV copy comes first in source order."""
+    master = tmp_path / "master"
+    batch_processor.import_csv(sample_csv, master)
+    replayed = sample_trips.iloc[:1500].copy()
+    replayed["trip_duration"] += 7  # the replayed copies even differ: the history's copy still counts
+    replayed["dropoff_datetime"] += 7000
+    new = sample_trips.iloc[1500:1800].assign(id=lambda t: t["id"] + "-new")
+    stream = pd.concat([replayed, new, replayed.iloc[:100]], ignore_index=True)
+    for partition in range(3):
+        part = stream.iloc[partition::3]
+        batch_processor.write_stream_file(master, "taxi-trips", partition,
+                                          [(o, r, None) for o, r in enumerate(part[list(FIELDS)].to_dict("records"))])
+    batch, manifest = recompute_version(master, tmp_path / "views")
+    raw = pd.read_csv(sample_csv)
+    rows = pd.concat([raw, *(as_csv_rows(stream.iloc[p::3]) for p in range(3))], ignore_index=True)
+    assert_views_match_pandas(batch, rows)
+    assert manifest["rows"]["duplicates"] == 1600 and manifest["rows"]["distinct"] == 73_177 + 300
+    assert manifest["watermark"] == {str(p): len(stream.iloc[p::3]) - 1 for p in range(3)}
+    assert [f["kind"] for f in manifest["input_files"]] == ["csv", "stream", "stream", "stream"]
+
+
+def test_source_order_is_import_order_whatever_the_names(sample_csv, tmp_path):
+    raw = pd.read_csv(sample_csv).head(3000)
+    early, late = tmp_path / "early.csv", tmp_path / "late.csv"
+    raw.to_csv(early, index=False)
+    shifted(raw, hours=3).to_csv(late, index=False)
+    results = {}
+    for order in ((early, late), (late, early)):
+        master = tmp_path / f"master-{order[0].stem}"
+        for path in order:
+            batch_processor.import_csv(path, master)
+        files = storage.master_files(master)
+        assert [storage.avro_metadata(f)["source"] for f in files] == [p.name for p in order]
+        results[order[0].stem] = recompute_version(master, tmp_path / f"views-{order[0].stem}")[0]
+        assert_views_match_pandas(results[order[0].stem], pd.read_csv(order[0]))
+    assert not views.views_equal(results["early"], results["late"])
+
+
+def test_imports_made_before_they_were_numbered_come_first(sample_csv, tmp_path):
+    master = tmp_path / "master"
+    raw = pd.read_csv(sample_csv).head(500)
+    for index in range(3):
+        path = tmp_path / f"f{index}.csv"
+        raw.iloc[index * 100:(index + 1) * 100].to_csv(path, index=False)
+        batch_processor.import_csv(path, master)
+    old = storage.csv_imports(master)
+    legacy = old[2]  # pretend the third import was made by a version that did not number imports
+    summary = json.loads((legacy / "import.json").read_text())
+    del summary["import_seq"]
+    (legacy / "import.json").write_text(json.dumps(summary))
+    assert storage.csv_imports(master) == [legacy, old[0], old[1]]
+
+
+def test_options_work_after_the_command_too(published, capsys):
+    master, views_dir = published
+    assert batch_processor.main(["status", "--master-dir", str(master), "--views-dir", str(views_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"master data: 1 files under {master}" in out and "current version v000001" in out
+    assert "of 73,177 distinct (0 later copies left out)" in out
+
+
+def test_the_fastavro_decoder_gives_the_same_version(published):
+    master, _ = published
+    fast = batch_processor.compute_views(master, workers=1, progress=False)
+    reference = batch_processor.compute_views(master, workers=1, progress=False, decoder="fastavro")
+    assert views.views_equal(fast.views, reference.views)
+    assert fast.manifest["rows"] == reference.manifest["rows"] and fast.trip_ids.equals(reference.trip_ids)
+
+
+def test_an_unreadable_master_file_is_a_one_line_error(published, tmp_path, capsys):
+    master, _ = published
+    broken = tmp_path / "master"
+    shutil.copytree(master, broken)
+    (part,) = storage.master_files(broken)
+    part.write_bytes(part.read_bytes()[:5000])  # cut off, as by a full disk
+    assert batch_processor.main(["--master-dir", str(broken), "--views-dir", str(tmp_path / "v"), "recompute"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: master file {part} cannot be read") and len(err.strip().splitlines()) == 1
 
 
 # --- stream ingestion against a real broker ------------------------------------------

@@ -6,11 +6,13 @@
   adds nothing) and drains every new ``taxi-trips`` event into the immutable
   Avro master dataset (``batch_processor.ingest_stream``: files named by their
   offset range, so an event is never stored twice).
-* ``compute_views``: every batch view from *all* master data
-  (``batch_processor.compute_views``, nothing published), staged on disk under
+* ``compute_views``: every batch view from *all* master data, later copies of
+  a trip left out (``batch_processor.compute_views``, nothing published),
+  staged on disk with the version's trip index under
   ``var/batch-staging/<run id>/`` because views are too big for XCom.
 * ``quality_gate``: ``periscope.quality.check`` - row counts agree with the
-  master files' own headers, clean + rejected = master, every view counts every
+  master files' own headers, master = distinct + duplicates, distinct = clean +
+  rejected, the trip index holds every distinct trip, every view counts every
   clean trip, no negative durations or distances, views not empty, the share of
   trips the cleaning rules reject below ``max_rejected_share``, the watermark
   never behind the published one. A failure fails the run; nothing is published.
@@ -90,10 +92,12 @@ def taxi_batch_processing():
         import batch_processor
         from periscope import config, quality
 
-        batch_views, manifest = batch_processor.compute_views(config.MASTER_DIR, params["workers"], progress=False,
-                                                              engine=params["engine"])
-        staged = quality.stage(staging_dir(run_id), batch_views, manifest)
-        print(f"staged {manifest['rows']['clean']:,} clean trips of {manifest['rows']['master']:,} in {staged}")
+        version = batch_processor.compute_views(config.MASTER_DIR, params["workers"], progress=False,
+                                                engine=params["engine"])
+        staged = quality.stage(staging_dir(run_id), version)
+        rows = version.manifest["rows"]
+        print(f"staged {rows['clean']:,} clean trips of {rows['distinct']:,} distinct ({rows['duplicates']:,} "
+              f"later copies left out of {rows['master']:,} master rows) in {staged}")
         return str(staged)
 
     @task
@@ -103,12 +107,12 @@ def taxi_batch_processing():
 
         from periscope import config, quality, storage
 
-        batch_views, manifest = quality.read_staged(Path(staged))
+        batch_views, manifest, trip_ids = quality.read_staged(Path(staged))
         current = storage.current_version(config.VIEWS_DIR)
         previous = storage.read_version(config.VIEWS_DIR)[1] if current else None
         thresholds = quality.Thresholds(params["max_rejected_share"], params["min_clean_trips"])
         problems = quality.check(batch_views, manifest, quality.master_rows(config.MASTER_DIR, manifest),
-                                 previous, thresholds)
+                                 previous, thresholds, trip_ids)
         if problems:
             raise AirflowFailException(quality.report(problems))
         print(f"data-quality gate passed: {quality.summary(manifest)}")
@@ -122,7 +126,8 @@ def taxi_batch_processing():
         import batch_processor
         from periscope import config, quality, storage, views
 
-        batch_views, manifest = quality.read_staged(Path(staged))
+        version = quality.read_staged(Path(staged))
+        batch_views, manifest = version.views, version.manifest
         current = storage.current_version(config.VIEWS_DIR)
         if current:
             current_views, previous = storage.read_version(config.VIEWS_DIR, current)
@@ -131,7 +136,7 @@ def taxi_batch_processing():
                       "and identical views: nothing to publish")
                 shutil.rmtree(staged, ignore_errors=True)
                 return current
-        published = batch_processor.publish(config.VIEWS_DIR, batch_views, manifest, params["keep"])
+        published = batch_processor.publish(config.VIEWS_DIR, version, params["keep"])
         batch_processor.print_manifest(published)
         shutil.rmtree(staged, ignore_errors=True)
         return published["version"]

@@ -405,6 +405,12 @@ def cleaning_counts(manifest: Mapping[str, Any]) -> pd.DataFrame:
                          "removed": [int(counts.get(rule.name, 0)) for rule in RULES]})
 
 
+def duplicates_removed(manifest: Mapping[str, Any]) -> int | None:
+    """Later copies of a trip the batch version left out, or None for a version made before it counted them."""
+    duplicates = manifest.get("rows", {}).get("duplicates")
+    return None if duplicates is None else int(duplicates)
+
+
 def schema_fields() -> pd.DataFrame:
     """The trip schema (the Avro schema of the master dataset) as a table."""
     return pd.DataFrame([{"field": f["name"], "type": f["type"], "meaning": f.get("doc", "")}

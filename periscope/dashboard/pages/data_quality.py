@@ -1,4 +1,4 @@
-"""Data quality: dead letters by reason over time, cleaning-rule counts, the schema, freshness of each layer."""
+"""Data quality: dead letters by reason over time, duplicates and cleaning-rule counts, the schema, freshness."""
 from __future__ import annotations
 
 import altair as alt
@@ -12,7 +12,9 @@ def render(settings: ui.Settings) -> None:
     st.title("Data quality")
     st.markdown("Bad input is never dropped silently. The speed layer sends every message it cannot use to the "
                 "dead-letter topic `taxi-trips-dlq` with its reason; the batch layer keeps every well-formed trip "
-                "in the master dataset and counts, per cleaning rule, the trips it leaves out of the views.")
+                "in the master dataset and counts, per cleaning rule, the trips it leaves out of the views. A trip "
+                "that reached the master dataset twice (imported and also replayed, or re-sent by a restarted "
+                "producer) is one trip: the batch layer counts its first copy and leaves the later ones out.")
     merged = ui.combined(settings)
     statuses = ui.statuses(settings)
 
@@ -35,14 +37,23 @@ def render(settings: ui.Settings) -> None:
         right.metric("Dead letters since the processes started", f"{int(totals['dead_letters'].sum()):,}")
         right.dataframe(totals, hide_index=True)
 
-    st.subheader("Cleaning rules (last batch version)")
+    st.subheader("Duplicates and cleaning rules (last batch version)")
     if merged.batch_version is None:
         ui.empty_state("No batch version yet", data.COMMANDS["batch"])
     else:
         rules = data.cleaning_counts(merged.manifest)
         counts = merged.manifest.get("rows", {})
-        st.metric(f"Trips removed by the rules in {merged.batch_version}", f"{int(rules['removed'].sum()):,}",
-                  help=f"{counts.get('master', 0):,} trips in the master dataset, {counts.get('clean', 0):,} clean")
+        duplicates = data.duplicates_removed(merged.manifest)
+        copies, removed = st.columns(2)
+        copies.metric(f"Duplicate copies removed in {merged.batch_version}",
+                      "not counted" if duplicates is None else f"{duplicates:,}",
+                      help=f"{counts.get('master', 0):,} rows in the master dataset hold "
+                           f"{counts.get('distinct', counts.get('master', 0)):,} distinct trips (by trip id); "
+                           "the first copy in source order counts" if duplicates is not None else
+                           "this version was computed before the batch layer removed duplicates")
+        removed.metric(f"Trips removed by the rules in {merged.batch_version}", f"{int(rules['removed'].sum()):,}",
+                       help=f"{counts.get('distinct', counts.get('master', 0)):,} distinct trips, "
+                            f"{counts.get('clean', 0):,} clean")
         left, right = st.columns([1, 2])
         left.altair_chart(alt.Chart(rules, title="Trips removed per rule").mark_bar(color=data.LAYER_COLORS[0]).encode(
             x=alt.X("removed:Q"), y=alt.Y("rule:N", sort=None, title=None),
