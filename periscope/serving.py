@@ -160,6 +160,8 @@ def arrow_keys(ids: pa.Array) -> np.ndarray | None:
         return np.array([], dtype="S1")
     if not pc.all(pc.string_is_ascii(ids)).as_py():
         return None
+    if pa.types.is_large_string(ids.type):  # polars writes large strings; the kernels below want one type
+        ids = ids.cast(pa.string())
     terminated = pc.binary_join_element_wise(ids, pa.scalar(_TERMINATOR, ids.type), "")
     width = pc.max(pc.binary_length(terminated)).as_py()
     padded = pc.utf8_rpad(terminated, width=width, padding="\x00")

@@ -27,7 +27,6 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 import batch_processor
 from periscope import serving, storage, views
 from periscope.schema import FIELDS, InvalidTrip, RULE_NAMES, check_rules, parse_json
-from tests import distinct_batch
 
 pytestmark = pytest.mark.kafka
 
@@ -172,7 +171,7 @@ def test_combined_view_equals_a_recompute_over_the_distinct_trips_while_trips_st
 
     def batch_cycle() -> dict:
         batch_processor.ingest_stream(kafka_bootstrap, topic, "e2e-batch", master)
-        return distinct_batch.recompute(master, views_dir, keep=3, speed_dir=speed_dir)
+        return batch_processor.recompute(master, views_dir, workers=1, keep=3, progress=False, speed_dir=speed_dir)
 
     consumer = subprocess.Popen(
         [sys.executable, "kafka_consumer.py", "--bootstrap", kafka_bootstrap, "--topic", topic, "--dlq-topic", dlq,

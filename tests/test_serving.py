@@ -25,7 +25,6 @@ import batch_processor
 from periscope import serving, speed_view, storage, views
 from periscope.dashboard import data
 from periscope.schema import FIELDS, first_broken_rule
-from tests import distinct_batch
 
 TOPIC = "taxi-trips"
 PARTITIONS = 3
@@ -274,7 +273,7 @@ def test_merged_equals_a_recompute_over_the_distinct_facts_for_any_duplicates(po
     write_master_stream(master, copies, nothing, scenario.first_cut, scenario.master_file_rows)
     published: tuple[str, ...] = ()
     if storage.master_files(master):
-        distinct_batch.recompute(master, views_dir, keep=2, speed_dir=speed)
+        batch_processor.recompute(master, views_dir, workers=1, keep=2, progress=False, speed_dir=speed)
         published = (HISTORY,)
     check_merge(serving.combined_views(views_dir, speed), copies, published, first if published else {},
                 scenario.seen)
@@ -285,7 +284,7 @@ def test_merged_equals_a_recompute_over_the_distinct_facts_for_any_duplicates(po
                 scenario.seen)
 
     if storage.master_files(master):
-        distinct_batch.recompute(master, views_dir, keep=2, speed_dir=speed)
+        batch_processor.recompute(master, views_dir, workers=1, keep=2, progress=False, speed_dir=speed)
         published = (HISTORY, LATE_HISTORY)
     check_merge(serving.combined_views(views_dir, speed), copies, published, second if published else {},
                 scenario.seen)
@@ -331,7 +330,7 @@ def test_of_two_different_copies_the_earliest_counts(pool, tmp_path, layout, ext
     if watermark >= 0:
         write_master_stream(master, stream.assign(kind=STREAM), {0: -1}, {0: watermark}, 100)
     if storage.master_files(master):
-        distinct_batch.recompute(master, views_dir, keep=2, speed_dir=speed)
+        batch_processor.recompute(master, views_dir, workers=1, keep=2, progress=False, speed_dir=speed)
 
     combined = serving.combined_views(views_dir, speed)
     facts = distinct_facts(pd.concat([*history, stream[list(FIELDS)]], ignore_index=True))
@@ -349,7 +348,7 @@ def test_of_two_different_copies_the_earliest_counts(pool, tmp_path, layout, ext
 
 def test_the_index_is_read_once_per_version_and_a_rebuilt_version_is_read_again(stream, tmp_path):
     master, views_dir, speed = lay_out(stream, {0: 99, 1: 99, 2: 99}, tmp_path)
-    published = distinct_batch.recompute(master, views_dir, keep=2)
+    published = batch_processor.recompute(master, views_dir, workers=1, keep=2, progress=False)
     version = published["version"]
     index = serving.trip_index(views_dir, version)
     assert index is not None and len(index) == 300
@@ -399,7 +398,7 @@ def test_a_version_without_an_index_excludes_no_ids_and_says_so(stream, tmp_path
 
 def test_the_coverage_sentence_counts_the_speed_rows_left_out(stream, tmp_path):
     master, views_dir, speed = lay_out(stream, {0: 99, 1: 99, 2: 99}, tmp_path)
-    distinct_batch.recompute(master, views_dir, keep=2, speed_dir=speed)
+    batch_processor.recompute(master, views_dir, workers=1, keep=2, progress=False, speed_dir=speed)
     in_batch = stream.iloc[:12].assign(partition=1, offset=np.arange(900, 912))
     in_speed = stream.iloc[1500:1507].assign(partition=2, offset=np.arange(900, 907))
     speed_view.write_batch(speed, 1, in_batch)
