@@ -584,9 +584,10 @@ def explained_errors() -> tuple[type[Exception], ...]:
 
     Evaluated only when an error happens, so the Kafka client is imported only then.
     """
+    from periscope.spark_session import SparkSetupError
     from periscope.stream import BrokerUnavailable
 
-    return FileNotFoundError, CsvLayoutError, UnreadableMasterFile, BrokerUnavailable
+    return FileNotFoundError, CsvLayoutError, UnreadableMasterFile, BrokerUnavailable, SparkSetupError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,7 +110,8 @@ def status_line(model_dir: Path, views_dir: Path, speed_dir: Path) -> str:
         f", p99 {p99:,.0f} ms" if p99 is not None else "")
     batch = (f"batch {combined.batch_version} ({combined.batch_trips:,} trips)" if combined.batch_version
              else "batch: no version yet")
-    return f"{speed} | {batch} | dashboard total {combined.batch_trips + combined.speed_trips:,} | " \
+    copies = f" ({combined.speed_duplicates:,} copies left out)" if combined.speed_duplicates else ""
+    return f"{speed} | {batch} | dashboard total {combined.batch_trips + combined.speed_trips:,}{copies} | " \
            f"model {model.current_version(model_dir) or '-'}"
 
 

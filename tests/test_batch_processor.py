@@ -444,3 +444,21 @@ def test_ingest_from_a_missing_topic_or_broker_is_a_clear_error(kafka_bootstrap,
     assert "topic 'no-such-topic' does not exist" in capsys.readouterr().err
     assert batch_processor.main([*argv, "127.0.0.1:1", "--wait", "0"]) == 2
     assert "no Kafka broker answered at 127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_the_spark_engine_without_its_jars_is_a_one_line_error_naming_the_fix(published, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    empty = tmp_path / "no-jars"
+    empty.mkdir()
+    result = subprocess.run(
+        [sys.executable, "batch_processor.py", "--master-dir", str(published[0]), "--views-dir",
+         str(tmp_path / "views"), "recompute", "--engine", "spark"],
+        cwd=config.PROJECT_ROOT, env={**os.environ, "PERISCOPE_SPARK_JARS_DIR": str(empty)},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "make spark-fetch" in lines[0], result.stderr

@@ -10,9 +10,12 @@ EXPLANATION = """
 its result is complete but only up to a point in the stream, its **watermark** (per Kafka partition,
 the last offset it has read). The *speed layer* handles each trip within a second of its arrival. This
 page adds the two: the batch version, plus the speed layer's trips **above** the watermark. Trips at or
-below it are already in the batch view, so nothing counts twice, and nothing is missing. When the next
-batch version is published, the watermark moves up, the orange part shrinks into the blue part, and the
-totals stay the same. Every view holds counts, sums and sums of squares, so the sum is exact, and the
+below it are already in the batch view, so nothing is missing. A trip is a *fact with an identity*, its
+id: if the same trip reached the system twice (a file imported and also replayed, a producer restarted
+after a crash), the batch layer counts its first copy only, and a speed row whose trip the batch version
+or an earlier speed row already holds is left out, so nothing counts twice. When the next batch version
+is published, the watermark moves up, the orange part shrinks into the blue part, and the totals stay
+the same. Every view holds counts, sums and sums of squares, so the sum is exact, and the
 averages and spreads below are computed from the merged sums.
 """
 
