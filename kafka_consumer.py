@@ -6,19 +6,34 @@ the consumer group ``periscope-speed`` and, for every poll batch:
 
 1. validates each message with the shared schema (``parse_json`` per message,
    then the cleaning rules vectorised over the whole batch) and sends every
-   invalid one to ``taxi-trips-dlq``: original key and value bytes, the reason
-   in its headers (``periscope.stream``);
+   invalid one to ``taxi-trips-dlq`` unless it is there already: original key
+   and value bytes, the reason and the source offset in its headers
+   (``periscope.stream``);
 2. predicts the duration of the valid trips in one call to the trained model
    (``periscope.features``: the same code path as training);
 3. waits until the dead letters are acknowledged, then writes one speed file
    per partition (``periscope.speed_view``: atomic, named by offset range);
 4. commits the offsets.
 
-Restarting loses nothing and duplicates nothing: the speed files are the
-durable record of progress. An assigned partition resumes at max(committed
-offset, last offset on disk + 1), so a crash between a write and its commit
-re-reads those messages but never writes them twice. A broker restart is
-waited out (kafka-python reconnects; failed commits are retried).
+Reading is at-least-once (offsets are committed after the files are
+written); what the speed layer writes is exactly once, even after ``kill -9``
+at any moment:
+
+- **trips:** the speed files are the durable record of progress. An assigned
+  partition resumes at max(committed offset, last offset on disk + 1), so a
+  crash between a write and its commit re-reads those messages but never
+  writes them twice;
+- **dead letters:** they are sent before the file that moves the resume point
+  past them, so a crash in between re-reads their messages. The dead-letter
+  topic is its own record (``periscope.stream.DeadLetterLedger``): after every
+  assignment, before the next dead letter goes out, the topic is read back
+  (whole for newly assigned partitions: ~1.3 s per 100,000 dead letters) and
+  a message whose source offset is on it already is not sent again, whichever
+  member of the group sent it. One consumer per partition at a time is what
+  makes that enough.
+
+A broker restart is waited out (kafka-python reconnects; failed commits are
+retried).
 
 Stages 2-3 run on a worker thread while the main thread decodes and validates
 the next batch: model and Parquet code release Python's GIL, so the two overlap.
@@ -73,7 +88,7 @@ from periscope import config, speed_view
 from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, current_version, load_model
 from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, RULE_NAMES, TIME_FIELDS, InvalidTrip,
                               first_broken_rule, parse_json)
-from periscope.stream import BrokerUnavailable, dlq_headers, wait_for_broker
+from periscope.stream import BrokerUnavailable, DeadLetterLedger, dlq_headers, wait_for_broker
 
 log = logging.getLogger("kafka_consumer")
 
@@ -277,8 +292,10 @@ class ResumeAfterSpeedFiles(ConsumerRebalanceListener):
     """Where partitions resume after a rebalance, and what must be finished before they move.
 
     On assignment each partition is sought to max(committed offset, last offset
-    in its speed files + 1). The next owner of a revoked partition resumes after
-    the speed files, so the batch being written is finished first. kafka-python
+    in its speed files + 1), and the dead-letter ledger is told so (it is read
+    back before the next dead letter). The next owner of a revoked partition
+    resumes after the speed files and reads back the dead letters sent before,
+    so the batch being written (and its dead letters) is finished first. kafka-python
     runs this on its IO thread, which refuses the consumer's own blocking calls
     (``committed()``); ``SpeedLayer.committed`` reads them with an admin client.
     """
@@ -288,6 +305,8 @@ class ResumeAfterSpeedFiles(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         self.layer.wait_for_writer()
+        for tp in revoked:
+            self.layer.ledger.release(tp.partition)
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self.layer.seek_past_written(sorted(assigned))
@@ -300,7 +319,8 @@ class Batch:
     messages: list[Any]
     columns: dict[str, np.ndarray]
     invalid: list[tuple[Any, str]]
-    dead_letters: list[Any]
+    dead_letters: list[tuple[Any, str, Any]]
+    """(message, reason, send future) of the invalid messages this batch sends; future None once read back."""
     model: TripDurationModel
     predicted: np.ndarray | None = None
     rows: pd.DataFrame | None = None
@@ -326,6 +346,9 @@ class SpeedLayer:
         self.admin = KafkaAdminClient(bootstrap_servers=args.bootstrap, client_id=f"{args.consumer_id}-admin",
                                       request_timeout_ms=COMMIT_TIMEOUT_MS,
                                       reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
+        self.ledger = DeadLetterLedger(args.bootstrap, args.dlq_topic, args.topic, COMPONENT,
+                                       client_id=f"{args.consumer_id}-dlq-reader",
+                                       reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, check_crcs=CHECK_CRCS)
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speed-writer",
                                          initializer=threadpool_limits, initargs=(MODEL_THREADS, "openmp"))
         self.in_flight: Future | None = None
@@ -373,6 +396,7 @@ class SpeedLayer:
             start = resume_offset(committed.get(tp), on_disk.get(tp.partition))
             if start is not None:
                 self.consumer.seek(tp, start)
+            self.ledger.resume(tp.partition, start)
             log.info("partition %d assigned: resuming at %s", tp.partition,
                      "the earliest offset" if start is None else f"offset {start:,}")
         self.last_activity = time.monotonic()
@@ -386,11 +410,38 @@ class SpeedLayer:
             return {}
         return {tp: meta.offset for tp, meta in found.items() if meta.offset >= 0}
 
-    def validate(self, messages: list[Any]) -> Batch:
-        """Stage 1 (main thread): parse and check every message, start sending the dead letters."""
+    def validate(self, messages: list[Any]) -> Batch | None:
+        """Stage 1 (main thread): parse and check every message, start sending the dead letters.
+
+        Exactly once: a dead letter goes out only if the ledger (the DLQ topic read back after
+        the last assignment, plus what this process sent since) has none for its offset. None if
+        told to stop while the ledger could not be read: nothing of the batch is sent or written.
+        """
         columns, invalid = validate_batch(messages)
-        dead_letters = [self.send_dead_letter(message, reason) for message, reason in invalid]
+        if invalid and not self.read_back_dead_letters():
+            return None
+        dead_letters = []
+        for message, reason in invalid:
+            if not self.ledger.has(message.partition, message.offset):
+                self.ledger.add_sent(message.partition, message.offset)
+                dead_letters.append((message, reason, self.send_dead_letter(message, reason)))
         return Batch(messages, columns, invalid, dead_letters, self.models.current())
+
+    def read_back_dead_letters(self) -> bool:
+        """After an assignment: read the DLQ topic back, retrying while it cannot be; False if told to stop."""
+        while self.ledger.stale:
+            started = time.monotonic()
+            try:
+                known = self.ledger.catch_up()
+            except KafkaError as error:
+                if self.stopping:
+                    return False
+                self.warn(f"cannot read the dead-letter topic back ({error!r}); retrying before sending any")
+                time.sleep(RETRY_PAUSE_S)
+                continue
+            log.info("dead letters read back from %s in %.2f s: %s at or after the resume offsets, not sent again",
+                     self.args.dlq_topic, time.monotonic() - started, f"{known:,}")
+        return True
 
     def send_dead_letter(self, message: Any, reason: str) -> Any:
         headers = dlq_headers(reason, message.topic, message.partition, message.offset, COMPONENT)
@@ -414,21 +465,33 @@ class SpeedLayer:
         return batch
 
     def dead_letters_delivered(self, batch: Batch) -> bool:
-        """Block until every dead letter is acknowledged, re-sending failures; False if told to stop first."""
+        """Block until every dead letter is acknowledged, re-sending failures; False if told to stop first.
+
+        A failed send may have landed all the same (only its acknowledgement lost), so the DLQ
+        topic is read back first and only what is not on it is sent again.
+        """
         while True:
             self.producer.flush()
-            failed = [index for index, future in enumerate(batch.dead_letters) if future.failed()]
+            failed = [index for index, (_, _, future) in enumerate(batch.dead_letters)
+                      if future is not None and future.failed()]
             if not failed:
                 return True
             if self.stopping:
                 log.error("%d dead letters undelivered at shutdown: their batch is neither written nor "
                           "committed, and will be read again on restart", len(failed))
                 return False
-            self.warn(f"{len(failed)} dead letters not delivered ({batch.dead_letters[failed[0]].exception!r}); "
+            self.warn(f"{len(failed)} dead letters not delivered ({batch.dead_letters[failed[0]][2].exception!r}); "
                       "retrying")
             time.sleep(RETRY_PAUSE_S)
+            try:
+                self.ledger.catch_up()
+            except KafkaError:
+                continue
             for index in failed:
-                batch.dead_letters[index] = self.send_dead_letter(*batch.invalid[index])
+                message, reason, _ = batch.dead_letters[index]
+                landed = self.ledger.on_topic(message.partition, message.offset)
+                batch.dead_letters[index] = (message, reason,
+                                             None if landed else self.send_dead_letter(message, reason))
 
     def finish_in_flight(self) -> bool:
         """Wait for the worker's batch, commit and count it; False if it could not be written."""
@@ -444,7 +507,8 @@ class SpeedLayer:
         self.last_activity = now = time.monotonic()
         self.latency.add((batch.rows["visible_at_ms"] - batch.rows["kafka_timestamp_ms"]).to_numpy(), now)
         self.errors.add(batch.columns["trip_duration"], batch.predicted, now)
-        self.totals.update(consumed=len(batch.messages), valid=len(batch.rows), dlq=len(batch.invalid))
+        self.totals.update(consumed=len(batch.messages), valid=len(batch.rows), dlq=len(batch.invalid),
+                           dlq_already_sent=len(batch.invalid) - len(batch.dead_letters))
         self.dlq_reasons.update(reason_code(reason) for _, reason in batch.invalid)
         self.dlq_history.add((reason_code(reason) for _, reason in batch.invalid), wall_clock_ms())
         return True
@@ -456,7 +520,10 @@ class SpeedLayer:
     def commit(self) -> None:
         """Commit what is written; after a failure (broker down, rebalance) the next commit includes it.
 
-        Nothing depends on a commit succeeding: the speed files already record the progress.
+        Committing after the files are written gives at-least-once reading: a crash before the
+        commit re-reads the batch. The speed files and the dead-letter topic record what the
+        batch produced, so it is not produced twice: nothing depends on a commit succeeding.
+        A committed offset is never read again, so the ledger forgets the dead letters below it.
         """
         assigned = self.consumer.assignment()
         self.uncommitted = {tp: offset for tp, offset in self.uncommitted.items() if tp in assigned}
@@ -465,6 +532,8 @@ class SpeedLayer:
         try:
             self.consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in self.uncommitted.items()},
                                  timeout_ms=COMMIT_TIMEOUT_MS)
+            for tp, offset in self.uncommitted.items():
+                self.ledger.forget_below(tp.partition, offset)
             self.uncommitted = {}
         except KafkaError as error:
             self.warn(f"offset commit failed ({error!r}); retrying with the next commit")
@@ -522,7 +591,7 @@ class SpeedLayer:
             "positions": {str(p): offset for p, offset in self.positions.items()},
             "lag": {str(p): lag for p, lag in self.lag.items()},
             "total_lag": sum(lag for lag in self.lag.values() if lag is not None),
-            "totals": {**{name: self.totals[name] for name in ("consumed", "valid", "dlq")},
+            "totals": {**{name: self.totals[name] for name in ("consumed", "valid", "dlq", "dlq_already_sent")},
                        "dlq_by_reason": dict(sorted(self.dlq_reasons.items()))},
             "dlq_history": self.dlq_history.as_status(),
             "rate_per_s": round(rate, 1),
@@ -546,9 +615,11 @@ class SpeedLayer:
         elapsed, error = time.monotonic() - self.started, self.errors.cumulative()
         quality = f"live RMSLE {error['rmsle']:.3f}, MAE {error['mae']:.0f} s" if error["rows"] else "no valid trips"
         reasons = f" ({', '.join(f'{n:,} {r}' for r, n in self.dlq_reasons.most_common())})" if self.dlq_reasons else ""
-        log.info("stopped after %.0f s: %s trips consumed, %s valid, %s to the dead-letter topic%s; %s",
+        already = self.totals["dlq_already_sent"]
+        there = f", {already:,} of them there already (sent before a restart or a rebalance)" if already else ""
+        log.info("stopped after %.0f s: %s trips consumed, %s valid, %s to the dead-letter topic%s%s; %s",
                  elapsed, f"{self.totals['consumed']:,}", f"{self.totals['valid']:,}", f"{self.totals['dlq']:,}",
-                 reasons, quality)
+                 reasons, there, quality)
         self.disconnect()
 
     def disconnect(self) -> None:
@@ -556,6 +627,7 @@ class SpeedLayer:
         self.producer.close(timeout=10)
         self.consumer.close(autocommit=False, timeout_ms=10_000)
         self.admin.close()
+        self.ledger.close()
 
 
 def format_status(status: dict[str, Any]) -> str:

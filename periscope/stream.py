@@ -11,14 +11,21 @@ its headers:
     ``<topic>/<partition>/<offset>`` of the original record;
 ``periscope.rejected_by``
     the component that rejected it (``kafka_consumer``, ``spark_streaming``).
+
+Read back (``read_dead_letters``, ``DeadLetterLedger``), the topic itself
+records which source offsets have their dead letter already: a process that
+asks it before sending sends each one once, across crashes and rebalances.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaTimeoutError
 
 from periscope.kafka_local import is_reachable
 
@@ -28,6 +35,10 @@ REJECTED_BY_HEADER = "periscope.rejected_by"
 MAX_BACKOFF_S = 10.0
 KEY_BATCH = 50_000
 """Messages per poll when reading a topic's keys back, and keys compacted at a time."""
+DLQ_READ_TIMEOUT_S = 30.0
+READER_FETCH_MAX_WAIT_MS = 50
+"""A reader's fetch at the end of the topic waits this long for more (default 500 ms): the broker answers
+a connection's requests in order, so the next read's first request would wait behind it."""
 
 
 class BrokerUnavailable(RuntimeError):
@@ -140,3 +151,149 @@ def header_value(headers: list[tuple[str, bytes]] | None, name: str) -> str | No
         if key == name:
             return value.decode(errors="replace") if value is not None else None
     return None
+
+
+# --- the dead-letter topic read back --------------------------------------------------------------
+
+
+def parse_source(text: str | None) -> tuple[str, int, int] | None:
+    """A ``periscope.source`` header as (topic, partition, offset); None if it is not one."""
+    parts = (text or "").rsplit("/", 2)
+    if len(parts) != 3 or not parts[0]:
+        return None
+    try:
+        return parts[0], int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+
+
+def read_dead_letters(reader: KafkaConsumer, dlq_topic: str, rejected_by: str | None = None,
+                      since: Mapping[int, int] | None = None, timeout_s: float = DLQ_READ_TIMEOUT_S
+                      ) -> tuple[set[tuple[str, int, int]], dict[int, int]]:
+    """(source topic, partition, offset) of the dead letters on ``dlq_topic``, and where reading stopped.
+
+    It reads from ``since`` (the next offset per DLQ partition, as an earlier call returned it;
+    default: the beginning) to at least the end each partition had when the call started, so a
+    caller can keep what it learnt and later read only what was added. ``reader`` is a consumer
+    without a group, the caller's (its assignment is replaced); ``rejected_by`` keeps one
+    component's dead letters. An incomplete answer could make a caller send a dead letter twice,
+    so running out of ``timeout_s`` raises ``KafkaTimeoutError`` instead of returning one.
+    """
+    deadline = time.monotonic() + timeout_s
+    partitions = [TopicPartition(dlq_topic, p) for p in sorted(reader.partitions_for_topic(dlq_topic))]
+    if not partitions:
+        return set(), {}
+    ends = reader.end_offsets(partitions, timeout_ms=int(timeout_s * 1000))
+    starts = reader.beginning_offsets(partitions, timeout_ms=int(timeout_s * 1000))
+    reader.assign(partitions)
+    position = {tp: max(starts[tp], (since or {}).get(tp.partition, 0)) for tp in partitions}
+    for tp, offset in position.items():
+        reader.seek(tp, offset)
+    found: set[tuple[str, int, int]] = set()
+    while any(position[tp] < ends[tp] for tp in partitions):
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"could not read {dlq_topic} to its end within {timeout_s:.0f} s")
+        for records in reader.poll(timeout_ms=200).values():
+            for record in records:
+                if rejected_by is None or header_value(record.headers, REJECTED_BY_HEADER) == rejected_by:
+                    source = parse_source(header_value(record.headers, SOURCE_HEADER))
+                    if source is not None:
+                        found.add(source)
+        position = {tp: reader.position(tp) for tp in partitions}  # past control records and gaps too
+    return found, {tp.partition: offset for tp, offset in position.items()}
+
+
+class DeadLetterLedger:
+    """Which records of one source topic have a dead letter from one component: the DLQ read back.
+
+    A process that sends a dead letter and dies before its progress is durable reads that record
+    again after the restart; asking the ledger first makes the dead letter exactly once. What is
+    on the DLQ topic was sent, by this process before a crash or by the group member that held
+    the partition before a rebalance, so the topic is the ledger and nothing else needs to be
+    written. It is read only after an assignment (``resume`` marks it stale), as partitions move
+    between members only then: whole when a partition comes that it does not hold yet (at start,
+    and after every rebalance with kafka-python's default, eager assignors), otherwise only what
+    was added since the last read (``catch_up``).
+
+    It tracks the partitions assigned to this process (``release`` one when it is revoked) and
+    keeps, per partition, the offsets at or above a floor: where the partition resumes, raised as
+    progress becomes durable (``forget_below``), so it holds about one batch's dead letters, not
+    the topic's. Offsets this process sent and has not read back yet are kept apart (``sent``),
+    so that after a failed send ``on_topic`` tells whether the record landed all the same (only
+    its acknowledgement lost) before it is sent again.
+
+    Thread-safe: the group consumer's IO thread calls ``resume`` and ``release``, the others the rest.
+    """
+
+    def __init__(self, bootstrap: str, dlq_topic: str, source_topic: str, rejected_by: str, client_id: str,
+                 **consumer_config: object):
+        self.dlq_topic, self.source_topic, self.rejected_by = dlq_topic, source_topic, rejected_by
+        self.reader = KafkaConsumer(**{"fetch_max_wait_ms": READER_FETCH_MAX_WAIT_MS, **consumer_config},
+                                    bootstrap_servers=bootstrap, client_id=client_id, group_id=None,
+                                    enable_auto_commit=False, auto_offset_reset="earliest")
+        self.read_to: dict[int, int] = {}
+        self.seen: dict[int, set[int]] = {}
+        self.sent: dict[int, set[int]] = {}
+        self.floor: dict[int, int] = {}
+        self.stale = True
+        self.lock = threading.Lock()
+
+    def resume(self, partition: int, offset: int | None) -> None:
+        """The partition (newly assigned) resumes at ``offset`` (None: at its earliest)."""
+        with self.lock:
+            self.stale = True
+            if partition in self.floor and (offset or 0) >= self.floor[partition]:
+                self._drop_below(partition, offset or 0)
+            else:  # new here, or behind what was forgotten: only a whole read finds its dead letters
+                self.floor[partition], self.read_to = offset or 0, {}
+
+    def release(self, partition: int) -> None:
+        """The partition is revoked: forget it (another member may send its dead letters now)."""
+        with self.lock:
+            for offsets in (self.floor, self.seen, self.sent):
+                offsets.pop(partition, None)
+
+    def catch_up(self, timeout_s: float = DLQ_READ_TIMEOUT_S) -> int:
+        """Read what the DLQ topic received since the last read; how many are kept (at or after the floors).
+
+        Raises ``KafkaTimeoutError`` (the ledger stays stale) if the topic cannot be read.
+        """
+        with self.lock:
+            found, self.read_to = read_dead_letters(self.reader, self.dlq_topic, self.rejected_by, self.read_to,
+                                                    timeout_s)
+            for topic, partition, offset in found:
+                if topic == self.source_topic and partition in self.floor and offset >= self.floor[partition]:
+                    self.seen.setdefault(partition, set()).add(offset)
+                    self.sent.get(partition, set()).discard(offset)
+            self.stale = False
+            return sum(len(offsets) for offsets in self.seen.values())
+
+    def has(self, partition: int, offset: int) -> bool:
+        """A dead letter for this record is on the topic or on its way there."""
+        with self.lock:
+            return offset in self.seen.get(partition, ()) or offset in self.sent.get(partition, ())
+
+    def on_topic(self, partition: int, offset: int) -> bool:
+        """A dead letter for this record was read back (as of the last ``catch_up``)."""
+        with self.lock:
+            return offset in self.seen.get(partition, ())
+
+    def add_sent(self, partition: int, offset: int) -> None:
+        with self.lock:
+            if offset >= self.floor.get(partition, 0):
+                self.sent.setdefault(partition, set()).add(offset)
+
+    def forget_below(self, partition: int, offset: int) -> None:
+        """Progress up to ``offset`` is durable: those records are never read again."""
+        with self.lock:
+            if partition in self.floor and offset > self.floor[partition]:
+                self._drop_below(partition, offset)
+
+    def _drop_below(self, partition: int, offset: int) -> None:
+        self.floor[partition] = offset
+        for offsets in (self.seen, self.sent):
+            if partition in offsets:
+                offsets[partition] = {o for o in offsets[partition] if o >= offset}
+
+    def close(self) -> None:
+        self.reader.close()

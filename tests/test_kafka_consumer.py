@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 import kafka_consumer
 from periscope import schema, speed_view, stream
@@ -193,6 +194,13 @@ def test_resume_offsets_and_commit_offsets():
     assert kafka_consumer.next_offsets(messages) == {0: 8, 1: 10}
     assert kafka_consumer.reason_code("invalid_json: Expecting value: line 1") == "invalid_json"
     assert kafka_consumer.reason_code("pickup_outside_nyc") == "pickup_outside_nyc"
+
+
+def test_dead_letter_sources_parse_back():
+    headers = stream.dlq_headers("invalid_json: x", "trips-a/b", 2, 41, "kafka_consumer")
+    assert stream.parse_source(stream.header_value(headers, stream.SOURCE_HEADER)) == ("trips-a/b", 2, 41)
+    for text in (None, "", "trips", "trips/1", "/1/2", "trips/x/2", "trips/1/2.5"):
+        assert stream.parse_source(text) is None
 
 
 def test_bad_arguments_are_explained(capsys):
@@ -420,3 +428,235 @@ def test_a_missing_topic_is_a_clear_error(kafka_bootstrap, trained_model_dir, tm
     args = consumer_args(kafka_bootstrap, ("no-such-trips", "no-such-dlq"), tmp_path / "speed", trained_model_dir)
     assert kafka_consumer.main(args) == 2
     assert "no-such-trips, no-such-dlq do not exist" in capsys.readouterr().err
+
+
+# --- dead letters exactly once across kill -9 --------------------------------------------------------
+
+
+def produce_located(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]
+                    ) -> list[tuple[int, int]]:
+    """Send the messages; (partition, offset) where each one landed, in order."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
+    futures = [producer.send(topic, key=key, value=value) for key, value in messages]
+    producer.flush()
+    located = [(meta.partition, meta.offset) for meta in (future.get(timeout=30) for future in futures)]
+    producer.close()
+    return located
+
+
+def stream_with_bad_messages(bootstrap: str, topic: str, trips: pd.DataFrame, seed: int
+                             ) -> tuple[set[tuple[int, int]], set[str]]:
+    """Produce the trips with about 1 % malformed messages mixed in, in random order.
+
+    Returns the bad offsets ((partition, offset) of every malformed message and of every trip
+    breaking a cleaning rule, known from how the stream was built) and the ids of the good trips.
+    """
+    violators = set(rule_violations(trips))
+    kinds = malformed_messages(trips[~trips["id"].isin(violators)].iloc[0].to_dict())
+    bad = [(None if key is None else key + b"-%d" % i, value)
+           for i, (key, value, _) in enumerate(kinds * (len(trips) // 100 // len(kinds) + 1))]
+    messages = [(m, False) for m in trip_messages(trips)] + [(m, True) for m in bad]
+    messages = [messages[i] for i in np.random.default_rng(seed).permutation(len(messages))]
+    located = produce_located(bootstrap, topic, [m for m, _ in messages])
+    bad_offsets = {where for where, ((key, _), malformed) in zip(located, messages)
+                   if malformed or key.decode() in violators}
+    assert 0.01 < len(bad_offsets) / len(messages) < 0.03
+    return bad_offsets, set(trips["id"]) - violators
+
+
+class DeadLetterWatch:
+    """The dead-letter topic read as it grows: the source (partition, offset) of each new dead letter."""
+
+    def __init__(self, bootstrap: str, dlq_topic: str):
+        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+        partitions = [TopicPartition(dlq_topic, p) for p in self.consumer.partitions_for_topic(dlq_topic)]
+        self.consumer.assign(partitions)
+        self.consumer.seek_to_beginning(*partitions)
+        self.sources: list[tuple[int, int]] = []
+
+    def new(self) -> list[tuple[int, int]]:
+        found = [stream.parse_source(stream.header_value(m.headers, stream.SOURCE_HEADER))[1:]
+                 for messages in self.consumer.poll(timeout_ms=20).values() for m in messages]
+        self.sources += found
+        return found
+
+    def distinct(self) -> set[tuple[int, int]]:
+        self.new()
+        return set(self.sources)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def kill_9(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def read_again_after_restart(bootstrap: str, topic: str, group: str, speed_dir: Path,
+                             sources: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The dead-lettered offsets a restarted consumer reads again: at or after where their partition resumes."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    committed = {tp.partition: meta.offset for tp, meta in admin.list_group_offsets({group: None})[group].items()
+                 if tp.topic == topic and meta.offset >= 0}
+    admin.close()
+    on_disk = speed_view.last_offsets(speed_dir)
+    resume = {p: kafka_consumer.resume_offset(committed.get(p), on_disk.get(p)) for p, _ in sources}
+    return {(p, o) for p, o in sources if resume[p] is None or o >= resume[p]}
+
+
+def kill_9_while_dead_letters_outrun_progress(process: subprocess.Popen, watch: DeadLetterWatch, bootstrap: str,
+                                              topic: str, group: str, speed_dir: Path,
+                                              partitions: set[int] | None = None,
+                                              timeout_s: float = 90) -> set[tuple[int, int]]:
+    """``kill -9`` when dead letters are on the topic whose messages a restart would read again.
+
+    At each new dead letter the process is frozen (SIGSTOP) while its progress is checked (speed files,
+    committed offsets), then killed if some are ahead of it (returned), or let go on. Without the
+    freeze the moment is a race the test often loses: a batch's file follows its dead letters by
+    milliseconds.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if not [source for source in watch.new() if partitions is None or source[0] in partitions]:
+            continue
+        process.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)  # what it sent before the freeze (a commit, dead letters) reaches the broker
+        mine = [source for source in watch.sources if partitions is None or source[0] in partitions]
+        ahead = read_again_after_restart(bootstrap, topic, group, speed_dir, mine)
+        if ahead:
+            kill_9(process)
+            return ahead
+        process.send_signal(signal.SIGCONT)
+    raise AssertionError("no dead letter was seen ahead of the consumer's progress")
+
+
+def assert_each_bad_offset_dead_lettered_once(bootstrap: str, topics: tuple[str, str],
+                                              bad_offsets: set[tuple[int, int]]) -> None:
+    dead = read_dlq(bootstrap, topics[1], len(bad_offsets))
+    sources = Counter(stream.parse_source(stream.header_value(m.headers, stream.SOURCE_HEADER)) for m in dead)
+    twice = {source: n for source, n in sources.items() if n > 1}
+    assert not twice, f"{len(twice)} offsets dead-lettered more than once, e.g. {sorted(twice.items())[:5]}"
+    assert set(sources) == {(topics[0], p, o) for p, o in bad_offsets}
+
+
+def send_dead_letters(bootstrap: str, dlq_topic: str, sources: list[tuple[str, int, int, str]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    for topic, partition, offset, component in sources:
+        producer.send(dlq_topic, value=b"x", headers=stream.dlq_headers("r", topic, partition, offset, component))
+    producer.flush()
+    producer.close()
+
+
+@pytest.mark.kafka
+def test_the_dead_letter_ledger_reads_the_topic_back(kafka_bootstrap, topics):
+    trips, dlq = topics
+    send_dead_letters(kafka_bootstrap, dlq, [(trips, 0, 5, "kafka_consumer"), (trips, 0, 9, "kafka_consumer"),
+                                             (trips, 1, 3, "kafka_consumer"), (trips, 2, 7, "spark_streaming"),
+                                             ("other-trips", 0, 11, "kafka_consumer")])
+    reader = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    found, read_to = stream.read_dead_letters(reader, dlq, "kafka_consumer")
+    assert found == {(trips, 0, 5), (trips, 0, 9), (trips, 1, 3), ("other-trips", 0, 11)} and read_to == {0: 5}
+    assert stream.read_dead_letters(reader, dlq, since=read_to) == (set(), {0: 5})
+    reader.close()
+
+    ledger = stream.DeadLetterLedger(kafka_bootstrap, dlq, trips, "kafka_consumer", client_id="ledger")
+    ledger.resume(0, 6)
+    ledger.resume(2, None)
+    assert ledger.stale and ledger.catch_up() == 1 and not ledger.stale
+    assert ledger.has(0, 9) and not ledger.has(0, 5) and not ledger.has(2, 7), "below the resume point; Spark's"
+    assert not ledger.has(1, 3), "partition 1 is not assigned here"
+    ledger.add_sent(2, 8)
+    assert ledger.has(2, 8) and not ledger.on_topic(2, 8)
+    send_dead_letters(kafka_bootstrap, dlq, [(trips, 2, 8, "kafka_consumer"), (trips, 0, 12, "kafka_consumer")])
+    ledger.resume(0, 8)  # after a rebalance: only what was added is read
+    assert ledger.catch_up() == 3 and ledger.on_topic(2, 8) and ledger.has(0, 12) and ledger.read_to == {0: 7}
+    ledger.forget_below(0, 10)
+    assert not ledger.has(0, 9) and ledger.has(0, 12)
+    ledger.release(2)  # revoked: another member may send its dead letters now
+    assert not ledger.has(2, 8)
+    ledger.resume(0, 10)  # where it forgot up to: nothing to read again
+    assert ledger.catch_up() == 1 and ledger.read_to == {0: 7} and ledger.has(0, 12)
+    ledger.resume(0, 0)  # behind what was forgotten (the speed files pruned, no commit): a whole read again
+    ledger.resume(1, 0)
+    ledger.resume(2, 8)  # new here again: a whole read too
+    assert ledger.read_to == {} and ledger.catch_up() == 5 and ledger.has(0, 5) and ledger.has(1, 3)
+    assert ledger.on_topic(2, 8) and not ledger.has(2, 7), "Spark's dead letter is not this component's"
+    ledger.close()
+
+
+@pytest.mark.kafka
+def test_kill_9_at_any_moment_sends_each_dead_letter_once(kafka_bootstrap, topics, trained_model_dir, sample_trips,
+                                                          tmp_path):
+    bad_offsets, good_ids = stream_with_bad_messages(kafka_bootstrap, topics[0], sample_trips.head(10_000), seed=5)
+    speed_dir, watch = tmp_path / "speed", DeadLetterWatch(kafka_bootstrap, topics[1])
+    slow = consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, "--max-records", "40", idle=None)
+    rng, process = np.random.default_rng(7), None
+    moments = ["dead letters ahead", "just assigned", "dead letters ahead", "at random", "dead letters ahead"]
+    try:
+        for attempt, moment in enumerate(moments):
+            log = tmp_path / f"run-{attempt}.log"
+            process = start_consumer(slow, log)
+            if moment == "dead letters ahead":
+                kill_9_while_dead_letters_outrun_progress(process, watch, kafka_bootstrap, topics[0], "speed",
+                                                          speed_dir)
+                continue
+            wait_for(lambda: "assigned: resuming" in log.read_text(), 60, "the assignment", poll_s=0.01)
+            if moment == "at random":
+                time.sleep(rng.uniform(0.2, 2.0))
+            kill_9(process)
+    finally:
+        watch.close()
+        if process is not None and process.poll() is None:
+            kill_9(process)
+    assert len(speed_view.read_speed(speed_dir)) < len(good_ids), "the kills must come before the end"
+
+    drain = start_consumer(consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, "--consumer-id",
+                                         "drain"), tmp_path / "drain.log")
+    assert drain.wait(timeout=120) == 0, (tmp_path / "drain.log").read_text()
+    assert_each_bad_offset_dead_lettered_once(kafka_bootstrap, topics, bad_offsets)
+    assert_exactly_once(speed_view.read_speed(speed_dir), good_ids)
+    logs = "".join(path.read_text() for path in tmp_path.glob("*.log"))
+    skipped = [int(n.replace(",", "")) for n in re.findall(r"dead letters read back .*: ([\d,]+) at or after", logs)]
+    assert max(skipped) > 0, "a restart must have found dead letters of the offsets it read again"
+
+
+@pytest.mark.kafka
+def test_a_partition_taken_over_after_kill_9_gets_no_dead_letter_twice(kafka_bootstrap, topics, trained_model_dir,
+                                                                        sample_trips, tmp_path):
+    speed_dir, watch = tmp_path / "speed", DeadLetterWatch(kafka_bootstrap, topics[1])
+
+    def start(name: str) -> subprocess.Popen:
+        return start_consumer(consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, "--max-records",
+                                            "40", "--consumer-id", name, group="pair", idle=None),
+                              tmp_path / f"{name}.log")
+
+    def partitions_of(name: str) -> set[int]:
+        statuses = {s["consumer_id"]: s for s in speed_view.read_statuses(speed_dir)}
+        return set(statuses.get(name, {}).get("assigned_partitions", []))
+
+    def split() -> bool:
+        parts = [partitions_of(name) for name in ("victim", "survivor")]
+        return all(parts) and not parts[0] & parts[1] and parts[0] | parts[1] == {0, 1, 2}
+
+    survivor, victim = start("survivor"), start("victim")
+    try:
+        wait_for(split, 60, "both consumers to hold partitions")  # then the trips, so that both are busy
+        bad_offsets, good_ids = stream_with_bad_messages(kafka_bootstrap, topics[0],
+                                                         sample_trips.iloc[10_000:25_000], seed=6)
+        ahead = kill_9_while_dead_letters_outrun_progress(victim, watch, kafka_bootstrap, topics[0], "pair",
+                                                          speed_dir, partitions_of("victim"))
+        wait_for(lambda: partitions_of("survivor") == {0, 1, 2}, 60, "the survivor to take every partition")
+        wait_for(lambda: len(speed_view.read_speed(speed_dir)) >= len(good_ids), 120, "every trip in the speed view")
+        wait_for(lambda: len(watch.distinct()) >= len(bad_offsets), 60, "every dead letter")
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=30) == 0, (tmp_path / "survivor.log").read_text()
+    finally:
+        watch.close()
+        for process in (survivor, victim):
+            if process.poll() is None:
+                kill_9(process)
+    assert_each_bad_offset_dead_lettered_once(kafka_bootstrap, topics, bad_offsets)
+    assert_exactly_once(speed_view.read_speed(speed_dir), good_ids)
+    status = {s["consumer_id"]: s for s in speed_view.read_statuses(speed_dir)}["survivor"]
+    assert status["totals"]["dlq_already_sent"] >= len(ahead), "the survivor met the victim's dead letters"
