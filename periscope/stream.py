@@ -11,12 +11,17 @@ its headers:
     ``<topic>/<partition>/<offset>`` of the original record;
 ``periscope.rejected_by``
     the component that rejected it (``kafka_consumer``, ``spark_streaming``).
+
+Also here: the settings every producer of trips uses (``PRODUCER_CONFIG``:
+``kafka_producer.py`` and the API-simulation DAG), whether a topic exists, and
+reading a topic's keys back (the producer's resume).
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +33,24 @@ REJECTED_BY_HEADER = "periscope.rejected_by"
 MAX_BACKOFF_S = 10.0
 KEY_BATCH = 50_000
 """Messages per poll when reading a topic's keys back, and keys compacted at a time."""
+
+DELIVERY_TIMEOUT_MS = 120_000
+"""How long a producer retries each batch; a broker restart takes a few seconds."""
+
+PRODUCER_CONFIG: dict[str, Any] = {
+    "client_id": "periscope-producer",
+    "acks": "all",  # written to every in-sync replica before it counts as delivered
+    "enable_idempotence": True,  # retries never duplicate, order within a partition holds
+    "delivery_timeout_ms": DELIVERY_TIMEOUT_MS,
+    "request_timeout_ms": 30_000,
+    # batching, measured with the rest of kafka_producer.py's hot-path tuning (see there):
+    "linger_ms": 10,  # wait up to 10 ms to fill a batch: far fewer requests, no visible delay
+    "batch_size": 128 * 1024,  # about 400 trips per partition and request
+    "reconnect_backoff_max_ms": 1_000,  # a restarted broker is found again within a second
+    "max_block_ms": 10_000,  # send() blocks only while topic metadata is missing
+    "allow_auto_create_topics": False,
+}
+"""The producer settings of ``kafka_producer.py`` and the API simulation: acks=all, idempotent."""
 
 
 class BrokerUnavailable(RuntimeError):
@@ -54,6 +77,17 @@ def wait_for_broker(bootstrap: str, purpose: str, timeout_s: float | None = None
                     "or set KAFKA_BOOTSTRAP_SERVERS); retrying in %.0f s", bootstrap, purpose, attempt, waited, delay)
         time.sleep(delay)
         delay, attempt = min(delay * 2, MAX_BACKOFF_S), attempt + 1
+
+
+def topic_exists(bootstrap: str, topic: str) -> bool:
+    """Whether the cluster at ``bootstrap`` has ``topic`` (one admin call)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="periscope-producer-check")
+    try:
+        return topic in admin.list_topics()
+    finally:
+        admin.close()
 
 
 def read_topic_keys(bootstrap: str, topic: str, *, max_key_bytes: int | None = None,
