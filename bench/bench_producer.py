@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as a file: python bench/bench_producer.py
 import kafka_producer  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from periscope import config, kafka_local  # noqa: E402
-from periscope.stream import BrokerUnavailable, wait_for_broker  # noqa: E402
+from periscope.stream import PRODUCER_CONFIG, BrokerUnavailable, wait_for_broker  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_FILE = PROJECT_ROOT / "bench" / "results" / "producer.json"
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "producer", "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine, "versions": versions, "broker": broker, "input": str(args.input),
               "trips_per_run": args.trips, "repeats": args.repeats,
-              "producer_config": {k: v for k, v in kafka_producer.PRODUCER_CONFIG.items()},
+              "producer_config": dict(PRODUCER_CONFIG),
               "java_command": f"java -cp '<libs>/*' {JAVA_TOOL} --topic <topic> --num-records {args.trips} "
                               f"--record-size {result['record_size_bytes']} --throughput -1 "
                               f"--bootstrap-server <broker> --producer-props acks=all",

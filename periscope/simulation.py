@@ -215,7 +215,7 @@ def send(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> dic
     """
     from kafka import KafkaProducer
 
-    from kafka_producer import PRODUCER_CONFIG
+    from periscope.stream import PRODUCER_CONFIG
 
     settings = {**PRODUCER_CONFIG, "client_id": "periscope-api-simulation"}
     producer = KafkaProducer(bootstrap_servers=bootstrap, **settings)

@@ -15,6 +15,10 @@ its headers:
 Read back (``read_dead_letters``, ``DeadLetterLedger``), the topic itself
 records which source offsets have their dead letter already: a process that
 asks it before sending sends each one once, across crashes and rebalances.
+
+Also here: the settings every producer of trips uses (``PRODUCER_CONFIG``:
+``kafka_producer.py`` and the API-simulation DAG), whether a topic exists, and
+reading a topic's keys back (the producer's resume).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
@@ -39,6 +44,24 @@ DLQ_READ_TIMEOUT_S = 30.0
 READER_FETCH_MAX_WAIT_MS = 50
 """A reader's fetch at the end of the topic waits this long for more (default 500 ms): the broker answers
 a connection's requests in order, so the next read's first request would wait behind it."""
+
+DELIVERY_TIMEOUT_MS = 120_000
+"""How long a producer retries each batch; a broker restart takes a few seconds."""
+
+PRODUCER_CONFIG: dict[str, Any] = {
+    "client_id": "periscope-producer",
+    "acks": "all",  # written to every in-sync replica before it counts as delivered
+    "enable_idempotence": True,  # retries never duplicate, order within a partition holds
+    "delivery_timeout_ms": DELIVERY_TIMEOUT_MS,
+    "request_timeout_ms": 30_000,
+    # batching, measured with the rest of kafka_producer.py's hot-path tuning (see there):
+    "linger_ms": 10,  # wait up to 10 ms to fill a batch: far fewer requests, no visible delay
+    "batch_size": 128 * 1024,  # about 400 trips per partition and request
+    "reconnect_backoff_max_ms": 1_000,  # a restarted broker is found again within a second
+    "max_block_ms": 10_000,  # send() blocks only while topic metadata is missing
+    "allow_auto_create_topics": False,
+}
+"""The producer settings of ``kafka_producer.py`` and the API simulation: acks=all, idempotent."""
 
 
 class BrokerUnavailable(RuntimeError):
@@ -65,6 +88,17 @@ def wait_for_broker(bootstrap: str, purpose: str, timeout_s: float | None = None
                     "or set KAFKA_BOOTSTRAP_SERVERS); retrying in %.0f s", bootstrap, purpose, attempt, waited, delay)
         time.sleep(delay)
         delay, attempt = min(delay * 2, MAX_BACKOFF_S), attempt + 1
+
+
+def topic_exists(bootstrap: str, topic: str) -> bool:
+    """Whether the cluster at ``bootstrap`` has ``topic`` (one admin call)."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="periscope-producer-check")
+    try:
+        return topic in admin.list_topics()
+    finally:
+        admin.close()
 
 
 def read_topic_keys(bootstrap: str, topic: str, *, max_key_bytes: int | None = None,

@@ -55,6 +55,11 @@ def start_demo_through_tee(base: Path, ports: list[int], log: Path) -> subproces
                             start_new_session=True)
 
 
+def text(log: Path) -> str:
+    """What the log holds so far ("" before ``tee`` has created it)."""
+    return log.read_text() if log.exists() else ""
+
+
 def demo_watcher(base: Path) -> psutil.Process:
     """The demo's own process (the one that stops the others), from its state file."""
     entry = json.loads((base / "var" / "demo" / "state.json").read_text())["watcher"]
@@ -68,9 +73,9 @@ def wait_for(condition, timeout: float, what: str, process: subprocess.Popen, lo
         if value:
             return value
         if process.poll() is not None:
-            pytest.fail(f"the demo exited with {process.returncode} while waiting for {what}:\n{log.read_text()}")
+            pytest.fail(f"the demo exited with {process.returncode} while waiting for {what}:\n{text(log)}")
         time.sleep(1)
-    pytest.fail(f"no {what} within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+    pytest.fail(f"no {what} within {timeout:.0f} s:\n{text(log)[-4000:]}")
 
 
 def merged_by_both_layers(base: Path) -> tuple[int, int] | None:
@@ -104,7 +109,7 @@ def test_demo_runs_merges_and_stops_only_what_it_started(tmp_path: Path):
     # everything else. Ctrl-C in a terminal interrupts the whole pipeline, `tee` first.
     demo = start_demo_through_tee(tmp_path, ports, log)
     try:
-        wait_for(lambda: "Periscope is running" in log.read_text(), 240, "banner", demo, log)
+        wait_for(lambda: "Periscope is running" in text(log), 240, "banner", demo, log)
         assert dashboard_answers(ports[2])
         wait_for(lambda: merged_by_both_layers(tmp_path), 120, "batch version with a stream watermark plus speed trips",
                  demo, log)
@@ -112,7 +117,7 @@ def test_demo_runs_merges_and_stops_only_what_it_started(tmp_path: Path):
         assert {entry["name"] for entry in started_processes(tmp_path)} == {"speed layer", "producer", "dashboard"}
         watcher = demo_watcher(tmp_path)
         os.killpg(demo.pid, signal.SIGINT)
-        assert watcher.wait(90) == 0, log.read_text()
+        watcher.wait(90)  # not our child: psutil cannot tell its exit code, only that it ended
         demo.wait(30)
     finally:
         if demo.poll() is None:

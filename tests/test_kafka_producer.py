@@ -1,7 +1,9 @@
 """The ingestion layer, for real: the shipped trips go through a real Kafka broker and back.
 
-Unit tests call the producer's pure functions (order, encoding, partitioning,
-re-timing, schedules) directly. The tests marked ``kafka`` run
+Unit tests call the producer's pure functions (order, cutoff, resume positions,
+chunk plan, re-timing, schedules, summary) directly, in ``kafka_producer`` and in
+the machinery it uses (``periscope.replay``; the partitioner has its own test
+module). The tests marked ``kafka`` run
 ``kafka_producer.main`` against the session's broker (see ``conftest.py``),
 each on its own fresh topic, and read every message back with a plain
 KafkaConsumer: nothing is mocked.
@@ -9,7 +11,6 @@ KafkaConsumer: nothing is mocked.
 from __future__ import annotations
 
 import json
-import random
 import re
 import signal
 import subprocess
@@ -22,11 +23,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from kafka import KafkaConsumer, TopicPartition
-from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 import kafka_producer
 from periscope import config, kafka_local
+from periscope.replay import (ReplayResult, local_now_ms, positions_on_topic, rate_schedule, retime, speedup_schedule,
+                              summary_lines)
 from periscope.schema import FLOAT_FIELDS, format_time, parse_json, record_to_json
+from periscope.sources import LoadReport
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRESS = re.compile(r"^\s*\d+\.\d s  sent\s+[\d,]+  delivered\s+[\d,]+  failed \d+\s+[\d,]+ trips/s  in flight",
@@ -95,19 +98,10 @@ def test_replay_order_sorts_by_pickup_and_keeps_file_order_for_ties():
     assert kafka_producer.replay_order(trips)["id"].tolist() == ["b", "d", "c", "a", "e"]
 
 
-def test_partitions_are_those_of_kafkas_default_partitioner():
-    rng = random.Random(7)
-    keys = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 24))) for _ in range(3000)]
-    keys += [f"id{rng.randrange(10**7):07d}-{rng.randrange(2, 200)}".encode() for _ in range(3000)]
-    for partitions in ([0, 1, 2], [0], list(range(7))):
-        expected = [partitions[(kafka_murmur2(key) & 0x7FFFFFFF) % len(partitions)] for key in keys]
-        assert kafka_producer.key_partitions(keys, partitions) == expected
-
-
 def test_retime_moves_the_trip_to_now_and_keeps_the_original_times(sample_trips):
     record = sample_trips.iloc[0].to_dict()
     now_ms = 1_790_000_000_123  # a fraction of a second: the pickup becomes the whole second
-    moved, original = kafka_producer.retime(record, now_ms)
+    moved, original = retime(record, now_ms)
     assert moved["pickup_datetime"] == 1_790_000_000_000
     assert moved["dropoff_datetime"] == 1_790_000_000_000 + record["trip_duration"] * 1000
     assert {k: v for k, v in moved.items() if not k.endswith("_datetime")} == \
@@ -118,10 +112,10 @@ def test_retime_moves_the_trip_to_now_and_keeps_the_original_times(sample_trips)
 
 
 def test_schedules_space_trips_by_rate_or_by_real_time_over_speedup():
-    assert kafka_producer.rate_schedule(4, 3, 2.0).tolist() == [2.0, 2.5, 3.0]
+    assert rate_schedule(4, 3, 2.0).tolist() == [2.0, 2.5, 3.0]
     event_s = np.array([0.0, 60.0, 3600.0])
-    assert kafka_producer.speedup_schedule(event_s, 1, 3600.0, 60.0).tolist() == [0.0, 1.0, 60.0]
-    assert kafka_producer.speedup_schedule(event_s, 2, 3600.0, 60.0).tolist() == [60.0, 61.0, 120.0]
+    assert speedup_schedule(event_s, 1, 3600.0, 60.0).tolist() == [0.0, 1.0, 60.0]
+    assert speedup_schedule(event_s, 2, 3600.0, 60.0).tolist() == [60.0, 61.0, 120.0]
 
 
 def test_plan_with_loop_and_limit_makes_unique_ids_per_pass(replayed):
@@ -159,11 +153,11 @@ def test_positions_on_topic_are_the_planned_trips_whose_key_is_there():
     ids = pd.Series(["a", "b", "c"])
     keys = np.array(sorted([b"a", b"c-2", b"b-3", b"zz-2", b"x", b"c-99", b"-4", b"a-"]))
     # position (pass - 1) * 3 + row: a = 0, c-2 = 3 + 2, b-3 = 6 + 1, c-99 = 98 * 3 + 2
-    assert kafka_producer.positions_on_topic(ids, keys, planned=None, loop=True).tolist() == [0, 5, 7, 296]
-    assert kafka_producer.positions_on_topic(ids, keys, planned=8, loop=True).tolist() == [0, 5, 7]
-    assert kafka_producer.positions_on_topic(ids, keys, planned=7, loop=True).tolist() == [0, 5]
-    assert kafka_producer.positions_on_topic(ids, keys, planned=3, loop=False).tolist() == [0]
-    assert kafka_producer.positions_on_topic(ids, np.array([], dtype="S1"), planned=3, loop=False).tolist() == []
+    assert positions_on_topic(ids, keys, planned=None, loop=True).tolist() == [0, 5, 7, 296]
+    assert positions_on_topic(ids, keys, planned=8, loop=True).tolist() == [0, 5, 7]
+    assert positions_on_topic(ids, keys, planned=7, loop=True).tolist() == [0, 5]
+    assert positions_on_topic(ids, keys, planned=3, loop=False).tolist() == [0]
+    assert positions_on_topic(ids, np.array([], dtype="S1"), planned=3, loop=False).tolist() == []
     assert kafka_producer.planned_total(3, None, False) == 3 and kafka_producer.planned_total(3, 2, False) == 2
     assert kafka_producer.planned_total(3, 7, False) == 3 and kafka_producer.planned_total(3, 7, True) == 7
     assert kafka_producer.planned_total(3, None, True) is None
@@ -187,12 +181,12 @@ def test_a_resumed_plan_leaves_out_the_skipped_positions_and_paces_what_it_sends
 
 
 def test_summary_names_failures_and_malformed_rows():
-    result = kafka_producer.ReplayResult(sent=10, delivered=8, failed=2, elapsed_s=2.0, bytes=3300,
-                                         per_partition={0: 5, 1: 3}, errors=["id1: KafkaTimeoutError: expired"],
-                                         passes=1, stopped=None)
-    report = kafka_producer.LoadReport(source="trips.csv", rows_read=11)
+    result = ReplayResult(sent=10, delivered=8, failed=2, elapsed_s=2.0, bytes=3300,
+                          per_partition={0: 5, 1: 3}, errors=["id1: KafkaTimeoutError: expired"],
+                          passes=1, stopped=None)
+    report = LoadReport(source="trips.csv", rows_read=11)
     report.malformed["bad_datetime"] += 1
-    text = "\n".join(kafka_producer.summary_lines(result, "taxi-trips", "127.0.0.1:9092", report))
+    text = "\n".join(summary_lines(result, "taxi-trips", "127.0.0.1:9092", report))
     assert "sent 10 trips to taxi-trips at 127.0.0.1:9092 in 2.00 s" in text
     assert "delivered 8, failed 2; 4 trips/s" in text
     assert "per partition: 0: 5  1: 3" in text
@@ -296,10 +290,10 @@ def test_replays_real_trips_in_pickup_order_with_production_timestamps(kafka_boo
 @pytest.mark.kafka
 def test_retime_sends_trips_as_happening_now_with_their_original_times(kafka_bootstrap, topics, replayed, capsys):
     topic, _ = topics
-    before = kafka_producer.local_now_ms()
+    before = local_now_ms()
     code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "300", "--retime",
                        "--cutoff", "none")
-    after = kafka_producer.local_now_ms()
+    after = local_now_ms()
     assert code == 0, out
     expected = {record["id"]: record for record in replayed.iloc[:300].to_dict("records")}
     messages = consume_all(kafka_bootstrap, topic)
