@@ -83,8 +83,8 @@ def airflow_env(home: Path = config.AIRFLOW_HOME, host: str = DEFAULT_HOST, port
         "AIRFLOW__API__BASE_URL": url,
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-        # The tasks import periscope and the scripts: `make setup` installs them into the venv (editable),
-        # and this makes Airflow run this checkout's files even from a venv installed from another one
+        # The tasks import periscope and the scripts, which `make setup` installs (editable); this
+        # runs this checkout's files even where the venv's install is of another checkout
         "PYTHONPATH": os.pathsep.join(filter(None, [str(config.PROJECT_ROOT), env.get("PYTHONPATH")])),
         # standalone starts its components as `airflow ...`: this virtualenv's, even when it is not activated
         "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")])),
