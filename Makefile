@@ -15,13 +15,16 @@ COMPOSE      := $(COMPOSE_VENV)/bin/docker-compose
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-setup: $(STAMP)  ## create .venv and install the pinned dependencies
+setup: $(STAMP)  ## create .venv, install the pinned dependencies and the project itself (editable)
 
-$(STAMP): requirements.txt
+# The project goes in editable (`-e`): `import periscope` and `import batch_processor` then work from
+# any directory (Airflow's task processes, the benchmarks), always with this checkout's files.
+$(STAMP): requirements.txt pyproject.toml
 	@command -v java >/dev/null || { echo "error: java (17+) is needed for Kafka and Spark: apt-get install openjdk-17-jre-headless"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
 demo: setup kafka-fetch  ## the whole pipeline: broker, model, batch, speed layer, replay, dashboard (Ctrl-C stops it)

@@ -27,7 +27,8 @@ holding ``airflow.cfg``, the SQLite database ``airflow.db``, task logs and
 the repository's ``airflow/dags``; example DAGs are off; LocalExecutor with
 parallelism 2. DAGs start paused: switch them on in the UI or with
 ``airflow dags unpause <dag id>``. The ``PERISCOPE_*`` and
-``KAFKA_BOOTSTRAP_SERVERS`` variables pass through to the tasks.
+``KAFKA_BOOTSTRAP_SERVERS`` variables pass through to the tasks, which import
+the project's modules as installed by ``make setup`` (editable: this checkout's files).
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def airflow_env(home: Path = config.AIRFLOW_HOME, host: str = DEFAULT_HOST, port
         "AIRFLOW__API__BASE_URL": url,
         "AIRFLOW__API__WORKERS": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        # The tasks import periscope and the scripts, which `make setup` installs (editable); this
+        # runs this checkout's files even where the venv's install is of another checkout
         "PYTHONPATH": os.pathsep.join(filter(None, [str(config.PROJECT_ROOT), env.get("PYTHONPATH")])),
         # standalone starts its components as `airflow ...`: this virtualenv's, even when it is not activated
         "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")])),

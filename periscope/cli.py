@@ -15,7 +15,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if ("default" in text or action.default in (None, True, False, argparse.SUPPRESS)
+        if ("default" in text or any(action.default is value for value in (None, True, False, argparse.SUPPRESS))
                 or action.nargs == 0 or not action.option_strings):
             return text
         return text + " (default: %(default)s)"

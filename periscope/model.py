@@ -1,4 +1,4 @@
-"""The trip-duration model artifact: versions, metadata, loading, metrics.
+"""The trip-duration model artifact: versions, metadata, loading, metrics, the live pointer.
 
 A model lives in its own version directory and never changes afterwards::
 
@@ -10,7 +10,8 @@ A model lives in its own version directory and never changes afterwards::
 version, the feature list it was trained on, the training-data fingerprint,
 hold-out metrics and library versions. ``load_model`` refuses a model whose
 feature list differs from ``periscope.features.FEATURES`` — a silent
-training/serving skew is worse than a clear error.
+training/serving skew is worse than a clear error. ``promote`` switches
+``current.json`` atomically; the speed layers pick the switch up while running.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import joblib
 import numpy as np
 
 from periscope.features import FEATURES, build_features, duration_from_target
+from periscope.schema import FIELDS, first_broken_rule
 from periscope.storage import atomic_write_json, read_json
 
 POINTER = "current.json"
@@ -70,7 +72,20 @@ def metrics(actual_s: np.ndarray, predicted_s: np.ndarray) -> dict[str, float]:
     }
 
 
+def labelled_metrics(model: TripDurationModel, trips: Any) -> dict[str, float]:
+    """``metrics`` over every labelled trip (the Kaggle definition), and, suffixed ``_clean``, over
+    those passing the cleaning rules: a model's hold-out metrics and ``--evaluate``."""
+    labelled = trips[trips["trip_duration"] >= 0]
+    actual, predicted = labelled["trip_duration"].to_numpy(), model.predict_seconds(labelled)
+    result = metrics(actual, predicted)
+    clean = first_broken_rule({name: labelled[name].to_numpy() for name in FIELDS[1:]}) < 0
+    for name, value in metrics(actual[clean], predicted[clean]).items():
+        result[f"{name}_clean"] = value
+    return result
+
+
 def library_versions() -> dict[str, str]:
+    """The versions an artifact records, to explain a model that behaves differently elsewhere."""
     import pandas
     import sklearn
 
@@ -99,9 +114,13 @@ def current_version(model_dir: Path) -> str | None:
 
 
 def save_model(estimator: Any, metadata: dict[str, Any], model_dir: Path) -> Path:
-    """Write a new version directory (estimator first, metadata last: metadata marks it complete)."""
+    """Write a new version directory: estimator first, metadata last (it marks the version
+    complete). A version never changes: an existing one is refused."""
     directory = version_dir(model_dir, metadata["version"])
-    directory.mkdir(parents=True, exist_ok=False)
+    if directory.exists():
+        raise FileExistsError(f"model version {metadata['version']!r} already exists in "
+                              f"{model_dir}: a version never changes, choose another name")
+    directory.mkdir(parents=True)
     joblib.dump(estimator, directory / "model.joblib", compress=3)
     metadata = {**metadata, "model_bytes": (directory / "model.joblib").stat().st_size}
     atomic_write_json(directory / "metadata.json", metadata)

@@ -1,16 +1,14 @@
 """Shared fixtures: the real shipped sample, a model trained once per session."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from periscope.sources import read_trips
 
-from periscope.sources import read_trips  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE_CSV = ROOT / "data" / "nyc_taxi_trip_duration_sample.csv.gz"
 
@@ -18,6 +16,17 @@ SAMPLE_CSV = ROOT / "data" / "nyc_taxi_trip_duration_sample.csv.gz"
 @pytest.fixture(scope="session")
 def sample_csv() -> Path:
     return SAMPLE_CSV
+
+
+@pytest.fixture(scope="session")
+def sample_raw() -> pd.DataFrame:
+    """The shipped sample as plain pandas reads the CSV, no Periscope code involved.
+
+    Tests take the figures they expect from it (``len(sample_raw)`` trips, how
+    many break a rule, ...), never typed in, so they hold for any sample.
+    Treat it as read-only: it is shared by the whole session.
+    """
+    return pd.read_csv(SAMPLE_CSV)
 
 
 @pytest.fixture(scope="session")

@@ -209,7 +209,7 @@ def master_snapshot(master: Path) -> dict[str, bytes]:
 
 @pytest.mark.kafka
 def test_batch_dag_publishes_checked_views_and_reruns_change_nothing(airflow_home, kafka_bootstrap, topics,
-                                                                    sample_trips, tmp_path):
+                                                                    sample_trips, sample_raw, tmp_path):
     topic, _ = topics
     env = project_env(airflow_home, tmp_path, kafka_bootstrap, topic)
     trips = kafka_producer.replay_order(sample_trips)
@@ -227,7 +227,7 @@ def test_batch_dag_publishes_checked_views_and_reruns_change_nothing(airflow_hom
     assert manifest["version"] == "v000001"
     direct, direct_manifest, _ = batch_processor.compute_views(master, workers=1, progress=False)
     assert views.views_equal(published, direct)
-    assert manifest["rows"]["master"] == 73_177 + sent.planned == direct_manifest["rows"]["master"]
+    assert manifest["rows"]["master"] == len(sample_raw) + sent.planned == direct_manifest["rows"]["master"]
     ends = simulation.end_offsets(kafka_bootstrap, topic)
     assert manifest["watermark"] == {str(p): end - 1 for p, end in ends.items() if end}
     assert not below.exists() and above.exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+from datetime import datetime, timezone
 
 import fastavro
 import numpy as np
@@ -43,7 +44,9 @@ def good_record() -> dict:
 def test_csv_row_parses_to_record_form():
     record = good_record()
     assert record["vendor_id"] == 2 and record["trip_duration"] == 455
-    assert record["pickup_datetime"] == parse_time("2016-03-14 17:24:55", "x") == 1457976295000
+    as_if_utc = datetime(2016, 3, 14, 17, 24, 55, tzinfo=timezone.utc)  # record form: wall-clock ms
+    expected_ms = int(as_if_utc.timestamp()) * 1000
+    assert record["pickup_datetime"] == parse_time("2016-03-14 17:24:55", "x") == expected_ms
     assert record["store_and_fwd_flag"] is False
     assert record["pickup_longitude"] == pytest.approx(-73.982154846191406)
     assert check_rules(record) is None

@@ -1,6 +1,7 @@
 """train_model.py: a real model on real data, its metadata, --evaluate, clear errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -8,21 +9,23 @@ import numpy as np
 import pytest
 
 import train_model
+from periscope import training_data
 from periscope.features import FEATURES
 from periscope.model import ModelMismatchError, ModelNotFoundError, current_version, load_model, read_metadata
 from periscope.storage import atomic_write_json
 
 
-def test_training_writes_a_live_model_with_metadata(trained_model_dir, sample_csv):
+def test_training_writes_a_live_model_with_metadata(trained_model_dir, sample_csv, sample_raw):
     assert current_version(trained_model_dir) == "test-v1"
     meta = read_metadata(trained_model_dir)
     assert meta["features"] == list(FEATURES)
-    assert meta["training_data"]["rows_read"] == 73_177
-    assert len(meta["training_data"]["sha256"]) == 64
+    assert meta["training_data"]["rows_read"] == len(sample_raw)
+    assert meta["training_data"]["sha256"] == hashlib.sha256(sample_csv.read_bytes()).hexdigest()
     assert meta["training_data"]["split"] == "random"
     assert {"scikit-learn", "numpy", "pandas", "python"} <= set(meta["libraries"])
     holdout = meta["holdout_metrics"]
-    assert holdout["rows"] == round(73_177 * 0.2)
+    assert holdout["rows"] == meta["training_data"]["holdout_rows"] == round(len(sample_raw) * 0.2)
+    assert meta["training_data"]["train_rows"] == len(sample_raw) - holdout["rows"]
     assert holdout["rmsle"] <= 0.42, "quality bar: RMSLE <= 0.42 on held-out real trips"
     assert holdout["rmsle_clean"] < holdout["rmsle"]
     assert meta["model_bytes"] <= 50e6
@@ -120,11 +123,11 @@ def test_retraining_on_master_data_promotes_only_if_better(trained_model_dir, tm
 
 def test_the_id_split_keeps_replayed_copies_together_and_is_stable():
     ids = [f"id{n}" for n in range(2000)]
-    held = train_model.id_holdout_mask(ids + [i + "-2" for i in ids], 0.2, seed=42)
+    held = training_data.id_holdout_mask(ids + [i + "-2" for i in ids], 0.2, seed=42)
     assert (held[:2000] == held[2000:]).all()
     assert 0.15 < held[:2000].mean() < 0.25
-    assert (train_model.id_holdout_mask(ids[:500], 0.2, seed=42) == held[:500]).all()
-    assert train_model.base_id("id12-3") == "id12" and train_model.base_id("id12") == "id12"
+    assert (training_data.id_holdout_mask(ids[:500], 0.2, seed=42) == held[:500]).all()
+    assert training_data.base_id("id12-3") == "id12" and training_data.base_id("id12") == "id12"
 
 
 def test_retraining_flags_that_contradict_are_refused(capsys):

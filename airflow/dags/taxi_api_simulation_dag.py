@@ -20,16 +20,10 @@ or from the run's params ``bootstrap`` and ``topic``.
 """
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
-from pathlib import Path
 
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))  # the tasks import periscope and the scripts from the repository
 
 START = pendulum.datetime(2026, 1, 5, tz="UTC")
 """A Monday: the simulated API's first week begins here (cycle 0 of the sample)."""

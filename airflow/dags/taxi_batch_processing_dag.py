@@ -30,16 +30,11 @@ variables (see ``periscope/config.py``) or the run's params.
 """
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))  # the tasks import periscope and the scripts from the repository
 
 
 def staging_dir(run_id: str) -> Path:

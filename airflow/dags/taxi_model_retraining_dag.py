@@ -7,7 +7,7 @@
   manual run without a logical date: after its trigger time) on
   every trip of the master dataset, holding out trips by a hash of their id.
   A re-run finds the version and does not train again.
-* ``evaluate_and_promote``: ``train_model.compare_and_promote`` scores the
+* ``evaluate_and_promote``: ``periscope.promotion.compare_and_promote`` scores the
   candidate and the live model on the same hold-out (the trips neither
   trained on) and switches ``model/current.json`` only if the candidate's
   RMSLE is lower by more than ``min_improvement``. Every version stays in
@@ -22,16 +22,10 @@ Settings: ``PERISCOPE_MASTER_DIR``, ``PERISCOPE_MODEL_DIR`` or the run's params.
 """
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
-from pathlib import Path
 
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-if str(PROJECT_ROOT) not in sys.path:
-    sys.path.insert(0, str(PROJECT_ROOT))  # the tasks import periscope and the scripts from the repository
 
 
 @dag(
@@ -72,22 +66,23 @@ def taxi_model_retraining():
     @task
     def evaluate_and_promote(candidate: str, params=None) -> dict:
         """Both models on the same hold-out; promote only if the candidate is better. Decided once."""
-        import train_model
         from periscope import config
         from periscope.model import version_dir
+        from periscope.promotion import DECISION, compare_and_promote
         from periscope.sources import read_trips
         from periscope.storage import read_json
 
         directory = version_dir(config.MODEL_DIR, candidate)
-        if (directory / train_model.DECISION).exists():
-            decision = read_json(directory / train_model.DECISION)
+        if (directory / DECISION).exists():
+            decision = read_json(directory / DECISION)
             print(f"already decided by an earlier attempt: {decision['reason']}")
         else:
             holdout, _ = read_trips(directory / "holdout.csv.gz")
-            decision = train_model.compare_and_promote(config.MODEL_DIR, candidate, holdout, params["min_improvement"])
+            decision = compare_and_promote(config.MODEL_DIR, candidate, holdout,
+                                           params["min_improvement"])
         verdict = "promoted" if decision["promoted"] else "not promoted"
         print(f"candidate {candidate} {verdict}: {decision['reason']}; live model: {decision['live']} "
-              f"(before: {decision['previous_live']}); decision in {directory / train_model.DECISION}")
+              f"(before: {decision['previous_live']}); decision in {directory / DECISION}")
         return {key: decision[key] for key in ("candidate", "promoted", "live", "previous_live", "reason")}
 
     evaluate_and_promote(train_candidate())
