@@ -219,7 +219,8 @@ def ensure_inputs(setup: Config, seed: int) -> tuple[Path, Path | None, float | 
 
 
 def write_copies(source: Path, out: Path, fraction: float, seed: int) -> None:
-    """A CSV holding a seeded random ``fraction`` of the rows of ``source`` (read in chunks)."""
+    """A CSV holding a seeded random ``fraction`` of the rows of ``source`` (read in chunks, so the
+    count may be off by a few rows: the benchmark counts the rows it imports)."""
     partial = out.with_name(f".{out.name}.partial")
     try:
         with open(partial, "w") as handle:
@@ -242,9 +243,9 @@ def bench_config(setup: Config, repeat: int, workers: int, decoders: list[str], 
         print(f"{setup.label}: importing {distinct_csv.name}"
               + (f" and {copies_csv.name}" if copies_csv else "") + f" into {master_dir} ...", flush=True)
         started = time.perf_counter()
-        imported = sum(batch_processor.import_csv(path, master_dir).rows for path in filter(None, [distinct_csv,
-                                                                                                   copies_csv]))
+        imports = [batch_processor.import_csv(path, master_dir) for path in filter(None, [distinct_csv, copies_csv])]
         import_s = time.perf_counter() - started
+        imported, copies = sum(i.rows for i in imports), imports[1].rows if copies_csv else 0
         files = master_files(master_dir)
         master_mb = sum(path.stat().st_size for path in files) / MB
         print(f"  imported {imported:,} trips in {import_s:.1f} s into {len(files)} Avro files ({master_mb:,.0f} MB)",
@@ -255,9 +256,9 @@ def bench_config(setup: Config, repeat: int, workers: int, decoders: list[str], 
                 result = run_measured(recompute_command(scratch, workers, decoder),
                                       scratch / f"recompute-{decoder}-{run}.log")
                 manifest = published_manifest(views_dir)
-                if manifest["rows"]["master"] != imported or manifest["rows"]["duplicates"] != setup.copies:
+                if manifest["rows"]["master"] != imported or manifest["rows"]["duplicates"] != copies:
                     raise RuntimeError(f"{decoder}: the manifest counts {manifest['rows']}, expected "
-                                       f"{imported:,} master rows and {setup.copies:,} duplicates")
+                                       f"{imported:,} master rows and {copies:,} duplicates")
                 result.update({f"{step}_s": seconds for step, seconds in manifest["timings_s"].items()})
                 result.update({key: manifest["rows"][key] for key in ("distinct", "duplicates", "clean")})
                 runs[decoder].append(result)
@@ -267,8 +268,8 @@ def bench_config(setup: Config, repeat: int, workers: int, decoders: list[str], 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {
-        "rows": setup.rows, "duplicates_share": setup.duplicates, "distinct": setup.distinct,
-        "copies": setup.copies, "csv": [str(p) for p in filter(None, [distinct_csv, copies_csv])],
+        "rows": setup.rows, "duplicates_share": setup.duplicates, "master_rows": imported,
+        "distinct": imported - copies, "copies": copies, "csv": [str(p) for p in filter(None, [distinct_csv, copies_csv])],
         "generate_s": generate_s, "import_s": round(import_s, 2), "master_files": len(files),
         "master_mb": round(master_mb, 1), "workers": workers,
         "decoders": {decoder: {"runs": decoder_runs, "median": medians(decoder_runs)}
