@@ -21,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from periscope import views as view_defs
@@ -33,6 +32,7 @@ from periscope.storage import (
     avro_metadata,
     read_json,
     write_trip_index,
+    write_views,
 )
 
 DEFAULT_MAX_REJECTED_SHARE = 0.05
@@ -53,8 +53,7 @@ def stage(staging_dir: Path, version: BatchVersion) -> Path:
     attempt's); the manifest last, so that its presence means the rest is there."""
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)
-    for name, frame in version.views.items():
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), staging_dir / f"{name}.parquet")
+    write_views(staging_dir, version.views)
     write_trip_index(staging_dir, version.trip_ids)
     atomic_write_json(staging_dir / MANIFEST, version.manifest)
     return staging_dir

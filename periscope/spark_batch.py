@@ -57,7 +57,7 @@ from pyspark.sql.types import BinaryType, StructField, StructType
 from periscope import views
 from periscope.schema import AVRO_SCHEMA, RULE_NAMES, first_broken_rule
 from periscope.spark_session import AVRO_COLUMNS, get_session, spark_type
-from periscope.storage import BatchVersion, avro_metadata, master_files, views_manifest
+from periscope.storage import BatchVersion, InputFile, avro_metadata, master_files, views_manifest
 
 PARTIAL_SCHEMA = StructType([StructField("partial", BinaryType())])
 FILE_COLUMN = "file_path"
@@ -160,10 +160,13 @@ def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession |
         print(f"  read {len(files)} master files, {sum(file_rows):,} trips, {len(trip_ids):,} distinct, in "
               f"{len(partials)} Spark partitions", flush=True)
     manifest = views_manifest(
-        "spark", master_dir, files, metadata, file_rows,
-        [rows - distinct_per_file.get(index, 0) for index, rows in enumerate(file_rows)],
-        sum(partial["clean"] for partial in partials), rules, batch_views,
-        {"count_rows": counted - started, "read_drop_duplicates_clean_and_aggregate": spark_done - counted,
-         "merge": merge_done - spark_done},
+        engine="spark",
+        inputs=[InputFile(str(path.relative_to(master_dir)), meta, rows, rows - distinct_per_file.get(index, 0))
+                for index, (path, meta, rows) in enumerate(zip(files, metadata, file_rows))],
+        clean=sum(partial["clean"] for partial in partials),
+        broken_rules=rules,
+        views=batch_views,
+        timings_s={"count_rows": counted - started, "read_drop_duplicates_clean_and_aggregate": spark_done - counted,
+                   "merge": merge_done - spark_done},
     )
     return BatchVersion(batch_views, manifest, trip_ids)

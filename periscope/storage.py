@@ -11,10 +11,16 @@ Two rules keep readers safe without any database:
 
 Layout under ``data/``::
 
-    master/csv/<sha256 of the source>[-before-<cutoff>]/part-00000.avro + import.json   history from CSV
+    master/csv/<24 hex digits of the source's sha256>[-before-<cutoff>]/part-00000.avro + import.json
+                                                           history from CSV (``csv_import_dir``)
     master/stream/<topic>/p000/<first offset>-<last offset>.avro   events drained from Kafka
     views/v000007/<view>.parquet + manifest.json + index/trip_ids.parquet   one published batch version
     views/current.json                                     {"version": "v000007"}
+
+A batch version is published in steps that ``batch_processor.publish`` spells
+out with the primitives below: ``next_version``, ``staged_directory`` (write
+aside, then rename), ``write_views``, ``write_trip_index``, ``write_manifest``,
+``switch_current`` (the atomic switch readers follow), ``prune_versions``.
 
 The master files have a *source order* (``master_files``): CSV imports in the
 order they were made, then stream files by topic, partition and offset. When
@@ -29,8 +35,9 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import islice
 from operator import itemgetter
@@ -44,17 +51,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import polars as pl
 
-from periscope.schema import AVRO_SCHEMA, FIELDS, RULE_NAMES
+from periscope.batch_tuning import MASTER_CODEC
+from periscope.schema import AVRO_SCHEMA, FIELDS, RULE_NAMES, format_time
 
 PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
 META_PREFIX = "periscope."
 POINTER = "current.json"
 MANIFEST = "manifest.json"
 IMPORT_SUMMARY = "import.json"
-MASTER_CODEC = "null"
-"""Avro block compression of new master files: none. Deflate made them a quarter smaller (11.2 instead
-of 15.0 MB per 250,000 trips) but took two thirds of the time to read them (0.13 instead of 0.04 s
-with polars), and every recompute reads every file. Files written with deflate stay readable."""
+KEEP_VERSIONS = 5
+"""Published batch versions kept by default (``--keep``): the current one and a few to go back to."""
 TRIP_INDEX = Path("index") / "trip_ids.parquet"
 """Inside a version: every distinct trip id of the master data it was computed from, sorted."""
 
@@ -156,7 +162,67 @@ def publish_dir(staging: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+@contextmanager
+def staged_directory(final: Path) -> Iterator[Path]:
+    """Yield an empty hidden directory beside ``final``; when the block ends it becomes ``final``.
+
+    Everything written there appears at once under the final name, durably
+    (``publish_dir``); if the block fails, the staging directory is removed
+    and ``final`` never appears.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield staging
+        publish_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 # --- master dataset (Avro) -----------------------------------------------------
+
+
+def csv_import_dir(master_dir: Path, sha256: str, cutoff_ms: int | None) -> Path:
+    """Where a CSV import lives; its name is its identity: the file's content and where its history ends.
+
+    ``csv/<sha256[:24]>`` for the whole file, ``csv/<sha256[:24]>-before-20160601T000000``
+    for the trips picked up before a cutoff: another import of the same file.
+    """
+    if cutoff_ms is None:
+        return master_dir / "csv" / sha256[:24]
+    stamp = format_time(cutoff_ms).replace("-", "").replace(":", "").replace(" ", "T")
+    return master_dir / "csv" / f"{sha256[:24]}-before-{stamp}"
+
+
+def stream_file(master_dir: Path, topic: str, partition: int, first: int, last: int) -> Path:
+    """Where the events of one partition's offset range live: the name is the range."""
+    return master_dir / "stream" / topic / f"p{partition:03d}" / f"{first:020d}-{last:020d}.avro"
+
+
+def last_stream_offsets(master_dir: Path, topic: str) -> dict[int, int]:
+    """The last Kafka offset in master data, per partition of ``topic``, read from the file names."""
+    offsets: dict[int, int] = {}
+    for path in (master_dir / "stream" / topic).glob("p[0-9][0-9][0-9]/*.avro"):
+        if not path.name.startswith("."):
+            partition, last = int(path.parent.name[1:]), int(path.stem.split("-")[1])
+            offsets[partition] = max(last, offsets.get(partition, -1))
+    return offsets
+
+
+def in_parts(frames: Iterable[pd.DataFrame], part_rows: int) -> Iterator[pd.DataFrame]:
+    """The rows of ``frames``, in order, regrouped into parts of ``part_rows`` rows (the last one smaller)."""
+    pending: list[pd.DataFrame] = []
+    held = 0
+    for frame in frames:
+        pending.append(frame)
+        held += len(frame)
+        while held >= part_rows:
+            rows = pd.concat(pending, ignore_index=True)
+            yield rows.iloc[:part_rows]
+            pending, held = [rows.iloc[part_rows:]], len(rows) - part_rows
+    if held:
+        yield pd.concat(pending, ignore_index=True)
 
 
 def frame_to_records(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
@@ -169,12 +235,13 @@ def frame_to_records(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
 def write_avro(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[str, Any]) -> None:
     """Write one master file; ``metadata`` goes into the Avro header as ``periscope.*``.
 
-    Uncompressed (``MASTER_CODEC``). Not durable by itself: callers publish
-    through ``atomic_path`` or ``publish_dir``, which fsync before the rename.
+    Uncompressed (``batch_tuning.MASTER_CODEC``). Not durable by itself: callers
+    publish through ``atomic_path`` or ``staged_directory``, which fsync before the rename.
     """
     header = {META_PREFIX + key: str(value) for key, value in metadata.items()}
     with open(path, "wb") as handle:
-        fastavro.writer(handle, PARSED_SCHEMA, records, codec=MASTER_CODEC, metadata=header, sync_interval=1 << 20)
+        fastavro.writer(handle, PARSED_SCHEMA, records, codec=MASTER_CODEC, metadata=header,
+                        sync_interval=1 << 20)
 
 
 def write_avro_atomic(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[str, Any]) -> None:
@@ -287,7 +354,7 @@ def version_dirs(views_dir: Path) -> list[Path]:
 
 
 class BatchVersion(NamedTuple):
-    """A computed batch version, not yet published: what ``write_version`` needs.
+    """A computed batch version, not yet published: views, manifest and trip ids.
 
     ``trip_ids`` holds every distinct trip id of the master data the views were
     computed from (clean or not), sorted; it becomes the version's ``TRIP_INDEX``.
@@ -298,81 +365,113 @@ class BatchVersion(NamedTuple):
     trip_ids: pl.Series
 
 
+def next_version(views_dir: Path) -> str:
+    """The name the next published version gets: one more than the newest (``v000001`` first).
+
+    Take it under ``locked(views_dir)``, so that two publishers never pick the same name.
+    """
+    existing = version_dirs(views_dir)
+    return f"v{int(existing[-1].name[1:]) + 1 if existing else 1:06d}"
+
+
+def write_views(directory: Path, views: Mapping[str, pd.DataFrame]) -> None:
+    """Each view as ``<name>.parquet`` in ``directory`` (a staging directory: not durable by itself)."""
+    for name, frame in views.items():
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), directory / f"{name}.parquet")
+
+
+def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """``manifest.json`` in ``directory`` (a staging directory: not durable by itself)."""
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def switch_current(views_dir: Path, version: str) -> None:
+    """Point ``current.json`` at ``version`` with one atomic rename: the moment readers move to it."""
+    atomic_write_json(views_dir / POINTER, {"version": version})
+
+
+def prune_versions(views_dir: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions; returns the names deleted."""
+    old = version_dirs(views_dir)[:-keep]
+    for directory in old:
+        shutil.rmtree(directory)
+    return [directory.name for directory in old]
+
+
 def write_version(
     views_dir: Path, views: Mapping[str, pd.DataFrame], manifest: dict[str, Any], keep: int,
     trip_ids: Sequence[str] | np.ndarray | pa.Array | pl.Series | None = None,
 ) -> dict[str, Any]:
-    """Publish a new version: write aside, rename, switch ``current.json``, prune old ones.
+    """Publish views that were not computed by the batch layer (tests, ``bench/bench_app.py``).
 
-    With ``trip_ids``, the version holds its trip index (``write_trip_index``),
-    which the serving layer needs to count each trip once; ``batch_processor``
-    always passes it. Returns the manifest as written, with ``version`` and the
-    write time added. Readers following ``current.json`` see the previous
-    version or this one, complete.
+    The same steps as ``batch_processor.publish``, which is where the batch
+    layer spells them out; without ``trip_ids`` the version has no trip index.
+    Returns the manifest as written, with ``version`` and the write time added.
     """
     with locked(views_dir):
-        existing = version_dirs(views_dir)
-        number = int(existing[-1].name[1:]) + 1 if existing else 1
-        version = f"v{number:06d}"
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=views_dir))
-        try:
+        version = next_version(views_dir)
+        with staged_directory(views_dir / version) as staging:
             started = time.perf_counter()
-            for name, frame in views.items():
-                pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), staging / f"{name}.parquet")
+            write_views(staging, views)
             if trip_ids is not None:
                 write_trip_index(staging, trip_ids)
             timings = {**manifest.get("timings_s", {}), "write": round(time.perf_counter() - started, 3)}
             manifest = {**manifest, "version": version, "timings_s": timings}
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-            publish_dir(staging, views_dir / version)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        atomic_write_json(views_dir / POINTER, {"version": version})
-        for old in version_dirs(views_dir)[:-keep]:
-            shutil.rmtree(old)
+            write_manifest(staging, manifest)
+        switch_current(views_dir, version)
+        prune_versions(views_dir, keep)
     return manifest
 
 
-def stream_watermark(metadata: Sequence[Mapping[str, str]]) -> dict[str, int]:
+@dataclass(frozen=True)
+class InputFile:
+    """One master file as a version's manifest lists it (``input_files``)."""
+
+    path: str
+    """Relative to the master directory."""
+    header: Mapping[str, str]
+    """Its ``periscope.*`` Avro header entries (``avro_metadata``): what the file says it holds."""
+    rows: int
+    """Trips read from it."""
+    duplicates: int
+    """How many of those were later copies of a trip already seen, left out."""
+
+
+def stream_watermark(headers: Iterable[Mapping[str, str]]) -> dict[str, int]:
     """Highest Kafka offset per partition covered by stream master files (empty for CSV-only data)."""
     watermark: dict[str, int] = {}
-    for meta in metadata:
+    for meta in headers:
         if meta.get("kind") == "stream":
             partition, last = meta["kafka_partition"], int(meta["kafka_last_offset"])
             watermark[partition] = max(last, watermark.get(partition, -1))
     return dict(sorted(watermark.items(), key=lambda item: int(item[0])))
 
 
-def views_manifest(engine: str, master_dir: Path, files: Sequence[Path], metadata: Sequence[Mapping[str, str]],
-                   file_rows: Sequence[int], file_duplicates: Sequence[int], clean_rows: int,
-                   broken_rules: Mapping[str, int], views: Mapping[str, pd.DataFrame],
-                   timings_s: Mapping[str, float]) -> dict[str, Any]:
-    """What a batch version is made of, the same for every engine: ``write_version`` adds its name.
+def views_manifest(*, engine: str, inputs: Sequence[InputFile], clean: int, broken_rules: Mapping[str, int],
+                   views: Mapping[str, pd.DataFrame], timings_s: Mapping[str, float]) -> dict[str, Any]:
+    """What a batch version is made of, the same for every engine (publishing adds its name).
 
-    ``files`` (in source order), ``metadata`` (their Avro headers),
-    ``file_rows`` (trips read from each) and ``file_duplicates`` (how many of
-    those were later copies of a trip already seen, left out) are parallel.
-    The watermark is the highest offset per partition their stream files cover.
-    ``rows``: ``master == distinct + duplicates`` and, as the cleaning rules
-    apply to the distinct trips, ``distinct == clean + sum(cleaning)``.
+    ``inputs``: the master files read, in source order; ``clean``: the distinct
+    trips that pass the cleaning rules; ``broken_rules``: how many distinct
+    trips each rule removed. The watermark is the highest offset per partition
+    the stream files cover. ``rows``: ``master == distinct + duplicates`` and,
+    as the cleaning rules apply to the distinct trips, ``distinct == clean + sum(cleaning)``.
     """
-    master, duplicates = sum(file_rows), sum(file_duplicates)
+    master, duplicates = sum(f.rows for f in inputs), sum(f.duplicates for f in inputs)
     return {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "engine": engine,
-        "watermark": stream_watermark(metadata),
-        "watermark_topics": sorted({meta["topic"] for meta in metadata if meta.get("kind") == "stream"}),
+        "watermark": stream_watermark(f.header for f in inputs),
+        "watermark_topics": sorted({f.header["topic"] for f in inputs if f.header.get("kind") == "stream"}),
         "rows": {
             "master": master,
             "distinct": master - duplicates,
             "duplicates": duplicates,
-            "clean": clean_rows,
+            "clean": clean,
             "views": {name: len(frame) for name, frame in views.items()},
         },
         "cleaning": {name: broken_rules.get(name, 0) for name in RULE_NAMES},
-        "input_files": [{**meta, "path": str(path.relative_to(master_dir)), "rows": rows, "duplicates": dups}
-                        for path, meta, rows, dups in zip(files, metadata, file_rows, file_duplicates)],
+        "input_files": [{**f.header, "path": f.path, "rows": f.rows, "duplicates": f.duplicates} for f in inputs],
         "timings_s": {name: round(value, 3) for name, value in timings_s.items()},
     }
 

@@ -98,3 +98,111 @@ def topics(kafka_bootstrap, request):
     trips, dlq = f"trips-{stem}", f"dlq-{stem}"
     kafka_local.ensure_topics(kafka_bootstrap, {trips: 3, dlq: 1})
     return trips, dlq
+
+
+# --- trips as CSV lines, and the batch views computed without Periscope code ---------------------
+# (tests/test_sources.py, tests/test_batch_processor.py, tests/test_spark_batch.py)
+
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+@dataclass(frozen=True)
+class CsvLines:
+    """Kaggle-layout CSV lines: the header, a well-formed trip, and one malformed trip per reason."""
+
+    header: str
+    good: str
+    bad: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def csv_lines() -> CsvLines:
+    from periscope.schema import FIELDS
+
+    good = "id1,1,2016-02-28 02:23:02,2016-02-28 02:31:08,1,-73.98,40.74,-73.96,40.76,N,486"
+    return CsvLines(header=",".join(FIELDS), good=good, bad={
+        "bad_datetime": "id2,1,2016-02-30 02:23:02,2016-02-28 02:31:08,1,-73.98,40.74,-73.96,40.76,N,486",
+        "wrong_type": "id3,x,2016-02-28 02:23:02,2016-02-28 02:31:08,1,-73.98,40.74,-73.96,40.76,N,486",
+        "missing_value": "id4,1,2016-02-28 02:23:02,2016-02-28 02:31:08,,-73.98,40.74,-73.96,40.76,N,486",
+    })
+
+
+def _independent_clean_mask(raw: pd.DataFrame) -> pd.Series:
+    """The cleaning rules re-derived with plain pandas, not with periscope code."""
+    import numpy as np
+
+    pickup = pd.to_datetime(raw["pickup_datetime"])
+    dropoff = pd.to_datetime(raw["dropoff_datetime"])
+    d = raw["trip_duration"]
+    lat1, lon1, lat2, lon2 = (np.radians(raw[c]) for c in
+                              ("pickup_latitude", "pickup_longitude", "dropoff_latitude", "dropoff_longitude"))
+    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    km = 2 * 6371.0088 * np.arcsin(np.sqrt(h))
+    return (
+        raw["vendor_id"].isin([1, 2])
+        & d.between(60, 6 * 3600)
+        & (((dropoff - pickup).dt.total_seconds() - d).abs() <= 1)
+        & raw["passenger_count"].between(1, 6)
+        & raw["pickup_longitude"].between(-74.3, -73.7) & raw["pickup_latitude"].between(40.5, 41.0)
+        & raw["dropoff_longitude"].between(-74.3, -73.7) & raw["dropoff_latitude"].between(40.5, 41.0)
+        & (km / (d.clip(lower=1) / 3600) <= 120)
+    )
+
+
+@pytest.fixture(scope="session")
+def independent_clean_mask() -> Callable[[pd.DataFrame], pd.Series]:
+    """``mask = independent_clean_mask(raw)``: which CSV rows pass the cleaning rules, by plain pandas."""
+    return _independent_clean_mask
+
+
+def _assert_views_match_pandas(batch: dict[str, pd.DataFrame], rows: pd.DataFrame) -> pd.DataFrame:
+    """``batch`` holds exactly what plain pandas computes over ``rows`` (CSV rows in source order):
+    the first row of each trip id, the cleaning rules re-derived in pandas. Returns the clean trips."""
+    import numpy as np
+
+    distinct = rows.drop_duplicates("id", keep="first")
+    clean = distinct[_independent_clean_mask(distinct)].copy()
+    pickup = pd.to_datetime(clean["pickup_datetime"])
+    clean["date"], clean["hour"] = pickup.dt.normalize(), pickup.dt.hour
+
+    hourly = clean.groupby(["date", "hour"])["trip_duration"].agg(["count", "sum", "min", "max"]).reset_index()
+    got = batch["hourly_stats"]
+    np.testing.assert_array_equal(got["pickup_date"].to_numpy(), hourly["date"].to_numpy())
+    np.testing.assert_array_equal(got["pickup_hour"], hourly["hour"])
+    for ours, theirs in [("trips", "count"), ("duration_s_sum", "sum"), ("duration_s_min", "min"),
+                         ("duration_s_max", "max")]:
+        np.testing.assert_array_equal(got[ours], hourly[theirs])
+    np.testing.assert_array_equal(got["duration_s_sumsq"], clean.groupby(["date", "hour"])["trip_duration"]
+                                  .apply(lambda s: int((s.astype(np.int64) ** 2).sum())).to_numpy())
+
+    vendor = clean.groupby("vendor_id")["trip_duration"].agg(["count", "sum"]).reset_index()
+    np.testing.assert_array_equal(batch["vendor_stats"]["trips"], vendor["count"])
+    np.testing.assert_array_equal(batch["vendor_stats"]["duration_s_sum"], vendor["sum"])
+    daily = clean.groupby("date").size()
+    np.testing.assert_array_equal(batch["daily_summary"]["trips"], daily.to_numpy())
+    return clean
+
+
+@pytest.fixture(scope="session")
+def assert_views_match_pandas() -> Callable[[dict[str, pd.DataFrame], pd.DataFrame], pd.DataFrame]:
+    """``clean = assert_views_match_pandas(batch_views, csv_rows)``: the views against plain pandas."""
+    return _assert_views_match_pandas
+
+
+def _as_csv_rows(trips: pd.DataFrame) -> pd.DataFrame:
+    """Record-form trips (times in ms) as the CSV reads them with pandas (times as text)."""
+    import numpy as np
+
+    from periscope.schema import FIELDS
+
+    rows = trips[list(FIELDS)].copy()
+    for column in ("pickup_datetime", "dropoff_datetime"):
+        rows[column] = pd.to_datetime(rows[column], unit="ms").dt.strftime("%Y-%m-%d %H:%M:%S")
+    rows["store_and_fwd_flag"] = np.where(trips["store_and_fwd_flag"], "Y", "N")
+    return rows
+
+
+@pytest.fixture(scope="session")
+def as_csv_rows() -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """``rows = as_csv_rows(trips)``: record-form trips as pandas reads them from a CSV file."""
+    return _as_csv_rows

@@ -4,14 +4,12 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 
 import batch_processor
 from periscope import config, storage, views
 from periscope.schema import FIELDS, parse_cutoff
-from tests.test_sources import BAD_LINES, GOOD, HEADER, independent_clean_mask
 
 
 @pytest.fixture(scope="module")
@@ -37,33 +35,7 @@ def test_master_data_holds_every_well_formed_trip(published, sample_csv):
     assert sorted(r["id"] for r in records) == sorted(raw["id"])
 
 
-def assert_views_match_pandas(batch: dict[str, pd.DataFrame], rows: pd.DataFrame) -> pd.DataFrame:
-    """``batch`` holds exactly what plain pandas computes over ``rows`` (CSV rows in source order):
-    the first row of each trip id, the cleaning rules re-derived in pandas. Returns the clean trips."""
-    distinct = rows.drop_duplicates("id", keep="first")
-    clean = distinct[independent_clean_mask(distinct)].copy()
-    pickup = pd.to_datetime(clean["pickup_datetime"])
-    clean["date"], clean["hour"] = pickup.dt.normalize(), pickup.dt.hour
-
-    hourly = clean.groupby(["date", "hour"])["trip_duration"].agg(["count", "sum", "min", "max"]).reset_index()
-    got = batch["hourly_stats"]
-    np.testing.assert_array_equal(got["pickup_date"].to_numpy(), hourly["date"].to_numpy())
-    np.testing.assert_array_equal(got["pickup_hour"], hourly["hour"])
-    for ours, theirs in [("trips", "count"), ("duration_s_sum", "sum"), ("duration_s_min", "min"),
-                         ("duration_s_max", "max")]:
-        np.testing.assert_array_equal(got[ours], hourly[theirs])
-    np.testing.assert_array_equal(got["duration_s_sumsq"], clean.groupby(["date", "hour"])["trip_duration"]
-                                  .apply(lambda s: int((s.astype(np.int64) ** 2).sum())).to_numpy())
-
-    vendor = clean.groupby("vendor_id")["trip_duration"].agg(["count", "sum"]).reset_index()
-    np.testing.assert_array_equal(batch["vendor_stats"]["trips"], vendor["count"])
-    np.testing.assert_array_equal(batch["vendor_stats"]["duration_s_sum"], vendor["sum"])
-    daily = clean.groupby("date").size()
-    np.testing.assert_array_equal(batch["daily_summary"]["trips"], daily.to_numpy())
-    return clean
-
-
-def test_views_match_an_independent_pandas_computation(published, sample_csv):
+def test_views_match_an_independent_pandas_computation(published, sample_csv, assert_views_match_pandas):
     _, views_dir = published
     batch, manifest = storage.read_version(views_dir)
     raw = pd.read_csv(sample_csv)
@@ -147,9 +119,10 @@ def test_a_failed_publish_leaves_the_current_version_untouched(published, tmp_pa
     assert [p.name for p in storage.version_dirs(out)] == ["v000001"]
 
 
-def test_malformed_rows_are_rejected_and_counted(tmp_path, capsys):
+def test_malformed_rows_are_rejected_and_counted(tmp_path, capsys, csv_lines):
     csv_path = tmp_path / "dirty.csv"
-    csv_path.write_text("\n".join([HEADER, GOOD, *BAD_LINES.values(), GOOD.replace("id1", "id9")]) + "\n")
+    good = csv_lines.good
+    csv_path.write_text("\n".join([csv_lines.header, good, *csv_lines.bad.values(), good.replace("id1", "id9")]) + "\n")
     assert batch_processor.main(["--master-dir", str(tmp_path / "m"), "--views-dir", str(tmp_path / "v"),
                                  "run", "--input", str(csv_path)]) == 0
     out = capsys.readouterr().out
@@ -184,15 +157,6 @@ def test_bad_flag_values(capsys):
 # --- identifiable facts: duplicates, source order, the cutoff ------------------------
 
 
-def as_csv_rows(trips: pd.DataFrame) -> pd.DataFrame:
-    """Record-form trips (times in ms) as the CSV reads them with pandas (times as text)."""
-    rows = trips[list(FIELDS)].copy()
-    for column in ("pickup_datetime", "dropoff_datetime"):
-        rows[column] = pd.to_datetime(rows[column], unit="ms").dt.strftime("%Y-%m-%d %H:%M:%S")
-    rows["store_and_fwd_flag"] = np.where(trips["store_and_fwd_flag"], "Y", "N")
-    return rows
-
-
 def shifted(rows: pd.DataFrame, hours: int) -> pd.DataFrame:
     """The same trips (same ids), picked up ``hours`` later: copies whose content differs."""
     moved = rows.copy()
@@ -206,7 +170,7 @@ def recompute_version(master, views_dir, **kwargs):
     return storage.read_version(views_dir)
 
 
-def test_duplicates_inside_one_csv_file_count_once_the_first_copy_wins(sample_csv, tmp_path):
+def test_duplicates_inside_one_csv_file_count_once_the_first_copy_wins(sample_csv, tmp_path, assert_views_match_pandas):
     raw = pd.read_csv(sample_csv).head(6000)
     copies = shifted(raw.sample(900, random_state=3), hours=5)  # some land before their original
     rows = pd.concat([raw.iloc[:4000], copies, raw.iloc[4000:], raw.iloc[100:150]], ignore_index=True)
@@ -225,7 +189,7 @@ def test_duplicates_inside_one_csv_file_count_once_the_first_copy_wins(sample_cs
     assert list(storage.read_trip_index(tmp_path / "views", manifest["version"])) == sorted(set(rows["id"]))
 
 
-def test_the_same_trips_in_two_csv_files_count_once(sample_csv, tmp_path, capsys):
+def test_the_same_trips_in_two_csv_files_count_once(sample_csv, tmp_path, capsys, assert_views_match_pandas):
     """The README flow's history import, then the whole file again: 73,177 distinct trips, views unchanged."""
     raw = pd.read_csv(sample_csv)
     before = pd.to_datetime(raw["pickup_datetime"]) < pd.Timestamp("2016-06-01")
@@ -294,7 +258,8 @@ def test_a_bad_cutoff_is_a_one_line_error(value, sample_csv, capsys):
         "2016-06-01 or '2016-06-01 12:00:00' (New York wall clock), or none")
 
 
-def test_stream_copies_of_history_trips_count_once_as_in_history(sample_csv, sample_trips, tmp_path):
+def test_stream_copies_of_history_trips_count_once_as_in_history(sample_csv, sample_trips, tmp_path, as_csv_rows,
+                                                                  assert_views_match_pandas):
     """A trip imported as history and replayed into Kafka: the CSV copy comes first in source order."""
     master = tmp_path / "master"
     batch_processor.import_csv(sample_csv, master)
@@ -316,7 +281,7 @@ def test_stream_copies_of_history_trips_count_once_as_in_history(sample_csv, sam
     assert [f["kind"] for f in manifest["input_files"]] == ["csv", "stream", "stream", "stream"]
 
 
-def test_source_order_is_import_order_whatever_the_names(sample_csv, tmp_path):
+def test_source_order_is_import_order_whatever_the_names(sample_csv, tmp_path, assert_views_match_pandas):
     raw = pd.read_csv(sample_csv).head(3000)
     early, late = tmp_path / "early.csv", tmp_path / "late.csv"
     raw.to_csv(early, index=False)
@@ -354,6 +319,36 @@ def test_options_work_after_the_command_too(published, capsys):
     out = capsys.readouterr().out
     assert f"master data: 1 files under {master}" in out and "current version v000001" in out
     assert "of 73,177 distinct (0 later copies left out)" in out
+
+
+def test_without_a_command_it_runs_and_a_mistyped_command_is_refused(published, tmp_path, capsys):
+    master, _ = published
+    args = batch_processor.parse_args(["--master-dir", str(master), "--from-stream", "--engine", "spark"])
+    assert args.command == "run" and args.from_stream and args.engine == "spark" and args.master_dir == master
+    assert batch_processor.parse_args(["--views-dir=x", "--workers", "1"]).command == "run"
+    with pytest.raises(SystemExit):
+        batch_processor.parse_args(["recompte"])
+    assert "invalid choice: 'recompte'" in capsys.readouterr().err
+
+
+def test_the_top_level_help_names_every_command_and_its_flags(capsys):
+    with pytest.raises(SystemExit):
+        batch_processor.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "no command: run" in out
+    listed: dict[str, str] = {}
+    for line in out[out.index("commands and their flags"):].splitlines()[1:]:
+        if line.startswith("  ") and not line.startswith("   "):
+            command = line.split()[0]
+            listed[command] = line
+        elif line.strip():
+            listed[command] += line
+    assert set(listed) == {"run", "import", "ingest", "recompute", "status"}
+    for command, flags in {"run": ["--input", "--cutoff", "--from-stream", "--engine", "--workers", "--file-rows"],
+                           "import": ["FILE ...", "--cutoff", "--part-rows"],
+                           "ingest": ["--bootstrap", "--topic", "--group", "--wait"],
+                           "recompute": ["--engine", "--decoder", "--keep", "--workers"]}.items():
+        assert all(flag in listed[command] for flag in flags), listed[command]
 
 
 def test_the_fastavro_decoder_gives_the_same_version(published):

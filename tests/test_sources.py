@@ -10,17 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from periscope.schema import FIELDS, InvalidTrip, parse_fields
+from periscope.schema import InvalidTrip, parse_fields
 from periscope.sources import CsvLayoutError, LoadReport, iter_trip_chunks, read_trips
-
-HEADER = ",".join(FIELDS)
-GOOD = "id1,1,2016-02-28 02:23:02,2016-02-28 02:31:08,1,-73.98,40.74,-73.96,40.76,N,486"
-BAD_LINES = {
-    "bad_datetime": "id2,1,2016-02-30 02:23:02,2016-02-28 02:31:08,1,-73.98,40.74,-73.96,40.76,N,486",
-    "wrong_type": "id3,x,2016-02-28 02:23:02,2016-02-28 02:31:08,1,-73.98,40.74,-73.96,40.76,N,486",
-    "missing_value": "id4,1,2016-02-28 02:23:02,2016-02-28 02:31:08,,-73.98,40.74,-73.96,40.76,N,486",
-}
-
 
 def write(tmp_path, lines, name="trips.csv"):
     path = tmp_path / name
@@ -38,27 +29,7 @@ def test_real_sample_loads_completely(sample_csv, sample_raw):
     assert int(trips["store_and_fwd_flag"].sum()) == stored_and_forwarded > 0
 
 
-def independent_clean_mask(raw: pd.DataFrame) -> pd.Series:
-    """The cleaning rules re-derived with plain pandas, not with periscope code."""
-    pickup = pd.to_datetime(raw["pickup_datetime"])
-    dropoff = pd.to_datetime(raw["dropoff_datetime"])
-    d = raw["trip_duration"]
-    lat1, lon1, lat2, lon2 = (np.radians(raw[c]) for c in
-                              ("pickup_latitude", "pickup_longitude", "dropoff_latitude", "dropoff_longitude"))
-    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    km = 2 * 6371.0088 * np.arcsin(np.sqrt(h))
-    return (
-        raw["vendor_id"].isin([1, 2])
-        & d.between(60, 6 * 3600)
-        & (((dropoff - pickup).dt.total_seconds() - d).abs() <= 1)
-        & raw["passenger_count"].between(1, 6)
-        & raw["pickup_longitude"].between(-74.3, -73.7) & raw["pickup_latitude"].between(40.5, 41.0)
-        & raw["dropoff_longitude"].between(-74.3, -73.7) & raw["dropoff_latitude"].between(40.5, 41.0)
-        & (km / (d.clip(lower=1) / 3600) <= 120)
-    )
-
-
-def test_cleaning_counts_match_an_independent_computation(sample_csv, sample_raw):
+def test_cleaning_counts_match_an_independent_computation(sample_csv, sample_raw, independent_clean_mask):
     raw = sample_raw
     expected = independent_clean_mask(raw)
     clean, report = read_trips(sample_csv, clean=True)
@@ -69,8 +40,9 @@ def test_cleaning_counts_match_an_independent_computation(sample_csv, sample_raw
     assert any("duration_too_short" in line for line in report.summary_lines())
 
 
-def test_malformed_rows_are_counted_with_line_numbers(tmp_path):
-    lines = [HEADER, GOOD, *BAD_LINES.values(), GOOD.replace("id1", "id5") + ",extra", GOOD.replace("id1", "id6")]
+def test_malformed_rows_are_counted_with_line_numbers(tmp_path, csv_lines):
+    header, good, bad = csv_lines.header, csv_lines.good, csv_lines.bad
+    lines = [header, good, *bad.values(), good.replace("id1", "id5") + ",extra", good.replace("id1", "id6")]
     trips, report = read_trips(write(tmp_path, lines))
     assert list(trips["id"]) == ["id1", "id6"]
     assert report.rows_read == 6 and report.rows_malformed == 4
@@ -81,15 +53,16 @@ def test_malformed_rows_are_counted_with_line_numbers(tmp_path):
     assert "line 6: wrong_field_count" in report.examples
 
 
-def test_vectorised_reasons_match_the_per_record_parser(tmp_path):
-    rows = [GOOD, *BAD_LINES.values(),
-            GOOD.replace(",486", ",4.5"), GOOD.replace(",N,", ",Q,"), GOOD.replace("id1", ""),
-            GOOD.replace("-73.98", "nan", 1), GOOD.replace("2016-02-28 02:31:08", "yesterday")]
-    path = write(tmp_path, [HEADER, *rows])
+def test_vectorised_reasons_match_the_per_record_parser(tmp_path, csv_lines):
+    header, good, bad = csv_lines.header, csv_lines.good, csv_lines.bad
+    rows = [good, *bad.values(),
+            good.replace(",486", ",4.5"), good.replace(",N,", ",Q,"), good.replace("id1", ""),
+            good.replace("-73.98", "nan", 1), good.replace("2016-02-28 02:31:08", "yesterday")]
+    path = write(tmp_path, [header, *rows])
     report = LoadReport(source="x")
     kept = pd.concat(list(iter_trip_chunks(path, report, chunk_rows=2)))
     expected = {}
-    for row in csv.DictReader(io.StringIO("\n".join([HEADER, *rows]))):
+    for row in csv.DictReader(io.StringIO("\n".join([header, *rows]))):
         try:
             parse_fields(row)
         except InvalidTrip as error:

@@ -13,7 +13,6 @@ import batch_processor
 from periscope import generate, spark_batch, spark_session, storage, views
 from periscope.schema import FIELDS, parse_cutoff
 from periscope.storage import frame_to_records
-from tests.test_batch_processor import as_csv_rows, assert_views_match_pandas
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,8 @@ def write_master_file(path, trips, sync_interval=16_384, **metadata):
                         metadata=header, sync_interval=sync_interval)
 
 
-def test_both_engines_keep_the_first_copy_in_source_order_when_copies_differ(spark, sample_trips, tmp_path):
+def test_both_engines_keep_the_first_copy_in_source_order_when_copies_differ(spark, sample_trips, tmp_path,
+                                                                              as_csv_rows, assert_views_match_pandas):
     """Copies of a trip inside a file (in different Spark splits), across CSV imports and in stream files,
     each copy different: both engines keep the first in source order, as pandas does over the rows in order."""
     trips = sample_trips.iloc[:24_000].reset_index(drop=True)
