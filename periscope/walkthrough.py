@@ -66,7 +66,8 @@ each block's own ``volatile:`` patterns. Everything else must be equal: the
 prose, the commands, the trip and dead-letter counts, version numbers,
 watermarks, "none lost, none twice". On a difference it prints a unified diff
 of the masked texts; when a command fails, the command and the end of its
-output. The freshly rendered doc is written to var/walkthrough/WALKTHROUGH.md.
+output. The freshly rendered doc is written to var/walkthrough/WALKTHROUGH.md
+(after a failure, what ran before it to var/walkthrough/WALKTHROUGH.partial.md).
 """
 from __future__ import annotations
 
@@ -246,7 +247,8 @@ class Sandbox:
         if jars and not (kafka_libs / ".fetched").is_file():
             raise WalkthroughError(f"the Kafka jars are not in {kafka_libs}: run `make kafka-fetch` first")
         if jars and not (spark_jars / spark_session.MARKER).is_file():
-            raise WalkthroughError(f"Spark's connector jars are not in {spark_jars}: run `make spark-fetch` first")
+            raise WalkthroughError(f"Spark's connector jars are not in {spark_jars}: "
+                                   "run `make spark-fetch` first")
         root = Path(tempfile.mkdtemp(prefix="periscope-walkthrough-"))
         for entry in sorted(project.iterdir()):
             if entry.name not in {".git", ".venv", ".venv-compose", "data", "var", "model", "artifacts",
@@ -345,7 +347,7 @@ class Terminal:
                 self.changed.wait(min(left, 1.0))
 
     def wait_for(self, pattern: str, timeout: float, whole_line: bool = True) -> int:
-        """Until a line after the last show matches; returns the end of that line.
+        """Until a line after the last show matches; returns the end of that line (nothing is shown).
 
         ``whole_line``: and until that line is complete, so that what is shown
         never ends in the middle of a line; a prompt (no newline) wants False.
@@ -421,6 +423,11 @@ class Terminal:
             pass
 
 
+def close_gaps(prose: str) -> str:
+    """One blank line where a block that shows nothing (await, ctrl-c, kill-9) left two or more."""
+    return re.sub(r"\A\n{2,}", "\n", re.sub(r"\n{3,}", "\n\n", prose))
+
+
 def tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip("\n").split("\n")[-lines:])
 
@@ -456,7 +463,11 @@ class Runner:
                 first_line = chunk.body.splitlines()[0][:60] if chunk.body else ""
                 self.log(f"[{time.monotonic() - self.began:6.1f} s] {chunk.section[:28]:<28} {chunk.action:<6} "
                          f"{chunk.terminal or '':<2} {first_line}")
-                text = getattr(self, "do_" + chunk.action.replace("-", "_"))(chunk)
+                try:
+                    text = getattr(self, "do_" + chunk.action.replace("-", "_"))(chunk)
+                except WalkthroughError as error:
+                    error.partial = "".join(part for part, _ in parts)  # what ran, for a look at it
+                    raise
                 if self.verbose and text:
                     self.log(text.rstrip("\n"))
                 if text:
@@ -471,8 +482,8 @@ class Runner:
             text += part
             fenced = sum(1 for segment in split_fences(part) if segment.startswith("```"))
             block_masks += [volatile or []] * fenced
-        text = "".join(segment if segment.startswith("```") else re.sub(r"\A\n{2,}", "\n", re.sub(
-            r"\n{3,}", "\n\n", segment)) for segment in split_fences(text))  # a block showing nothing leaves no gap
+        text = "".join(segment if segment.startswith("```") else close_gaps(segment)
+                       for segment in split_fences(text))
         return Rendered(HEADER + text.lstrip("\n"), block_masks, time.monotonic() - self.began)
 
     def fill(self, prose: str) -> str:
@@ -509,12 +520,11 @@ class Runner:
         if previous is not None and previous.running():
             raise WalkthroughError(f"{block.where()}: terminal {block.terminal} still runs `{previous.command}`; "
                                    "stop it first (ctrl-c, kill-9 or await)")
+        if previous is not None:
+            previous.close()
         terminal = self.terminals[block.terminal] = Terminal(block.terminal, block.body, self.sandbox)
-        if block.option("wait-for"):
-            with terminal.changed:
-                position = terminal.shown
+        if block.option("wait-for"):  # seen, not shown: a later show prints it
             terminal.wait_for(block.option("wait-for"), block.number("timeout", WAIT_TIMEOUT_S), whole_line=False)
-            terminal.shown = position  # seen, not shown: a later show prints it
         return f"```bash\n{block.body}\n```\n"
 
     def do_show(self, block: Block) -> str:
@@ -546,8 +556,9 @@ class Runner:
                 if not block.option("until") or re.search(block.option("until"), answer, re.MULTILINE):
                     break
                 if not terminal.running() or time.monotonic() > deadline:
-                    raise WalkthroughError(f"{block.where()}: no answer to {line!r} matched {block.option('until')!r} "
-                                           f"within {timeout:.0f} s; the last one:\n{tail(answer)}")
+                    raise WalkthroughError(f"{block.where()}: no answer to {line!r} matched "
+                                           f"{block.option('until')!r} within {timeout:.0f} s; the last one:\n"
+                                           f"{tail(answer)}")
                 time.sleep(RETYPE_EVERY_S)  # a poll interval: the condition is the answer itself
             transcript.append(f"{prompt}{line}\n{answer}")
         shown = self.finish(block, "".join(transcript))
@@ -557,10 +568,7 @@ class Runner:
         terminal = self.terminal(block)
         timeout = block.number("timeout", WAIT_TIMEOUT_S)
         if block.option("for"):
-            with terminal.changed:
-                position = terminal.shown
             terminal.wait_for(block.option("for"), timeout, whole_line=False)
-            terminal.shown = position
         else:
             self.check_exit(block, terminal.wait_exit(timeout), terminal.text)
         return ""
@@ -685,7 +693,8 @@ def check(template: Path = TEMPLATE, doc: Path = OUTPUT, log: Callable[[str], No
     try:
         rendered = render(template, log, verbose, keep, jars)
     except (WalkthroughError, kafka_local.KafkaLocalError) as error:
-        return CheckResult(False, f"the walkthrough failed: {error}", time.monotonic() - began)
+        return CheckResult(False, f"the walkthrough failed: {error}{save_partial(error, rendered_to)}",
+                           time.monotonic() - began)
     rendered_to.parent.mkdir(parents=True, exist_ok=True)
     rendered_to.write_text(rendered.text)
     expected = masked(doc.read_text() if doc.exists() else "", rendered.block_masks)
@@ -697,8 +706,20 @@ def check(template: Path = TEMPLATE, doc: Path = OUTPUT, log: Callable[[str], No
     diff = "".join(difflib.unified_diff(expected.splitlines(keepends=True), actual.splitlines(keepends=True),
                                         f"{doc} (masked)", f"{rendered_to} (this run, masked)", n=2))
     return CheckResult(False, f"{doc} differs from what the walkthrough prints now (timing-dependent figures "
-                              f"masked); this run is in {rendered_to}, `make walkthrough` rewrites the doc:\n{diff}",
+                              f"masked); this run is in {rendered_to}, `make walkthrough` rewrites the doc:\n"
+                              f"{diff}",
                        rendered.seconds)
+
+
+def save_partial(error: Exception, path: Path) -> str:
+    """Write what ran before a failure beside ``path``; the sentence that says where."""
+    partial = getattr(error, "partial", None)
+    if not partial:
+        return ""
+    target = path.with_suffix(".partial.md")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(HEADER + partial)
+    return f"\n(what ran before it, with its output: {target})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare with --output instead of rewriting it; exit code 1 when they differ")
     parser.add_argument("--template", type=Path, default=TEMPLATE, help="the doc's source")
     parser.add_argument("--output", type=Path, default=OUTPUT, help="the doc it writes (or, with --check, reads)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary clone and its state (broker stopped)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary clone and its state (the broker is stopped all the same)")
     parser.add_argument("--verbose", action="store_true", help="print each block's output as it runs")
     args = parser.parse_args(argv)
 
@@ -724,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rendered = render(args.template, log, args.verbose, args.keep)
     except (WalkthroughError, kafka_local.KafkaLocalError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}{save_partial(error, CHECK_OUTPUT)}", file=sys.stderr)
         return 1
     args.output.write_text(rendered.text)
     print(f"wrote {args.output} ({rendered.seconds:.0f} s)")
