@@ -10,7 +10,7 @@ COMPOSE_VENV := .venv-compose
 COMPOSE      := $(COMPOSE_VENV)/bin/docker-compose
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo down test test-fast bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow compose-check clean
+.PHONY: help setup demo down test test-fast walkthrough bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow compose-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test: setup kafka-fetch spark-fetch browser $(COMPOSE)  ## run every test: unit,
 
 test-fast: setup $(COMPOSE)  ## only the quick tests that need no broker
 	$(PY) -m pytest -m "not kafka and not slow"
+
+walkthrough: setup kafka-fetch spark-fetch  ## run every command of docs/WALKTHROUGH.md from a clean state; rewrite it with their output
+	$(PY) -m periscope.walkthrough
 
 bench: setup kafka-fetch spark-fetch  ## run every benchmark, one after another (about an hour; see docs/BENCHMARKS.md)
 	$(PY) bench/bench_model.py
