@@ -13,8 +13,11 @@ the shipped 2016 sample plays one, on a loop:
   which fills them exactly); cycle 1 follows, and so on forever. An interval ``[start, end)`` gets exactly
   the trips whose *retimed* pickup falls in it, so consecutive intervals never
   share a trip and never skip one.
-* **Ids unique per cycle**, as ``kafka_producer.py --loop`` does: cycle 0 sends
-  the ids unchanged, cycle 1 ``id2875421-2``, cycle 2 ``id2875421-3``.
+* **New facts, new ids.** A retimed trip is a trip of the simulated API, not
+  the sample's trip again, so it gets an id of its own: cycle 0 sends
+  ``id2875421-sim1``, cycle 1 ``id2875421-sim2``, and so on. (With the
+  sample's ids the batch layer would count them as copies of the history it
+  imported, once, at their 2016 time: a trip's id is its identity.)
 * **The clock.** Trip times carry no time zone (Kaggle's New York wall clock);
   the simulation maps Airflow's UTC intervals onto that clock one to one, so no
   daylight-saving switch makes an hour happen twice or not at all.
@@ -50,7 +53,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from periscope.schema import format_time, pass_suffix, record_to_json
+from periscope.schema import format_time, record_to_json
 from periscope.storage import atomic_write_json, locked, read_json
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,11 @@ def make_timeline(pickups_ms: np.ndarray, anchor_ms: int) -> Timeline:
     return Timeline(origin, same_weekday_on_or_before(anchor_ms, origin), weeks * WEEK_MS)
 
 
+def simulated_suffix(cycle: int) -> str:
+    """The id suffix of the simulated API's trips in ``cycle`` (0-based): -sim1, -sim2, ..."""
+    return f"-sim{cycle + 1}"
+
+
 def select_interval(trips: pd.DataFrame, timeline: Timeline, start_ms: int, end_ms: int) -> pd.DataFrame:
     """The trips whose retimed pickup is in ``[start_ms, end_ms)``, retimed, in pickup order.
 
@@ -138,7 +146,7 @@ def select_interval(trips: pd.DataFrame, timeline: Timeline, start_ms: int, end_
         part["original_dropoff_datetime"] = part["dropoff_datetime"]
         part["pickup_datetime"] += shift
         part["dropoff_datetime"] += shift
-        part["id"] = part["id"] + pass_suffix(cycle + 1)  # cycle 0 is pass 1
+        part["id"] = part["id"] + simulated_suffix(cycle)
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 

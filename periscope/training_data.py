@@ -27,7 +27,7 @@ from periscope.schema import FIELDS, format_time
 from periscope.sources import LoadReport, empty_trip_frame
 from periscope.storage import file_sha256, master_files, read_master_records
 
-_COPY_SUFFIX = re.compile(r"-\d+$")
+_COPY_SUFFIX = re.compile(r"-(sim)?\d+$")
 
 
 def csv_fingerprint(path: Path, report: LoadReport) -> dict[str, Any]:
@@ -57,7 +57,8 @@ def read_master(master_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 
 def base_id(trip_id: str) -> str:
-    """The id of the original trip: replayed copies (``id2875421-2``) share it."""
+    """The id of the original trip: replayed copies (``id2875421-2``) and the simulated API's
+    retimed trips (``id2875421-sim1``) share it."""
     return _COPY_SUFFIX.sub("", trip_id)
 
 

@@ -16,12 +16,13 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import batch_processor
 import kafka_producer
 import train_model
-from periscope import airflow_local, simulation, speed_view, storage, views
+from periscope import airflow_local, config, simulation, speed_view, storage, views
 from periscope.model import current_version, list_versions
 from periscope.storage import read_json
 
@@ -227,7 +228,8 @@ def test_batch_dag_publishes_checked_views_and_reruns_change_nothing(airflow_hom
     assert manifest["version"] == "v000001"
     direct, direct_manifest, _ = batch_processor.compute_views(master, workers=1, progress=False)
     assert views.views_equal(published, direct)
-    assert manifest["rows"]["master"] == len(sample_raw) + sent.planned == direct_manifest["rows"]["master"]
+    history = int((pd.to_datetime(sample_raw["pickup_datetime"]) < pd.Timestamp(config.CUTOFF)).sum())
+    assert manifest["rows"]["master"] == history + sent.planned == direct_manifest["rows"]["master"]
     ends = simulation.end_offsets(kafka_bootstrap, topic)
     assert manifest["watermark"] == {str(p): end - 1 for p, end in ends.items() if end}
     assert not below.exists() and above.exists()

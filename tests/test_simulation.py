@@ -45,8 +45,9 @@ def test_consecutive_intervals_hold_every_trip_once_per_cycle(replay):
     ids = np.concatenate([part["id"].to_numpy() for part in parts])
     assert len(ids) == len(set(ids))
     first_cycle = set(trips["id"])
-    assert {i for i in ids if "-" not in i} == first_cycle
-    second = {i[:-2] for i in ids if i.endswith("-2")}
+    assert {i.removesuffix("-sim1") for i in ids if i.endswith("-sim1")} == first_cycle
+    assert not first_cycle & set(ids), "simulated trips are new facts with ids of their own"
+    second = {i.removesuffix("-sim2") for i in ids if i.endswith("-sim2")}
     assert second < first_cycle and len(second) > 0.4 * len(first_cycle)
 
 
@@ -54,12 +55,12 @@ def test_retimed_trips_keep_weekday_hour_duration_and_their_original_times(repla
     trips, timeline = replay
     lo = timeline.anchor_ms + timeline.cycle_ms + 40 * HOUR_MS  # cycle 1
     part = simulation.select_interval(trips, timeline, lo, lo + 5 * HOUR_MS)
-    assert len(part) > 20 and part["id"].str.endswith("-2").all()
+    assert len(part) > 20 and part["id"].str.endswith("-sim2").all()
     shift = part["pickup_datetime"] - part["original_pickup_datetime"]
     assert (shift == timeline.shift_ms(1)).all() and (shift % simulation.WEEK_MS == 0).all()
     assert (part["dropoff_datetime"] - part["pickup_datetime"]
             == part["original_dropoff_datetime"] - part["original_pickup_datetime"]).all()
-    original = trips.set_index("id").loc[part["id"].str[:-2]]
+    original = trips.set_index("id").loc[part["id"].str.removesuffix("-sim2")]
     assert (original["pickup_datetime"].to_numpy() == part["original_pickup_datetime"].to_numpy()).all()
 
 

@@ -68,13 +68,16 @@ def staging_dir(run_id: str) -> Path:
 def taxi_batch_processing():
     @task
     def ingest_new_events(params=None) -> dict:
-        """History once, then every event published so far: idempotent, never twice."""
+        """History up to the cutoff once, then every event published so far: idempotent, never twice."""
         import batch_processor
         from periscope import config
+        from periscope.schema import parse_cutoff
 
         history = config.SAMPLE_CSV if params["history_csv"] is None else params["history_csv"]
         if history:
-            batch_processor.print_import(batch_processor.import_csv(Path(history), config.MASTER_DIR))
+            imported = batch_processor.import_csv(Path(history), config.MASTER_DIR,
+                                                  cutoff_ms=parse_cutoff(config.CUTOFF))
+            batch_processor.print_import(imported)
         topic = params["topic"] or config.TRIPS_TOPIC
         result = batch_processor.ingest_stream(params["bootstrap"] or config.KAFKA_BOOTSTRAP_SERVERS, topic,
                                                config.BATCH_GROUP, config.MASTER_DIR)
