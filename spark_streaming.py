@@ -4,19 +4,22 @@
 a Spark job, which runs unchanged on ``local[*]`` or on a cluster
 (``--master spark://host:7077`` or ``SPARK_MASTER``). It reads ``taxi-trips``
 and writes the *same speed view* (``periscope.speed_view``), so the
-dashboard and the Lambda merge take either speed layer's output. Two
-streaming queries run side by side:
+dashboard and the Lambda merge take either speed layer's output. Both run the
+same speed-layer core (``periscope.speed_core``); they differ in how they
+consume and where the work runs. Two streaming queries run side by side:
 
-1. **speed** (``foreachBatch``): every micro-batch of messages from Spark's
-   Kafka source (``format("kafka")``, ``spark-sql-kafka-0-10``; ``make
-   spark-fetch`` puts it in place) is validated by the shared schema code
-   (``kafka_consumer.validate_batch``: the same verdicts and reason codes as
-   the plain consumer) inside ``mapInPandas``; the valid trips get a
-   predicted duration from a vectorised pandas UDF (``periscope.features`` +
-   the model from ``--model-dir``, broadcast to the executors); invalid
-   messages go to ``taxi-trips-dlq`` with the reason in their headers
-   (``periscope.stream.dlq_headers``); the trips are written as one speed
-   file per Kafka partition, named by offset range.
+1. **speed** (``foreachBatch``), the speed layer's steps, per micro-batch:
+   **poll** - Spark's Kafka source (``format("kafka")``,
+   ``spark-sql-kafka-0-10``; ``make spark-fetch`` puts it in place) hands
+   over the next offset range; **validate** - on the executors, inside
+   ``mapInPandas``, by the core's ``validate_batch`` (the same verdicts and
+   reason codes as the plain consumer); **predict** - on the executors, a
+   vectorised pandas UDF (``periscope.features`` + the model from
+   ``--model-dir``, broadcast to them); then on the driver, the micro-batch
+   collected: **dead-letter** - invalid messages go to ``taxi-trips-dlq``
+   with the reason in their headers (``periscope.stream.dlq_headers``);
+   **write the speed files** - one per Kafka partition, named by offset
+   range; **commit** - Spark marks the batch done in the checkpoint.
 2. **windows** (memory sink): trips counted in 5-minute event-time windows
    per vendor, with a watermark of ``--lateness`` behind the latest pickup
    seen. A window is emitted once the watermark passes its end; a trip whose
@@ -24,16 +27,17 @@ streaming queries run side by side:
    windows only* - it is still in the speed view (every valid trip is) and
    in the batch layer, which is where late data is made right.
 
-Exactly once, across crashes: Spark writes each batch's offset range to the
-checkpoint (``--checkpoint-dir``) before running it and marks it done after.
-A restarted job re-runs an unfinished batch with the same offsets, so it
-rewrites the same speed files (a file's name is its offset range: rewriting
-replaces it) and never writes a trip twice. Dead letters are sent by the
-driver with kafka-python (acknowledged, ``acks=all``), and the last batch
-whose dead letters were delivered is recorded beside the checkpoint, so a
-re-run batch does not send them again. A fresh checkpoint starts at the
-earliest offset (``--starting-offsets``), or after the last speed file of
-each partition when the speed view already holds some.
+Exactly once in the speed view, across crashes: Spark writes each batch's
+offset range to the checkpoint (``--checkpoint-dir``) before running it and
+marks it done after. A restarted job re-runs an unfinished batch with the same
+offsets, so it rewrites the same speed files (a file's name is its offset
+range: rewriting replaces it) and never writes a trip twice. Dead letters are
+sent by the driver with kafka-python (acknowledged, ``acks=all``), and the
+last batch whose dead letters were delivered is recorded beside the
+checkpoint, so a re-run batch does not send them again; only a crash between
+their acknowledgement and that record sends them twice. A fresh checkpoint
+starts at the earliest offset (``--starting-offsets``), or after the last
+speed file of each partition when the speed view already holds some.
 
 Data loss is an error, not a skip: the Kafka source runs with
 ``failOnDataLoss=true``, so if Kafka no longer has offsets the checkpoint
@@ -75,35 +79,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import signal
-import socket
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.streaming import StreamingQuery
-from pyspark.sql.types import (BinaryType, IntegerType, LongType, StringType, StructField, StructType,
+from pyspark.sql.types import (BinaryType, DoubleType, IntegerType, LongType, StringType, StructField, StructType,
                                TimestampType)
 
-from kafka_consumer import (INT_COLUMNS, LiveError, SlidingWindow, latency_percentiles, reason_code, speed_rows,
-                            validate_batch, wall_clock_ms)
-from periscope import cli, config, speed_view
-from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, current_version, load_model
-from periscope.schema import FIELDS, FLOAT_FIELDS
+from periscope import cli, config, speed_core, speed_view
+from periscope import speed_tuning as tuning
+from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, load_model
+from periscope.schema import FIELDS
 from periscope.spark_session import SparkSetupError, get_session, trip_struct
+from periscope.speed_core import ModelWatcher, SpeedStatistics, next_offsets, write_speed_files
+from periscope.speed_view import SpeedStatus
+from periscope.sql_prompt import sql_prompt
 from periscope.storage import atomic_write_bytes
 from periscope.stream import BrokerUnavailable, dlq_headers, wait_for_broker
 
@@ -113,15 +114,7 @@ COMPONENT = "spark_streaming"
 WINDOWS_VIEW = "trips_by_vendor_5min"
 DEFAULT_LATENESS = "10 minutes"
 DEFAULT_WINDOW = "5 minutes"
-DEFAULT_MAX_OFFSETS = 20_000
-"""Messages per micro-batch at most: a catch-up of millions runs as many bounded batches."""
-DEFAULT_TRIGGER = "500 milliseconds"
-"""A new micro-batch at most twice a second: when idle, Spark asks the broker for new offsets that often."""
 DEFAULT_CHECKPOINT_DIR = config.STATE_DIR / "spark" / "checkpoint"
-STATUS_INTERVAL_S = 1.0
-MODEL_CHECK_INTERVAL_S = 10.0
-LATENCY_WINDOW_S = 10.0
-RECENT_ERROR_WINDOW_S = 60.0
 DLQ_TIMEOUT_S = 60.0
 DLQ_MARKER = "dlq-delivered-batch.txt"
 _INTERVAL = re.compile(r"^\s*\d+\s+(millisecond|second|minute|hour|day)s?\s*$")
@@ -139,21 +132,10 @@ VALIDATED_SCHEMA = StructType([
     StructField("value", BinaryType()), StructField("reason", StringType()),
     *trip_struct().fields,
 ])
-"""A validated message: its Kafka position; the trip (record form) if valid, else the raw bytes and the reason."""
+"""``speed_core.VALIDATED_COLUMNS`` in Spark types: the trip if valid, else the raw bytes and the reason."""
 
 
-# --- validation and prediction: what the executors run -----------------------------------------------
-
-
-class Message:
-    """The fields of a Kafka message that ``kafka_consumer.validate_batch`` reads."""
-
-    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value")
-
-    def __init__(self, topic: str, partition: int, offset: int, timestamp: int, key: bytes | None,
-                 value: bytes | None):
-        self.topic, self.partition, self.offset = topic, partition, offset
-        self.timestamp, self.key, self.value = timestamp, key, value
+# --- the queries: what runs where ------------------------------------------------------------------
 
 
 def kafka_messages(source: DataFrame) -> DataFrame:
@@ -162,55 +144,25 @@ def kafka_messages(source: DataFrame) -> DataFrame:
                          F.unix_millis("timestamp").alias("timestamp_ms"))
 
 
-def validated_frame(messages: pd.DataFrame) -> pd.DataFrame:
-    """Messages (``kafka_messages`` columns) -> ``VALIDATED_SCHEMA`` rows, by the plain consumer's own code."""
-    batch = [Message(*row) for row in zip(messages["topic"], messages["partition"].astype(int),
-                                          messages["offset"].astype(int), messages["timestamp_ms"].astype(int),
-                                          messages["key"], messages["value"])]
-    columns, invalid = validate_batch(batch)
-    nothing = np.full(len(columns["id"]), None, dtype=object)
-    valid = pd.DataFrame({"partition": columns["partition"], "offset": columns["offset"],
-                          "kafka_timestamp_ms": columns["kafka_timestamp_ms"], "key": nothing, "value": nothing,
-                          "reason": nothing, **{name: columns[name] for name in FIELDS}})
-    rejected = pd.DataFrame({"partition": [m.partition for m, _ in invalid], "offset": [m.offset for m, _ in invalid],
-                             "kafka_timestamp_ms": [m.timestamp for m, _ in invalid],
-                             "key": [m.key for m, _ in invalid], "value": [m.value for m, _ in invalid],
-                             "reason": [reason for _, reason in invalid]})
-    frame = pd.concat([valid, rejected], ignore_index=True) if len(rejected) else valid
-    return frame.reindex(columns=VALIDATED_SCHEMA.fieldNames())
-
-
-def validate_messages(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """``mapInPandas`` function: every Arrow batch of messages, validated."""
-    for messages in batches:
-        yield validated_frame(messages)
-
-
-def predict_frame(model: TripDurationModel, trips: pd.DataFrame) -> pd.Series:
-    """Predicted seconds for the valid rows of ``trips`` (NaN for invalid rows, whose fields are null)."""
-    predicted = np.full(len(trips), np.nan)
-    known = trips["trip_duration"].notna().to_numpy()
-    if known.any():
-        columns = {name: trips[name].to_numpy()[known] for name in trips.columns}
-        columns.update({name: columns[name].astype(np.int64) for name in INT_COLUMNS})
-        columns.update({name: columns[name].astype(np.float64) for name in FLOAT_FIELDS})
-        predicted[known] = model.predict_seconds(columns)
-    return pd.Series(predicted)
-
-
 def prediction_udf(model_broadcast: Any) -> Any:
     """A vectorised (pandas) UDF: trips as a struct column in, predicted seconds out, with a broadcast model."""
 
-    @pandas_udf("double")
+    @pandas_udf(DoubleType())
     def predicted_duration_s(trips: pd.DataFrame) -> pd.Series:
-        return predict_frame(model_broadcast.value, trips)
+        return speed_core.predict_frame(model_broadcast.value, trips)
 
     return predicted_duration_s
 
 
+def validate_and_predict(messages: DataFrame, udf: Any) -> DataFrame:
+    """Validate (``mapInPandas``) and predict (the pandas UDF): the executors' part of a micro-batch."""
+    return (messages.mapInPandas(speed_core.validate_frames, VALIDATED_SCHEMA)
+            .withColumn("predicted_duration_s", udf(F.struct(*FIELDS))))
+
+
 def valid_trips(messages: DataFrame) -> DataFrame:
     """The valid trips of a message stream, with their event time as a Spark timestamp (for windows)."""
-    return (messages.mapInPandas(validate_messages, VALIDATED_SCHEMA).where(F.col("reason").isNull())
+    return (messages.mapInPandas(speed_core.validate_frames, VALIDATED_SCHEMA).where(F.col("reason").isNull())
             .withColumn("pickup_time", F.timestamp_millis("pickup_datetime")))
 
 
@@ -224,14 +176,22 @@ def vendor_windows(trips: DataFrame, lateness: str, window: str) -> DataFrame:
                     "vendor_id", "trips", "avg_duration_s", "max_duration_s"))
 
 
-# --- pure helpers ------------------------------------------------------------------------------------------
+class BroadcastModel(ModelWatcher):
+    """The live model, broadcast to the executors; a promoted one is broadcast anew and the old copy dropped."""
+
+    def __init__(self, spark: SparkSession, model_dir: Path):
+        self.spark = spark
+        super().__init__(model_dir, logger=log)
+        self.broadcast = spark.sparkContext.broadcast(self.model)
+        self.udf = prediction_udf(self.broadcast)
+
+    def switched(self, model: TripDurationModel) -> None:
+        old, self.broadcast = self.broadcast, self.spark.sparkContext.broadcast(model)
+        self.udf = prediction_udf(self.broadcast)
+        old.unpersist()
 
 
-def next_offsets(frame: pd.DataFrame) -> dict[int, int]:
-    """Per partition, the offset after the last message of a batch (valid or not)."""
-    if frame.empty:
-        return {}
-    return {int(p): int(o) + 1 for p, o in frame.groupby("partition")["offset"].max().items()}
+# --- where a fresh checkpoint starts, and what a failure means -----------------------------------
 
 
 def resume_offsets(on_disk: dict[int, int], begin: dict[int, int], end: dict[int, int]) -> dict[int, int]:
@@ -262,44 +222,7 @@ def explain_failure(error: str) -> str:
             "Kafka keeps, and says so.")
 
 
-def progress_line(batch_id: int, consumed: int, valid: int, dlq: int, seconds: float, status: dict[str, Any]) -> str:
-    """The one line per micro-batch."""
-    latency, error = status["latency_ms"], status["live_error"]["cumulative"]
-    timing = "-" if latency["p50"] is None else f"p50 {latency['p50']:,.0f} ms p99 {latency['p99']:,.0f} ms"
-    lag = "?" if None in status["lag"].values() else f"{status['total_lag']:,}"
-    rmsle = "-" if error["rmsle"] is None else f"{error['rmsle']:.3f}"
-    return (f"batch {batch_id}: {consumed:,} messages ({valid:,} valid, {dlq:,} dlq) in {seconds:.2f} s, "
-            f"{consumed / max(seconds, 1e-6):,.0f}/s | lag {lag} | latency {timing} | RMSLE {rmsle} | "
-            f"model {status['model_version']}")
-
-
-# --- the driver side ---------------------------------------------------------------------------------------
-
-
-class BroadcastModel:
-    """The live model, broadcast to the executors; reloaded when ``current.json`` names another version."""
-
-    def __init__(self, spark: SparkSession, model_dir: Path):
-        self.spark, self.model_dir = spark, model_dir
-        self.model = load_model(model_dir)
-        self.broadcast = spark.sparkContext.broadcast(self.model)
-        self.udf = prediction_udf(self.broadcast)
-        self.checked_at = time.monotonic()
-
-    def current(self) -> TripDurationModel:
-        if time.monotonic() - self.checked_at >= MODEL_CHECK_INTERVAL_S:
-            self.checked_at = time.monotonic()
-            try:
-                version = current_version(self.model_dir)
-                if version and version != self.model.version:
-                    previous, self.model = self.model.version, load_model(self.model_dir, version)
-                    old, self.broadcast = self.broadcast, self.spark.sparkContext.broadcast(self.model)
-                    self.udf = prediction_udf(self.broadcast)
-                    old.unpersist()
-                    log.info("model switched from %s to %s (promoted in %s)", previous, version, self.model_dir)
-            except Exception as error:  # noqa: BLE001 -- whatever is wrong with the new model, keep the old one
-                log.error("cannot load the promoted model, keeping %s: %r", self.model.version, error)
-        return self.model
+# --- the driver ------------------------------------------------------------------------------------
 
 
 class SparkSpeedLayer:
@@ -315,16 +238,11 @@ class SparkSpeedLayer:
         self.dlq_marker = args.checkpoint_dir / DLQ_MARKER
         self.queries: list[StreamingQuery] = []
         self.windows_checkpoint = Path(tempfile.mkdtemp(prefix="periscope-spark-windows-"))
-        self.totals, self.dlq_reasons, self.dlq_history = Counter(), Counter(), speed_view.MinuteCounts()
-        self.errors, self.latency = LiveError(RECENT_ERROR_WINDOW_S), SlidingWindow(LATENCY_WINDOW_S)
+        self.stats = SpeedStatistics(args.consumer_id, f"spark:{args.checkpoint_dir}", args.topic)
         self.positions: dict[int, int] = {}
         self.lag: dict[int, int | None] = {}
         self.batches, self.busy_s = 0, 0.0
-        self.started = self.last_activity = self.last_status = time.monotonic()
-        self.consumed_at_status = 0
         self.stopping = False
-
-    # the queries
 
     def messages(self, starting: str) -> DataFrame:
         """The trips topic through Spark's Kafka source; a gap in the offsets fails the query (see the docstring)."""
@@ -351,9 +269,8 @@ class SparkSpeedLayer:
 
     def start(self) -> None:
         """Start the speed query (checkpointed) and, unless ``--no-windows``, the windows query."""
-        starting = self.starting_offsets()
         self.queries.append(
-            self.messages(starting).writeStream.queryName("speed").foreachBatch(self.process_batch)
+            self.messages(self.starting_offsets()).writeStream.queryName("speed").foreachBatch(self.process_batch)
             .option("checkpointLocation", str(self.args.checkpoint_dir / "speed"))
             .trigger(processingTime=self.args.trigger).start())
         if not self.args.no_windows:
@@ -363,23 +280,28 @@ class SparkSpeedLayer:
                 .option("checkpointLocation", str(self.windows_checkpoint))
                 .trigger(processingTime=self.args.trigger).start())
 
-    # one micro-batch of the speed query
-
     def process_batch(self, messages: DataFrame, batch_id: int) -> None:
-        """Validate, predict, dead-letter, write: idempotent, so a replayed ``batch_id`` rewrites the same files."""
+        """One micro-batch of the speed query: idempotent, so a replayed ``batch_id`` rewrites the same files.
+
+        Spark recorded the batch's offsets in the checkpoint before calling this (1. poll) and marks
+        it done when it returns (5. commit): a crash in between re-runs it with the same offsets.
+        """
         began = time.perf_counter()
         model = self.models.current()
-        scored = (messages.mapInPandas(validate_messages, VALIDATED_SCHEMA)
-                  .withColumn("predicted_duration_s", self.models.udf(F.struct(*FIELDS))))
-        frame = scored.toPandas()
+        # 2-3. validate and predict on the executors; the micro-batch comes back to the driver
+        frame = validate_and_predict(messages, self.models.udf).toPandas()
         invalid = frame[frame["reason"].notna()]
         valid = frame[frame["reason"].isna()].sort_values(["partition", "offset"])
-        self.send_dead_letters(invalid, batch_id)
-        rows = self.write_speed_files(valid, model.version)
-        self.account(frame, invalid, rows, time.perf_counter() - began, batch_id)
+        # 2. dead letters, acknowledged before the files; not again when this batch id is replayed
+        already_sent = self.send_dead_letters(invalid, batch_id)
+        # 4. the speed files: a replayed batch rewrites the same ones (named by offset range)
+        columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + FIELDS)
+        rows = write_speed_files(self.args.speed_dir, columns, valid["predicted_duration_s"].to_numpy(float),
+                                 model.version)
+        self.count(frame, rows, invalid, already_sent, time.perf_counter() - began, batch_id)
 
-    def send_dead_letters(self, invalid: pd.DataFrame, batch_id: int) -> None:
-        """Every invalid message to the DLQ topic, acknowledged, unless this batch's were delivered already.
+    def send_dead_letters(self, invalid: pd.DataFrame, batch_id: int) -> int:
+        """Every invalid message to the DLQ topic, acknowledged; how many were delivered by an earlier run.
 
         Sent from the driver with kafka-python, not with Spark's Kafka sink
         (``write.format("kafka")``): the batch is on the driver anyway (the
@@ -389,7 +311,7 @@ class SparkSpeedLayer:
         retried task re-sends its dead letters even when nothing crashed.
         """
         if invalid.empty or batch_id <= self.delivered_batch():
-            return
+            return len(invalid)
         futures = [self.producer.send(self.args.dlq_topic, key=key, value=value,
                                       headers=dlq_headers(reason, self.args.topic, int(partition), int(offset),
                                                           COMPONENT))
@@ -401,6 +323,7 @@ class SparkSpeedLayer:
             raise RuntimeError(f"{len(failed)} dead letters of batch {batch_id} were not delivered to "
                                f"{self.args.dlq_topic} ({failed[0].exception!r}); the batch will be re-run")
         atomic_write_bytes(self.dlq_marker, f"{batch_id}\n".encode())
+        return 0
 
     def delivered_batch(self) -> int:
         try:
@@ -408,39 +331,16 @@ class SparkSpeedLayer:
         except (OSError, ValueError):
             return -1
 
-    def write_speed_files(self, valid: pd.DataFrame, model_version: str) -> pd.DataFrame:
-        """One speed file per Kafka partition, rows as kafka_consumer.py writes them."""
-        columns = {name: valid[name].to_numpy() for name in ("partition", "offset", "kafka_timestamp_ms") + FIELDS}
-        columns.update({name: columns[name].astype(np.int64) for name in ("partition", "offset", "kafka_timestamp_ms")
-                        + INT_COLUMNS})
-        columns["store_and_fwd_flag"] = columns["store_and_fwd_flag"].astype(bool)
-        columns["id"] = columns["id"].astype(object)
-        rows = speed_rows(columns, valid["predicted_duration_s"].to_numpy(np.float64), model_version)
-        for partition in np.unique(columns["partition"]):
-            mine = columns["partition"] == partition
-            rows.loc[mine, "visible_at_ms"] = wall_clock_ms()
-            speed_view.write_batch(self.args.speed_dir, int(partition), rows[mine])
-        return rows
-
-    def account(self, frame: pd.DataFrame, invalid: pd.DataFrame, rows: pd.DataFrame, seconds: float,
-                batch_id: int) -> None:
-        now = time.monotonic()
-        self.batches += 1
-        self.busy_s += seconds
-        self.positions.update(next_offsets(frame))
-        self.totals.update(consumed=len(frame), valid=len(rows), dlq=len(invalid))
-        codes = [reason_code(reason) for reason in invalid["reason"]]
-        self.dlq_reasons.update(codes)
-        self.dlq_history.add(codes, wall_clock_ms())
-        if len(rows):
-            self.latency.add((rows["visible_at_ms"] - rows["kafka_timestamp_ms"]).to_numpy(), now)
-            self.errors.add(rows["trip_duration"].to_numpy(), rows["predicted_duration_s"].to_numpy(), now)
-        if len(frame):
-            self.last_activity = now
+    def count(self, frame: pd.DataFrame, rows: pd.DataFrame, invalid: pd.DataFrame, already_sent: int,
+              seconds: float, batch_id: int) -> None:
+        """The batch in the statistics, and its line in the log."""
+        self.batches, self.busy_s = self.batches + 1, self.busy_s + seconds
+        self.positions.update(next_offsets(zip(frame["partition"], frame["offset"])))
+        self.stats.count_batch(len(frame), rows, list(invalid["reason"]), already_sent)
         self.lag = self.measure_lag()
-        log.info(progress_line(batch_id, len(frame), len(rows), len(invalid), seconds, self.status(now)))
+        log.info(speed_core.batch_line(batch_id, len(frame), len(rows), len(invalid), seconds, self.status()))
 
-    # statistics and status
+    # --- lag, status, running and stopping ------------------------------------------------------------
 
     def measure_lag(self) -> dict[int, int | None]:
         """Per partition: messages on the broker not yet processed (None: the broker did not answer)."""
@@ -454,40 +354,17 @@ class SparkSpeedLayer:
         begins = self.probe.beginning_offsets(tps) if tps else {}
         return {tp.partition: max(ends[tp] - self.positions.get(tp.partition, begins[tp]), 0) for tp in tps}
 
-    def status(self, now: float) -> dict[str, Any]:
-        """The status file, in the shape of kafka_consumer.py's (the dashboard reads both)."""
-        p50, p99 = latency_percentiles(self.latency, now)
-        elapsed = max(now - self.last_status, 1e-6)
-        return {
-            "consumer_id": self.args.consumer_id, "group": f"spark:{self.args.checkpoint_dir}",
-            "topic": self.args.topic, "pid": os.getpid(), "host": socket.gethostname(),
-            "state": "stopped" if self.stopping else "running", "member_state": "spark",
-            "updated_at_ms": wall_clock_ms(), "uptime_s": round(now - self.started, 1),
-            "assigned_partitions": sorted(self.lag or self.positions),
-            "positions": {str(p): offset for p, offset in sorted(self.positions.items())},
-            "lag": {str(p): lag for p, lag in sorted(self.lag.items())},
-            "total_lag": sum(lag for lag in self.lag.values() if lag is not None),
-            "totals": {**{name: self.totals[name] for name in ("consumed", "valid", "dlq")},
-                       "dlq_by_reason": dict(sorted(self.dlq_reasons.items()))},
-            "dlq_history": self.dlq_history.as_status(),
-            "rate_per_s": round((self.totals["consumed"] - self.consumed_at_status) / elapsed, 1),
-            "latency_ms": {"p50": p50, "p99": p99, "window_s": LATENCY_WINDOW_S},
-            "live_error": {"cumulative": self.errors.cumulative(), "recent": self.errors.recent(now),
-                           "recent_window_s": RECENT_ERROR_WINDOW_S},
-            "model_version": self.models.model.version,
-            "spark": {"master": self.spark.sparkContext.master, "batches": self.batches,
-                      "busy_s": round(self.busy_s, 3), "checkpoint": str(self.args.checkpoint_dir)},
-        }
+    def status(self) -> SpeedStatus:
+        spark = {"master": self.spark.sparkContext.master, "batches": self.batches, "busy_s": round(self.busy_s, 3),
+                 "checkpoint": str(self.args.checkpoint_dir)}
+        return self.stats.status("stopped" if self.stopping else "running", "spark", self.positions, self.lag,
+                                 self.models.model.version, spark)
 
     def publish_status(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last_status >= STATUS_INTERVAL_S:
+        if force or self.stats.status_due():
             if not self.lag:
                 self.lag = self.measure_lag()
-            speed_view.write_status(self.args.speed_dir, self.args.consumer_id, self.status(now))
-            self.last_status, self.consumed_at_status = now, self.totals["consumed"]
-
-    # running and stopping
+            self.stats.publish(self.args.speed_dir, self.status())
 
     def failed(self) -> Exception | None:
         for query in self.queries:
@@ -497,7 +374,7 @@ class SparkSpeedLayer:
 
     def idle(self) -> bool:
         """Quiet for ``--stop-when-idle`` seconds with nothing left on the broker, windows included."""
-        quiet = time.monotonic() - self.last_activity >= self.args.stop_when_idle
+        quiet = time.monotonic() - self.stats.last_activity >= self.args.stop_when_idle
         caught_up = bool(self.lag) and all(lag == 0 for lag in self.lag.values())
         windows_done = all(not q.status["isDataAvailable"] for q in self.queries[1:])
         return quiet and caught_up and windows_done
@@ -513,7 +390,7 @@ class SparkSpeedLayer:
             if self.args.max_batches is not None and self.batches >= self.args.max_batches:
                 log.info("%d batches done (--max-batches): stopping", self.batches)
                 break
-            if self.args.stop_when_idle is not None and time.monotonic() - self.last_status < 0.3:
+            if self.args.stop_when_idle is not None and time.monotonic() - self.stats.last_status < 0.3:
                 self.lag = self.measure_lag()
                 if self.idle():
                     log.info("no new trips for %.0f s and no lag: stopping", self.args.stop_when_idle)
@@ -531,41 +408,9 @@ class SparkSpeedLayer:
         for query in self.queries:
             query.stop()
         self.publish_status(force=True)
-        elapsed, error = time.monotonic() - self.started, self.errors.cumulative()
-        quality = f"live RMSLE {error['rmsle']:.3f}, MAE {error['mae']:.0f} s" if error["rows"] else "no valid trips"
-        reasons = f" ({', '.join(f'{n:,} {r}' for r, n in self.dlq_reasons.most_common())})" if self.dlq_reasons else ""
-        log.info("stopped after %.0f s and %d micro-batches: %s messages, %s valid, %s to the dead-letter topic%s; %s",
-                 elapsed, self.batches, f"{self.totals['consumed']:,}", f"{self.totals['valid']:,}",
-                 f"{self.totals['dlq']:,}", reasons, quality)
+        log.info(self.stats.summary(micro_batches=self.batches))
         self.producer.close(timeout=10)
         self.probe.close()
-
-
-QUIT_WORDS = ("quit", "exit")
-
-
-def sql_prompt(spark: SparkSession) -> None:
-    """Read SQL lines from the terminal and show their result, until ``quit``, ``exit`` or Ctrl-D.
-
-    Empty lines are skipped. Spark's own WARN lines are held back while the
-    prompt is open (log level ERROR), so they do not mix into what is typed.
-    """
-    spark.sparkContext.setLogLevel("ERROR")
-    print(f"SQL over the running streams: e.g. SELECT * FROM {WINDOWS_VIEW} ORDER BY window_start DESC LIMIT 10 "
-          "(quit, exit or Ctrl-D ends the prompt and stops the speed layer)")
-    while True:
-        try:
-            line = input("sql> ").strip().rstrip(";")
-        except EOFError:
-            return
-        if line.lower() in QUIT_WORDS:
-            return
-        if not line:
-            continue
-        try:
-            spark.sql(line).show(20, truncate=False)
-        except Exception as error:  # noqa: BLE001 -- a typo in a query must not stop the stream
-            print(f"error: {str(error).splitlines()[0]}")
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -578,15 +423,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=cli.HelpFormatter)
     parser.add_argument("--master", default=config.SPARK_MASTER,
                         help="Spark master: local[*] or a cluster URL like spark://host:7077 (env SPARK_MASTER)")
-    parser.add_argument("--bootstrap", default=config.KAFKA_BOOTSTRAP_SERVERS,
-                        help="Kafka bootstrap servers, host:port[,host:port] (env KAFKA_BOOTSTRAP_SERVERS)")
-    parser.add_argument("--topic", default=config.TRIPS_TOPIC, help="trips topic (env PERISCOPE_TRIPS_TOPIC)")
-    parser.add_argument("--dlq-topic", default=config.DLQ_TOPIC,
-                        help="dead-letter topic for invalid messages (env PERISCOPE_DLQ_TOPIC)")
-    parser.add_argument("--speed-dir", type=Path, default=config.SPEED_DIR,
-                        help="speed view and status files (env PERISCOPE_SPEED_DIR)")
-    parser.add_argument("--model-dir", type=Path, default=config.MODEL_DIR,
-                        help="trained model versions; current.json names the live one (env PERISCOPE_MODEL_DIR)")
+    speed_core.add_kafka_arguments(parser)
+    speed_core.add_output_arguments(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=DEFAULT_CHECKPOINT_DIR,
                         help="Spark checkpoint of the speed query: offsets per batch; delete it to start over "
                              "(env PERISCOPE_STATE_DIR moves the default)")
@@ -597,19 +435,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="watermark delay: trips older than the latest pickup minus this are left out of "
                              "the windowed aggregates (still in the speed view)")
     parser.add_argument("--window", default=DEFAULT_WINDOW, help=f"event-time window length of {WINDOWS_VIEW}")
-    parser.add_argument("--trigger", default=DEFAULT_TRIGGER, help="start a micro-batch at most this often")
-    parser.add_argument("--max-offsets-per-trigger", type=int, default=DEFAULT_MAX_OFFSETS,
+    parser.add_argument("--trigger", default=tuning.TRIGGER, help="start a micro-batch at most this often")
+    parser.add_argument("--max-offsets-per-trigger", type=int, default=tuning.MAX_OFFSETS_PER_TRIGGER,
                         help="messages per micro-batch at most")
     parser.add_argument("--no-windows", action="store_true",
                         help="run only the speed query (halves the work; no windowed views)")
-    parser.add_argument("--sql", action="store_true", help="an SQL prompt over the temporary views while it runs; quit, exit or Ctrl-D ends "
-                             "it and stops the speed layer")
-    parser.add_argument("--stop-when-idle", type=float, metavar="SECONDS",
-                        help="exit after this long without new trips and with zero lag (default: run forever)")
+    parser.add_argument("--sql", action="store_true", help="an SQL prompt over the temporary views while it runs; "
+                                                           "quit, exit or Ctrl-D ends it and stops the speed layer")
     parser.add_argument("--max-batches", type=int, metavar="N", help="exit after N micro-batches with data")
-    parser.add_argument("--consumer-id", default="spark", help="name of the status file in <speed dir>/_status")
-    parser.add_argument("--broker-timeout", type=float, metavar="SECONDS",
-                        help="give up if no broker answers at start within this long (default: wait forever)")
+    speed_core.add_run_arguments(parser, "spark", "name of the status file in <speed dir>/_status")
     args = parser.parse_args(argv)
     for flag in ("lateness", "window", "trigger"):
         if not _INTERVAL.match(getattr(args, flag)):
@@ -617,15 +451,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"got {getattr(args, flag)!r}")
     if args.max_offsets_per_trigger < 1:
         parser.error(f"--max-offsets-per-trigger must be at least 1, got {args.max_offsets_per_trigger}")
-    if args.stop_when_idle is not None and args.stop_when_idle <= 0:
-        parser.error(f"--stop-when-idle must be a positive number of seconds, got {args.stop_when_idle:g}")
     if args.max_batches is not None and args.max_batches < 1:
         parser.error(f"--max-batches must be at least 1, got {args.max_batches}")
-    if not args.consumer_id or "/" in args.consumer_id or args.consumer_id.startswith("."):
-        parser.error(f"--consumer-id must be a plain file name (no '/', not starting with '.'), got "
-                     f"{args.consumer_id!r}")
-    if args.speed_dir.exists() and not args.speed_dir.is_dir():
-        parser.error(f"--speed-dir {args.speed_dir} exists and is not a directory")
+    speed_core.check_run_arguments(parser, args)
     return args
 
 
@@ -639,8 +467,7 @@ def start(spark: SparkSession, args: argparse.Namespace) -> SparkSpeedLayer:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout)
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    speed_core.log_to_stdout()
     logging.getLogger("py4j").setLevel(logging.WARNING)
     try:
         load_model(args.model_dir)
@@ -649,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         missing = [topic for topic in (args.topic, args.dlq_topic) if topic not in topics]
         if missing:
             raise BrokerUnavailable(f"topic(s) {', '.join(missing)} do not exist at {args.bootstrap}; create them "
-                                    f"with `python -m periscope.kafka_local create-topics --bootstrap {args.bootstrap}`")
+                                    "with `python -m periscope.kafka_local create-topics --bootstrap "
+                                    f"{args.bootstrap}`")
         spark = get_session(args.master, "periscope-speed-layer")
     except (ModelNotFoundError, ModelMismatchError, BrokerUnavailable, SparkSetupError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -668,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.sql:
             log.setLevel(logging.WARNING)
             threading.Thread(target=layer.run, name="status", daemon=True).start()
-            sql_prompt(spark)
+            sql_prompt(spark, f"SELECT * FROM {WINDOWS_VIEW} ORDER BY window_start DESC LIMIT 10")
         else:
             layer.run()
     except KeyboardInterrupt:

@@ -47,9 +47,9 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a file: python bench/bench_speed_layer.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import kafka_consumer  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from periscope import config, kafka_local, speed_view  # noqa: E402
+from periscope import speed_tuning as tuning  # noqa: E402
 from periscope.model import current_version  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -254,9 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for check in targets:
         print(f"  {'MET   ' if check['met'] else 'MISSED'} {check['target']}: {check['measured']}")
-    settings = {name: getattr(kafka_consumer, name) for name in (
-        "DEFAULT_MAX_RECORDS", "FETCH_MIN_BYTES", "FETCH_MAX_WAIT_MS", "MODEL_THREADS", "GIL_SWITCH_INTERVAL_S",
-        "CHECK_CRCS")}
+    settings = {"DEFAULT_MAX_RECORDS": tuning.MAX_RECORDS, **{name: getattr(tuning, name) for name in (
+        "FETCH_MIN_BYTES", "FETCH_MAX_WAIT_MS", "MODEL_THREADS", "GIL_SWITCH_INTERVAL_S", "CHECK_CRCS")}}
     document = {"benchmark": "speed_layer", "argv": sys.argv[1:] if argv is None else argv, "machine": machine,
                 "model_version": current_version(args.model_dir), "kafka": kafka_local.kafka_version(),
                 "consumer_settings": settings,

@@ -5,8 +5,9 @@ Both Spark paths (``spark_streaming.py``, the speed layer, and
 ``get_session``: on ``config.SPARK_MASTER`` (``local[*]`` unless the
 environment variable ``SPARK_MASTER`` names a cluster such as
 ``spark://host:7077``), with small defaults for a two-core machine, quiet
-logs, Spark's Kafka and Avro connectors, and the project's own code shipped
-to the executors, so the same call works on a laptop and on a cluster.
+logs, Spark's Kafka and Avro connectors, and the ``periscope`` package shipped
+to the executors (no script: what executors run lives in ``periscope/``), so
+the same call works on a laptop and on a cluster.
 
 The connectors are Spark's own: ``spark-sql-kafka-0-10`` (``format("kafka")``)
 and ``spark-avro`` (``format("avro")``), at exactly the installed pyspark's
@@ -47,8 +48,6 @@ from periscope import cli, config
 from periscope.schema import FIELDS, FLOAT_FIELDS, INT_FIELDS, TIME_FIELDS
 
 PROJECT_ROOT = config.PROJECT_ROOT
-SHIPPED_SCRIPTS = ("spark_streaming.py", "kafka_consumer.py", "batch_processor.py")
-"""Top-level scripts whose functions Spark may run on executors (shipped with ``periscope/``)."""
 
 SPARK_DEFAULTS: dict[str, str] = {
     "spark.sql.shuffle.partitions": "4",
@@ -242,14 +241,15 @@ def java_problem() -> str | None:
 
 
 def project_zip(directory: Path) -> Path:
-    """``periscope/`` and the scripts Spark runs functions of, zipped for ``addPyFile`` (executors import them)."""
+    """``periscope/`` zipped for ``addPyFile``: all the executors import of the project.
+
+    What Spark runs on executors (``mapInPandas`` functions, pandas UDFs) lives in
+    ``periscope/`` (``speed_core``, ``spark_batch``), never in a script, so no script is shipped.
+    """
     target = directory / "periscope-code.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted((PROJECT_ROOT / "periscope").rglob("*.py")):
             archive.write(path, path.relative_to(PROJECT_ROOT).as_posix())
-        for name in SHIPPED_SCRIPTS:
-            if (PROJECT_ROOT / name).exists():
-                archive.write(PROJECT_ROOT / name, name)
     return target
 
 
@@ -258,8 +258,8 @@ def get_session(master: str | None = None, app_name: str = "periscope",
     """The Spark session of this process (created once): on ``master``, with the connectors and Periscope's code.
 
     On a cluster, the executors need the project's Python requirements (the
-    same ``requirements.txt``); the project's code and the connector jars are
-    shipped with the job.
+    same ``requirements.txt``); the ``periscope`` package and the connector jars
+    are shipped with the job.
     """
     active = SparkSession.getActiveSession()
     if active is not None:

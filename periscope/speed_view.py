@@ -25,6 +25,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,8 @@ def write_batch(speed_dir: Path, partition: int, rows: pd.DataFrame) -> Path:
     """Atomically write one partition's results; the name is their offset range.
 
     ``rows`` must hold ``COLUMNS`` and at least one row. Writing the same
-    range again replaces the file with identical content (idempotent).
+    range again replaces the file with the same trips and predictions (only
+    ``visible_at_ms``, the wall clock of the write, differs): never a second copy.
     """
     first, last = int(rows["offset"].min()), int(rows["offset"].max())
     path = batch_path(speed_dir, partition, first, last)
@@ -134,12 +136,125 @@ def prune(speed_dir: Path, watermark: Mapping[Any, int]) -> int:
     return removed
 
 
-def write_status(speed_dir: Path, consumer: str, status: Mapping[str, Any]) -> None:
-    """Publish a consumer's heartbeat (lag, rates, live error) for the dashboard."""
-    atomic_write_json(Path(speed_dir) / STATUS_DIR / f"{consumer}.json", dict(status))
+# --- the status file: one definition of its format ----------------------------------------------
+
+
+NO_TRIPS_ERROR: dict[str, float | None] = {"rmsle": None, "mae": None, "rmse": None, "rows": 0}
+"""Live error before the first valid trip (``rows`` counts the trips the figures are over)."""
+
+
+@dataclass
+class StatusTotals:
+    """What a process consumed since it started."""
+
+    consumed: int = 0
+    valid: int = 0
+    dlq: int = 0
+    """Invalid messages, each counted whether or not its dead letter had to be sent."""
+    dlq_already_sent: int = 0
+    """Of those, the ones whose dead letter was on the topic already (sent before a restart or a rebalance)."""
+    dlq_by_reason: dict[str, int] = field(default_factory=dict)
+    """Reason code (``invalid_json``, a cleaning-rule name, ...) -> invalid messages."""
+
+
+@dataclass
+class StatusLatency:
+    """End-to-end latency (Kafka timestamp -> speed file visible) over the last ``window_s`` seconds, ms."""
+
+    p50: float | None = None
+    p99: float | None = None
+    window_s: float = 10.0
+
+
+@dataclass
+class StatusLiveError:
+    """The model against the actual durations: since start and over the last ``recent_window_s`` seconds."""
+
+    cumulative: dict[str, float | None] = field(default_factory=lambda: dict(NO_TRIPS_ERROR))
+    recent: dict[str, float | None] = field(default_factory=lambda: dict(NO_TRIPS_ERROR))
+    recent_window_s: float = 60.0
+
+
+@dataclass
+class SpeedStatus:
+    """A speed-layer process's status file, ``<speed dir>/_status/<consumer_id>.json``.
+
+    The one definition of the format: both speed layers write it
+    (``write_status``), the dashboard reads it (``from_json``), and the tests
+    build theirs with it. Each process rewrites its own file about once a second;
+    the file of a stopped or killed process stays, with its last state. A
+    field missing from a file reads as its default here.
+    """
+
+    consumer_id: str = "?"
+    group: str = ""
+    """Kafka consumer group; ``spark:<checkpoint dir>`` for the Spark speed layer."""
+    topic: str = ""
+    pid: int = 0
+    host: str = ""
+    state: str = "?"
+    """``running``, or ``stopped`` once the process shut down cleanly (a killed one stays ``running``)."""
+    member_state: str = ""
+    """kafka-python's group membership (``<stable>`` when settled); ``spark`` for the Spark speed layer."""
+    updated_at_ms: int = 0
+    uptime_s: float = 0.0
+    assigned_partitions: list[int] = field(default_factory=list)
+    positions: dict[int, int | None] = field(default_factory=dict)
+    """Per assigned partition: the next offset to read (None: unknown)."""
+    lag: dict[int, int | None] = field(default_factory=dict)
+    """Per assigned partition: messages behind the end of the log (None: the broker did not answer)."""
+    totals: StatusTotals = field(default_factory=StatusTotals)
+    dlq_history: list[dict[str, Any]] = field(default_factory=list)
+    """Dead letters per wall-clock minute and reason (``MinuteCounts.as_status``)."""
+    rate_per_s: float = 0.0
+    """Messages consumed per second since the previous status."""
+    latency_ms: StatusLatency = field(default_factory=StatusLatency)
+    live_error: StatusLiveError = field(default_factory=StatusLiveError)
+    model_version: str | None = None
+    spark: dict[str, Any] | None = None
+    """The Spark speed layer only: ``master``, ``batches``, ``busy_s``, ``checkpoint``."""
+
+    @property
+    def total_lag(self) -> int:
+        """The lag summed over the partitions whose lag is known."""
+        return sum(lag for lag in self.lag.values() if lag is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's content: these fields, ``total_lag``, partitions as string keys; no ``spark`` if None."""
+        document = asdict(self)
+        document["positions"] = {str(p): offset for p, offset in sorted(self.positions.items())}
+        document["lag"] = {str(p): lag for p, lag in sorted(self.lag.items())}
+        document["total_lag"] = self.total_lag
+        if self.spark is None:
+            del document["spark"]
+        return document
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> SpeedStatus:
+        """A status as read from a file; what it lacks (an older writer, a field added since) is the default."""
+        known = {name: document[name] for name in _STATUS_FIELDS if name in document}
+        for name in ("positions", "lag"):
+            known[name] = {int(p): value for p, value in known.get(name, {}).items()}
+        for name, kind in (("totals", StatusTotals), ("latency_ms", StatusLatency), ("live_error", StatusLiveError)):
+            part = known.get(name, {})
+            known[name] = kind(**{key: part[key] for key in _fields_of(kind) if key in part})
+        return cls(**known)
+
+
+def _fields_of(kind: type) -> tuple[str, ...]:
+    return tuple(item.name for item in fields(kind))
+
+
+_STATUS_FIELDS = _fields_of(SpeedStatus)
+
+
+def write_status(speed_dir: Path, status: SpeedStatus) -> None:
+    """Publish a process's status (atomically: the dashboard never reads half a file)."""
+    atomic_write_json(Path(speed_dir) / STATUS_DIR / f"{status.consumer_id}.json", status.to_json())
 
 
 def read_statuses(speed_dir: Path) -> list[dict[str, Any]]:
+    """Every status file's content as written (``SpeedStatus.from_json`` reads one); unreadable ones skipped."""
     folder = Path(speed_dir) / STATUS_DIR
     statuses = []
     for path in sorted(folder.glob("*.json")) if folder.exists() else []:

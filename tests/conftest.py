@@ -1,6 +1,10 @@
 """Shared fixtures: the real shipped sample, a model trained once per session."""
 from __future__ import annotations
 
+import time
+from collections import namedtuple
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -103,8 +107,6 @@ def topics(kafka_bootstrap, request):
 # --- trips as CSV lines, and the batch views computed without Periscope code ---------------------
 # (tests/test_sources.py, tests/test_batch_processor.py, tests/test_spark_batch.py)
 
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 @dataclass(frozen=True)
 class CsvLines:
@@ -206,3 +208,81 @@ def _as_csv_rows(trips: pd.DataFrame) -> pd.DataFrame:
 def as_csv_rows() -> Callable[[pd.DataFrame], pd.DataFrame]:
     """``rows = as_csv_rows(trips)``: record-form trips as pandas reads them from a CSV file."""
     return _as_csv_rows
+
+
+# --- speed-layer test helpers: plain functions, shared by the speed-layer and dashboard tests ---------
+# (imported as ``from tests.conftest import ...``, so that no test module imports another)
+
+
+Message = namedtuple("Message", "topic partition offset timestamp key value")
+"""A Kafka message as the speed layers read one (the fields of kafka-python's ``ConsumerRecord``)."""
+
+
+def trip_messages(trips: pd.DataFrame) -> list[tuple[bytes, bytes]]:
+    """(key, value) of each trip as the producer sends it: key = id, value = ``schema.record_to_json``."""
+    from periscope.schema import record_to_json
+
+    return [(record["id"].encode(), record_to_json(record)) for record in trips.to_dict("records")]
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
+    for key, value in messages:
+        producer.send(topic, key=key, value=value)
+    producer.flush()
+    producer.close()
+
+
+def rule_violations(trips: pd.DataFrame) -> dict[str, str]:
+    """id -> name of the first cleaning rule it breaks, for the trips that break one."""
+    from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule
+
+    broken = first_broken_rule({name: trips[name].to_numpy() for name in FIELDS})
+    return {trip_id: RULE_NAMES[rule] for trip_id, rule in zip(trips["id"], broken) if rule >= 0}
+
+
+def consumer_args(bootstrap: str, topics: tuple[str, str], speed_dir: Path, model_dir: Path,
+                  *extra: str, group: str = "speed", idle: float | None = 2.0) -> list[str]:
+    """``kafka_consumer.py`` arguments for a test's topics, speed dir and model."""
+    trips_topic, dlq_topic = topics
+    idle_args = [] if idle is None else ["--stop-when-idle", str(idle)]
+    return ["--bootstrap", bootstrap, "--topic", trips_topic, "--dlq-topic", dlq_topic, "--group", group,
+            "--speed-dir", str(speed_dir), "--model-dir", str(model_dir), *idle_args, *extra]
+
+
+def read_dlq(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list:
+    """Every message of the dead-letter topic (stops once ``expected`` arrived and a poll adds none)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    found, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        batch = [m for messages in consumer.poll(timeout_ms=500).values() for m in messages]
+        found += batch
+        if len(found) >= expected and not batch:
+            break
+    consumer.close()
+    return found
+
+
+def assert_exactly_once(rows: pd.DataFrame, expected_ids: set[str]) -> None:
+    """Speed rows: one per (partition, offset), one per trip id, and exactly the expected trips."""
+    assert not rows.duplicated(["partition", "offset"]).any()
+    assert rows["id"].is_unique
+    assert set(rows["id"]) == expected_ids
+
+
+def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2):
+    """``condition()``'s first true value, asked every ``poll_s``; AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

@@ -27,6 +27,7 @@ from periscope import kafka_local, speed_view
 from periscope.dashboard import data
 from periscope.model import load_model, read_metadata
 from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule, parse_cutoff
+from periscope.speed_view import SpeedStatus, StatusLatency, StatusTotals
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
@@ -101,27 +102,26 @@ def write_speed_files(speed_dir: Path, trips: pd.DataFrame) -> None:
 
 
 def status(consumer: str, state: str, updated_ms: int, lag: dict[int, int], dlq: dict[str, list[int]],
-           now_ms: int) -> dict:
-    """A status file as the speed layer writes it (``kafka_consumer.SpeedLayer.status``)."""
+           now_ms: int) -> SpeedStatus:
+    """A status file as the speed layers write it: ``speed_view.SpeedStatus``, the format's one definition."""
     history = speed_view.MinuteCounts()
     for reason, per_minute in dlq.items():
         for minutes_ago, count in enumerate(reversed(per_minute)):
             history.add([reason] * count, now_ms - minutes_ago * 60_000)
     totals = {reason: sum(counts) for reason, counts in dlq.items() if sum(counts)}
-    return {"consumer_id": consumer, "group": "periscope-speed", "topic": TOPIC, "state": state,
-            "updated_at_ms": updated_ms, "assigned_partitions": sorted(lag), "positions": {str(p): 1000 for p in lag},
-            "lag": {str(p): n for p, n in lag.items()}, "total_lag": sum(lag.values()), "rate_per_s": 180.0,
-            "totals": {"consumed": 3000, "valid": 3000 - sum(totals.values()), "dlq": sum(totals.values()),
-                       "dlq_by_reason": totals},
-            "dlq_history": history.as_status(), "latency_ms": {"p50": 210.0, "p99": 480.0, "window_s": 10.0},
-            "live_error": {}, "model_version": "test-v1"}
+    return SpeedStatus(consumer_id=consumer, group="periscope-speed", topic=TOPIC, pid=4242, host="test",
+                       state=state, member_state="<stable>", updated_at_ms=updated_ms, uptime_s=600.0,
+                       assigned_partitions=sorted(lag), positions={p: 1000 for p in lag}, lag=dict(lag),
+                       totals=StatusTotals(consumed=3000, valid=3000 - sum(totals.values()), dlq=sum(totals.values()),
+                                           dlq_by_reason=totals),
+                       dlq_history=history.as_status(), rate_per_s=180.0,
+                       latency_ms=StatusLatency(p50=210.0, p99=480.0), model_version="test-v1")
 
 
 def heartbeat(speed_dir: Path, now_ms: int | None = None) -> None:
     """The running consumer's status, as fresh as its once-a-second write would be."""
     now_ms = now_ms or data.now_ms()
-    speed_view.write_status(speed_dir, "alive", status("alive", "running", now_ms, {0: 5, 1: 0, 2: 12},
-                                                       DLQ_MINUTES, now_ms))
+    speed_view.write_status(speed_dir, status("alive", "running", now_ms, {0: 5, 1: 0, 2: 12}, DLQ_MINUTES, now_ms))
 
 
 AIRFLOW_TABLE = textwrap.dedent("""
@@ -172,8 +172,8 @@ def build_demo(root: Path, sample_csv: Path, sample_trips: pd.DataFrame, model_d
     write_speed_files(speed_dir, trips)
     batch_processor.recompute(master, views_dir, workers=1, keep=3, progress=False)
     heartbeat(speed_dir, now_ms)
-    speed_view.write_status(speed_dir, "gone", status("gone", "stopped", now_ms - 3_600_000, {0: 7},
-                                                      {"invalid_json": [1]}, now_ms - 3_600_000))
+    speed_view.write_status(speed_dir, status("gone", "stopped", now_ms - 3_600_000, {0: 7}, {"invalid_json": [1]},
+                                              now_ms - 3_600_000))
     airflow_database(root / "airflow", now)
 
     sample_clean = clean(sample_trips)
@@ -340,16 +340,16 @@ def test_minute_counts_keep_a_bounded_history():
 
 def test_a_caught_up_speed_layer_without_recent_files_is_green_and_stale_consumers_are_not_alive():
     now = data.now_ms()
-    running = status("live", "running", now - 1_000, {0: 0, 1: 0, 2: 0}, {}, now)
-    killed = status("killed", "running", now - 600_000, {0: 40}, {}, now)
-    stopped = status("stopped", "stopped", now - 5_000, {0: 0}, {}, now)
+    running = status("live", "running", now - 1_000, {0: 0, 1: 0, 2: 0}, {}, now).to_json()
+    killed = status("killed", "running", now - 600_000, {0: 40}, {}, now).to_json()
+    stopped = status("stopped", "stopped", now - 5_000, {0: 0}, {}, now).to_json()
     lights = data.health(now, True, "127.0.0.1:9092", [running, killed, stopped], None, None, {}, None, None)
     light = dict(zip(lights["component"], zip(lights["ok"], lights["detail"])))
     assert light["speed layer consumer"] == (True, "1 alive (2 stopped or silent ones ignored), total lag 0")
     ok, detail = light["last speed write"]
     assert ok and "caught up (lag 0)" in detail and "pruned" in detail
 
-    behind = status("live", "running", now - 1_000, {0: 7}, {}, now)
+    behind = status("live", "running", now - 1_000, {0: 7}, {}, now).to_json()
     lights = data.health(now, True, "127.0.0.1:9092", [behind], None, None, {}, None, None)
     assert not lights.set_index("component").loc["last speed write", "ok"], "lagging without writing is red"
     lights = data.health(now, True, "127.0.0.1:9092", [killed], now - 2_000, None, {}, None, None)
@@ -427,7 +427,7 @@ def test_a_wrong_flag_is_explained_on_the_page(monkeypatch):
 def test_the_real_speed_layer_reports_dead_letters_per_minute(kafka_bootstrap, topics, trained_model_dir,
                                                               sample_trips, tmp_path):
     import kafka_consumer
-    from tests.test_kafka_consumer import consumer_args, produce, trip_messages
+    from tests.conftest import consumer_args, produce, trip_messages
 
     good = clean(sample_trips.iloc[:400]).head(300)
     bad = [(b"bad-json", b'{"id": "x"'), (b"bad-empty", b""), (b"bad-json-2", b"[1, 2]")]

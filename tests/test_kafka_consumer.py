@@ -1,4 +1,7 @@
-"""The plain-Python speed layer (kafka_consumer.py) against a real broker, plus its pure functions.
+"""The plain-Python speed layer (kafka_consumer.py) against a real broker, plus its own pure functions.
+
+What both speed layers share (validation, rows, statistics, the status file, the model watcher) is
+tested in ``test_speed_core.py``; helpers shared with other test modules are in ``conftest.py``.
 
 Broker tests produce real trips with a plain KafkaProducer (key = id, value =
 ``schema.record_to_json``) and run the consumer for real: in-process through
@@ -9,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections import Counter, namedtuple
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,63 +25,21 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 import kafka_consumer
-from periscope import schema, speed_view, stream
-from periscope.model import metrics, promote
-from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule, record_to_json
+from periscope import schema, speed_core, speed_view, stream
+from periscope.schema import FIELDS, first_broken_rule
+from tests.conftest import (assert_exactly_once, consumer_args, produce, read_dlq, rule_violations, trip_messages,
+                            wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
-Message = namedtuple("Message", "topic partition offset timestamp key value")
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def trip_messages(trips: pd.DataFrame) -> list[tuple[bytes, bytes]]:
-    return [(record["id"].encode(), record_to_json(record)) for record in trips.to_dict("records")]
-
-
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
-    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=10)
-    for key, value in messages:
-        producer.send(topic, key=key, value=value)
-    producer.flush()
-    producer.close()
-
-
-def rule_violations(trips: pd.DataFrame) -> dict[str, str]:
-    """id -> name of the first cleaning rule it breaks, for the trips that break one."""
-    broken = first_broken_rule({name: trips[name].to_numpy() for name in FIELDS})
-    return {trip_id: RULE_NAMES[rule] for trip_id, rule in zip(trips["id"], broken) if rule >= 0}
-
-
-def consumer_args(bootstrap: str, topics: tuple[str, str], speed_dir: Path, model_dir: Path,
-                  *extra: str, group: str = "speed", idle: float | None = 2.0) -> list[str]:
-    trips_topic, dlq_topic = topics
-    idle_args = [] if idle is None else ["--stop-when-idle", str(idle)]
-    return ["--bootstrap", bootstrap, "--topic", trips_topic, "--dlq-topic", dlq_topic, "--group", group,
-            "--speed-dir", str(speed_dir), "--model-dir", str(model_dir), *idle_args, *extra]
 
 
 def start_consumer(args: list[str], log_path: Path) -> subprocess.Popen:
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "kafka_consumer.py", *args], cwd=ROOT,
                                 stdout=log, stderr=subprocess.STDOUT)
-
-
-def read_dlq(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list:
-    """Every message of the dead-letter topic (stops once ``expected`` arrived and a poll adds none)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
-    partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(partitions)
-    consumer.seek_to_beginning(*partitions)
-    found, deadline = [], time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        batch = [m for messages in consumer.poll(timeout_ms=500).values() for m in messages]
-        found += batch
-        if len(found) >= expected and not batch:
-            break
-    consumer.close()
-    return found
 
 
 def dlq_reason(message) -> str:
@@ -92,108 +52,15 @@ def speed_snapshot(speed_dir: Path) -> dict[str, tuple[int, str]]:
             for _, _, _, path in speed_view.batch_files(speed_dir)}
 
 
-def assert_exactly_once(rows: pd.DataFrame, expected_ids: set[str]) -> None:
-    assert not rows.duplicated(["partition", "offset"]).any()
-    assert rows["id"].is_unique
-    assert set(rows["id"]) == expected_ids
-
-
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
 # --- pure functions ------------------------------------------------------------------------------
 
 
-def test_validate_batch_gives_reasons_in_stream_order(sample_trips):
-    records = sample_trips.head(6).to_dict("records")
-    ocean = {**records[3], "pickup_longitude": -72.0}
-    short = {**records[4], "trip_duration": 5, "dropoff_datetime": records[4]["pickup_datetime"] + 5000}
-    values = [record_to_json(records[0]), b"{oops", record_to_json(short), None, record_to_json(records[1]),
-              record_to_json(ocean), b'["a", "list"]', record_to_json(records[2]),
-              json.dumps({k: v for k, v in schema.record_to_message(records[5]).items() if k != "vendor_id"}).encode(),
-              b"\xff\xfe not utf-8", json.dumps({**schema.record_to_message(records[5]), "vendor_id": 10**30}).encode()]
-    messages = [Message("trips", 1, 100 + i, 1_700_000_000_000 + i, b"k", value) for i, value in enumerate(values)]
-    columns, invalid = kafka_consumer.validate_batch(messages)
-
-    assert [m.offset for m, _ in invalid] == [101, 102, 103, 105, 106, 108, 109, 110]
-    assert [kafka_consumer.reason_code(reason) for _, reason in invalid] == [
-        "invalid_json", "duration_too_short", "empty_message", "pickup_outside_nyc", "invalid_json",
-        "missing_field", "invalid_json", "wrong_type"]
-    assert invalid[5][1] == "missing_field: missing vendor_id"
-    assert list(columns["id"]) == [records[0]["id"], records[1]["id"], records[2]["id"]]
-    assert list(columns["offset"]) == [100, 104, 107]
-    assert list(columns["kafka_timestamp_ms"]) == [1_700_000_000_000, 1_700_000_000_004, 1_700_000_000_007]
-    for name in ("vendor_id", "pickup_datetime", "trip_duration", "pickup_latitude", "store_and_fwd_flag"):
-        assert list(columns[name]) == [r[name] for r in records[:3]]
-
-
-def test_validate_batch_of_nothing_valid():
-    messages = [Message("t", 0, i, 1, None, value) for i, value in enumerate([b"", b"null", b"{}"])]
-    columns, invalid = kafka_consumer.validate_batch(messages)
-    assert len(columns["id"]) == 0 and len(invalid) == 3
-    assert [kafka_consumer.reason_code(r) for _, r in invalid] == ["empty_message", "invalid_json", "missing_field"]
-
-
-def test_speed_rows_have_the_speed_view_columns_and_dtypes(sample_trips):
-    messages = [Message("t", 2, 10 + i, 5, None, record_to_json(r))
-                for i, r in enumerate(sample_trips.head(50).to_dict("records"))]
-    columns, invalid = kafka_consumer.validate_batch(messages)
-    predicted = np.linspace(100, 200, len(columns["id"]))
-    rows = kafka_consumer.speed_rows(columns, predicted, "v7")
-    assert list(rows.columns) == list(speed_view.COLUMNS)
-    expected = speed_view.empty_speed_frame().dtypes
-    assert (rows.dtypes == expected).all(), rows.dtypes[rows.dtypes != expected]
-    assert (rows["model_version"] == "v7").all() and (rows["partition"] == 2).all()
-    assert len(rows) + len(invalid) == 50
-
-
-def test_live_error_matches_model_metrics(sample_trips):
-    rng = np.random.default_rng(3)
-    actual = sample_trips["trip_duration"].to_numpy()[:5000]
-    predicted = actual * rng.lognormal(0, 0.4, len(actual))
-    live = kafka_consumer.LiveError(window_s=60)
-    for start, stop in ((0, 1000), (1000, 3500), (3500, 5000)):
-        live.add(actual[start:stop], predicted[start:stop], now=100.0 + start / 1000)
-    expected = metrics(actual, predicted)
-    for name in ("rmsle", "mae", "rmse"):
-        assert live.cumulative()[name] == pytest.approx(expected[name], rel=1e-9)
-        assert live.recent(now=103.0)[name] == pytest.approx(expected[name], rel=1e-9)
-    assert live.cumulative()["rows"] == 5000
-    recent = live.recent(now=161.2)  # the first two batches are older than 60 s by then
-    assert recent["rows"] == 1500
-    assert recent["rmsle"] == pytest.approx(metrics(actual[3500:], predicted[3500:])["rmsle"], rel=1e-9)
-    assert kafka_consumer.LiveError().cumulative() == {"rmsle": None, "mae": None, "rmse": None, "rows": 0}
-
-
-def test_latency_percentiles_over_a_sliding_window():
-    window = kafka_consumer.SlidingWindow(10.0)
-    assert kafka_consumer.latency_percentiles(window, now=0.0) == (None, None)
-    old, recent = np.full(1000, 5000.0), np.arange(1, 1001, dtype=float)
-    window.add(old, now=0.0)
-    window.add(recent, now=8.0)
-    p50, p99 = kafka_consumer.latency_percentiles(window, now=9.0)
-    assert (p50, p99) == tuple(np.percentile(np.concatenate([old, recent]), [50, 99]))
-    p50, p99 = kafka_consumer.latency_percentiles(window, now=12.0)  # the first batch fell out
-    assert p50 == pytest.approx(500.5) and p99 == pytest.approx(np.percentile(recent, 99))
-
-
-def test_resume_offsets_and_commit_offsets():
+def test_a_partition_resumes_past_its_commit_and_past_its_speed_files():
     assert kafka_consumer.resume_offset(None, None) is None
     assert kafka_consumer.resume_offset(120, None) == 120
     assert kafka_consumer.resume_offset(None, 99) == 100
     assert kafka_consumer.resume_offset(100, 149) == 150  # written but not committed: skip what is on disk
     assert kafka_consumer.resume_offset(180, 149) == 180  # an all-invalid tail was committed after the file
-    messages = [Message("t", p, o, 0, None, b"") for p, o in ((0, 5), (1, 9), (0, 7), (0, 6))]
-    assert kafka_consumer.next_offsets(messages) == {0: 8, 1: 10}
-    assert kafka_consumer.reason_code("invalid_json: Expecting value: line 1") == "invalid_json"
-    assert kafka_consumer.reason_code("pickup_outside_nyc") == "pickup_outside_nyc"
 
 
 def test_dead_letter_sources_parse_back():
@@ -318,7 +185,7 @@ def test_malformed_messages_go_to_the_dlq_with_their_bytes_and_reason(kafka_boot
     assert_exactly_once(speed_view.read_speed(speed_dir), set(clean["id"]))
     dead = read_dlq(kafka_bootstrap, topics[1], len(bad))
     assert len(dead) == len(bad)
-    got = Counter((m.key, m.value, kafka_consumer.reason_code(dlq_reason(m))) for m in dead)
+    got = Counter((m.key, m.value, speed_core.reason_code(dlq_reason(m))) for m in dead)
     assert got == Counter(bad)
     for m in dead:
         source = stream.header_value(m.headers, stream.SOURCE_HEADER)
@@ -404,23 +271,6 @@ def test_survives_a_broker_restart_and_stops_cleanly_on_sigterm(kafka_bootstrap,
     status = speed_view.read_statuses(speed_dir)[0]
     assert status["state"] == "stopped" and status["totals"]["consumed"] >= len(both)
     assert "SIGTERM received" in log.read_text() and "stopped after" in log.read_text()
-
-
-def test_a_promoted_model_is_picked_up_and_a_broken_one_ignored(trained_model_dir, tmp_path):
-    model_dir = tmp_path / "model"
-    shutil.copytree(trained_model_dir, model_dir)
-    watcher = kafka_consumer.ModelWatcher(model_dir, check_every_s=0)
-    assert watcher.current().version == "test-v1"
-
-    for version, features in (("test-v2", None), ("test-broken", ["vendor_id"])):
-        directory = model_dir / "versions" / version
-        shutil.copytree(model_dir / "versions" / "test-v1", directory)
-        metadata = json.loads((directory / "metadata.json").read_text())
-        metadata.update(version=version, **({"features": features} if features else {}))
-        (directory / "metadata.json").write_text(json.dumps(metadata))
-        promote(model_dir, version)
-        watcher.checked_at = 0.0
-        assert watcher.current().version == "test-v2"  # the broken version is refused, v2 stays live
 
 
 @pytest.mark.kafka

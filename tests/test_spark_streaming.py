@@ -7,9 +7,11 @@ the kill test, which needs a process to SIGKILL.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import pytest
 
 import kafka_consumer
 import spark_streaming
-from periscope import schema, speed_view, spark_session, stream
+from periscope import schema, spark_session, speed_core, speed_view, stream
 from periscope.schema import FIELDS, record_to_json
-from tests.test_kafka_consumer import (assert_exactly_once, consumer_args, produce, read_dlq, rule_violations,
-                                       trip_messages, wait_for)
+from periscope.sql_prompt import sql_prompt
+from tests.conftest import (assert_exactly_once, consumer_args, produce, read_dlq, rule_violations, trip_messages,
+                            wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 MALFORMED = [b"{oops", b"", b'["a", "list"]', b'{"id": "x1"}', b"\xff\xfe not utf-8"]
@@ -79,6 +82,7 @@ def test_the_spark_schema_is_derived_from_the_trip_schema():
     assert {kinds[name] for name in schema.INT_FIELDS + schema.TIME_FIELDS} == {"bigint"}
     assert {kinds[name] for name in schema.FLOAT_FIELDS} == {"double"}
     assert kinds["id"] == "string" and kinds["store_and_fwd_flag"] == "boolean"
+    assert spark_streaming.VALIDATED_SCHEMA.fieldNames() == list(speed_core.VALIDATED_COLUMNS)
     assert spark_streaming.VALIDATED_SCHEMA.fieldNames()[-len(FIELDS):] == list(FIELDS)
 
 
@@ -88,13 +92,55 @@ def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
     values = [record_to_json(records[0]), b"{oops", record_to_json(short), None, record_to_json(records[2])]
     messages = pd.DataFrame({"key": [b"k"] * 5, "value": values, "topic": ["t"] * 5, "partition": [1] * 5,
                              "offset": range(10, 15), "timestamp_ms": [1_700_000_000_000] * 5})
-    frame = spark_streaming.validated_frame(messages)
+    frame = speed_core.validate_frame(messages)
     assert list(frame.columns) == spark_streaming.VALIDATED_SCHEMA.fieldNames()
     valid, invalid = frame[frame["reason"].isna()], frame[frame["reason"].notna()]
     assert list(valid["id"]) == [records[0]["id"], records[2]["id"]] and list(valid["offset"]) == [10, 14]
-    assert [kafka_consumer.reason_code(r) for r in invalid["reason"]] == ["invalid_json", "duration_too_short",
-                                                                           "empty_message"]
+    assert [speed_core.reason_code(r) for r in invalid["reason"]] == ["invalid_json", "duration_too_short",
+                                                                       "empty_message"]
     assert list(invalid["value"])[0] == b"{oops" and valid["key"].isna().all()
+
+
+EXECUTOR = """
+import importlib.util, json, pickle, sys
+validate_frames, predict, messages = pickle.loads(open(sys.argv[1], "rb").read())
+validated = next(validate_frames(iter([messages])))
+trips = validated[validated.columns[-{fields}:]]
+print(json.dumps({{"reasons": validated["reason"].tolist(), "predicted": predict(trips).tolist(),
+                  "scripts": [name for name in ("spark_streaming", "kafka_consumer", "batch_processor")
+                              if name in sys.modules or importlib.util.find_spec(name)]}}))
+"""
+
+
+def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, trained_model_dir, tmp_path):
+    """What Spark runs on executors, pickled as Spark does, runs where only the shipped zip is importable."""
+    import types
+
+    from pyspark import cloudpickle
+
+    from periscope.model import load_model
+
+    model = load_model(trained_model_dir)
+    values = [record_to_json(r) for r in sample_trips.head(30).to_dict("records")] + [b"{oops"]
+    messages = pd.DataFrame({"key": [b"k"] * len(values), "value": values, "topic": "t", "partition": 0,
+                             "offset": range(len(values)), "timestamp_ms": 1_700_000_000_000})
+    udf = spark_streaming.prediction_udf(types.SimpleNamespace(value=model))  # a broadcast has ``.value``
+    shipped = tmp_path / "job.pickle"
+    shipped.write_bytes(cloudpickle.dumps((speed_core.validate_frames, udf.func, messages)))
+    elsewhere = tmp_path / "executor"
+    elsewhere.mkdir()
+    # -S: no .pth files, so not even an editable install of the project puts the scripts in reach
+    libraries = os.pathsep.join([str(spark_session.project_zip(tmp_path)), sysconfig.get_paths()["purelib"]])
+    result = subprocess.run([sys.executable, "-S", "-c", EXECUTOR.format(fields=len(FIELDS)), str(shipped)],
+                            cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": libraries})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ran = json.loads(result.stdout)
+    assert ran["scripts"] == [], "no script is importable there, and none was needed"
+    validated = speed_core.validate_frame(messages)
+    assert ran["reasons"] == [None if pd.isna(r) else r for r in validated["reason"]]
+    expected = speed_core.predict_frame(model, validated[list(FIELDS)])
+    np.testing.assert_allclose(np.array(ran["predicted"], dtype=float), expected.to_numpy(), rtol=1e-12)
 
 
 def test_a_fresh_checkpoint_resumes_after_the_speed_files_within_what_kafka_holds():
@@ -147,7 +193,7 @@ def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reac
     dead = dlq_by_component(kafka_bootstrap, topics[1], 2 * (len(violations) + len(MALFORMED)))
     assert dead["spark_streaming"] == dead["kafka_consumer"]
     assert len(dead["spark_streaming"]) == len(violations) + len(MALFORMED)
-    reasons = {kafka_consumer.reason_code(reason) for _, reason in dead["spark_streaming"]}
+    reasons = {speed_core.reason_code(reason) for _, reason in dead["spark_streaming"]}
     assert {"invalid_json", "empty_message", "missing_field"} | set(violations.values()) == reasons
 
     status = speed_view.read_statuses(spark_dir)[0]
@@ -181,6 +227,7 @@ def test_a_replayed_batch_id_rewrites_the_same_files_and_sends_no_dead_letter_tw
     finally:
         layer.stop()
     assert first == again and len(first) == 3
+    assert layer.stats.totals["dlq_already_sent"] == 1 + len(rule_violations(trips)), "the replay sent none again"
     rows = speed_view.read_speed(args.speed_dir)
     assert len(rows) == len(trips) - len(rule_violations(trips)) and not rows.duplicated(["partition", "offset"]).any()
     assert len(read_dlq(kafka_bootstrap, topics[1], 1 + len(rule_violations(trips)), timeout_s=5)) == \
@@ -251,8 +298,9 @@ def test_the_sql_prompt_skips_empty_lines_and_ends_on_quit(spark, monkeypatch, c
     import io
     import re
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\nSELECT 41 + 1 AS answer;\n\nnot sql at all\nquit\nSELECT 7 AS late\n"))
-    spark_streaming.sql_prompt(spark)
+    typed = "\nSELECT 41 + 1 AS answer;\n\nnot sql at all\nquit\nSELECT 7 AS late\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed))
+    sql_prompt(spark, "SELECT 1")
     shown = capsys.readouterr().out
     assert re.search(r"\|answer\|\n\+-+\+\n\|42\s*\|", shown), shown
     assert "error: " in shown, "a bad line is reported and the prompt goes on"

@@ -28,6 +28,7 @@ import pandas as pd
 from periscope import serving, speed_view, storage, views
 from periscope.model import metrics
 from periscope.schema import AVRO_SCHEMA, RULES, format_time
+from periscope.speed_view import SpeedStatus
 
 LAYERS: tuple[str, ...] = ("batch", "speed")
 LAYER_COLORS: tuple[str, ...] = ("#4c78a8", "#f58518")
@@ -252,26 +253,30 @@ def throughput(rows: pd.DataFrame, bin_s: int = 10) -> pd.DataFrame:
     return out
 
 
+def read_status_files(statuses: Iterable[Mapping[str, Any]]) -> list[SpeedStatus]:
+    """Status files' content (``speed_view.read_statuses``) in the format's one definition."""
+    return [SpeedStatus.from_json(status) for status in statuses]
+
+
 def consumers(statuses: Iterable[Mapping[str, Any]], now: int) -> pd.DataFrame:
     """One row per speed-layer process that wrote a status file: alive or not, rate, lag, latency."""
     rows = []
-    for status in statuses:
-        age_s = (now - status.get("updated_at_ms", 0)) / 1000
-        latency = status.get("latency_ms", {})
+    for status in read_status_files(statuses):
+        age_s = (now - status.updated_at_ms) / 1000
         rows.append({
-            "consumer": status.get("consumer_id", "?"),
-            "alive": status.get("state") == "running" and age_s <= CONSUMER_ALIVE_S,
-            "state": status.get("state", "?"),
+            "consumer": status.consumer_id,
+            "alive": status.state == "running" and age_s <= CONSUMER_ALIVE_S,
+            "state": status.state,
             "last heartbeat": format_age(age_s) + " ago",
             "age_s": age_s,
-            "trips/s": status.get("rate_per_s", 0.0),
-            "lag": status.get("total_lag"),
-            "latency p50 ms": latency.get("p50"),
-            "latency p99 ms": latency.get("p99"),
-            "consumed": status.get("totals", {}).get("consumed", 0),
-            "dead letters": status.get("totals", {}).get("dlq", 0),
-            "model": status.get("model_version"),
-            "partitions": ", ".join(str(p) for p in status.get("assigned_partitions", [])),
+            "trips/s": status.rate_per_s,
+            "lag": status.total_lag,
+            "latency p50 ms": status.latency_ms.p50,
+            "latency p99 ms": status.latency_ms.p99,
+            "consumed": status.totals.consumed,
+            "dead letters": status.totals.dlq,
+            "model": status.model_version,
+            "partitions": ", ".join(str(p) for p in status.assigned_partitions),
         })
     return pd.DataFrame(rows, columns=["consumer", "alive", "state", "last heartbeat", "age_s", "trips/s", "lag",
                                        "latency p50 ms", "latency p99 ms", "consumed", "dead letters", "model",
@@ -280,9 +285,9 @@ def consumers(statuses: Iterable[Mapping[str, Any]], now: int) -> pd.DataFrame:
 
 def partition_lag(statuses: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Consumer lag per partition (messages behind the end of the log), from every status file."""
-    rows = [{"consumer": status.get("consumer_id", "?"), "partition": int(partition),
-             "position": status.get("positions", {}).get(partition), "lag": lag}
-            for status in statuses for partition, lag in sorted(status.get("lag", {}).items(), key=lambda i: int(i[0]))]
+    rows = [{"consumer": status.consumer_id, "partition": partition, "position": status.positions.get(partition),
+             "lag": lag}
+            for status in read_status_files(statuses) for partition, lag in sorted(status.lag.items())]
     return pd.DataFrame(rows, columns=["consumer", "partition", "position", "lag"])
 
 
@@ -377,7 +382,7 @@ def holdout_table(holdout: Mapping[str, Any]) -> pd.DataFrame:
 def dlq_over_time(statuses: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Dead letters per minute and reason, summed over every speed-layer process (``dlq_history``)."""
     rows = [{"minute": minute["minute_ms"], "reason": reason, "dead_letters": count}
-            for status in statuses for minute in status.get("dlq_history", [])
+            for status in read_status_files(statuses) for minute in status.dlq_history
             for reason, count in minute["counts"].items()]
     if not rows:
         return pd.DataFrame({"minute": pd.Series(dtype="datetime64[ns]"), "reason": pd.Series(dtype=object),
@@ -390,8 +395,8 @@ def dlq_over_time(statuses: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 def dlq_totals(statuses: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     """Dead letters by reason since each process started, summed over processes."""
     totals: dict[str, int] = {}
-    for status in statuses:
-        for reason, count in status.get("totals", {}).get("dlq_by_reason", {}).items():
+    for status in read_status_files(statuses):
+        for reason, count in status.totals.dlq_by_reason.items():
             totals[reason] = totals.get(reason, 0) + int(count)
     frame = pd.DataFrame({"reason": list(totals), "dead_letters": list(totals.values())}, columns=["reason",
                                                                                                    "dead_letters"])
@@ -431,7 +436,7 @@ def last_speed_write_ms(speed_dir: Path) -> int | None:
 def freshness(now: int, manifest: Mapping[str, Any], last_speed_ms: int | None,
               statuses: Sequence[Mapping[str, Any]], model_meta: Mapping[str, Any] | None) -> pd.DataFrame:
     """How old each layer's latest output is, whether that is fine, and what refreshes it."""
-    heartbeat = max((s.get("updated_at_ms", 0) for s in statuses), default=None)
+    heartbeat = max((s.updated_at_ms for s in read_status_files(statuses)), default=None)
     items = [
         ("batch view", iso_ms(manifest.get("created_at")), BATCH_STALE_S, COMMANDS["batch"]),
         ("speed view (last write)", last_speed_ms, SPEED_STALE_S, COMMANDS["consumer"]),

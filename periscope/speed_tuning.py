@@ -1,0 +1,80 @@
+"""Hot-path tuning of the two speed layers, in one place: what each knob does, why, what it buys.
+
+None of it changes what a speed layer writes; all of it is about how fast, on
+the project's two-core machine (figures from ``bench/bench_speed_layer.py``
+and ``bench/bench_spark.py``, docs/BENCHMARKS.md). A reader of the layers can
+skip this file; a reader tuning them starts here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from threadpoolctl import threadpool_limits
+
+# --- hot-path tuning of kafka_consumer.py (measured: docs/BENCHMARKS.md, "Speed layer") -------------
+
+MAX_RECORDS = 10_000
+"""``--max-records``: big batches amortise what each batch costs whatever its size (one model call that
+walks each of the model's 80 trees once, one file per partition, one commit). They only form when trips
+queue up; at a steady rate a poll returns what has arrived."""
+
+FETCH_MIN_BYTES, FETCH_MAX_WAIT_MS = 1 << 20, 250
+"""The broker answers a fetch once 1 MB has arrived or after 250 ms: at low rates a few files per
+partition per second rather than dozens (about 11 a second in all at 1,000 trips/s), for at most 250 ms
+of the latency budget; it sets the floor of the latency (p50 180 ms at 1,000 trips/s)."""
+
+POLL_TIMEOUT_MS = 1000
+"""Poll returns as soon as records arrive; the long timeout lets a rebalance finish inside one poll
+(kafka-python 3.0.12 can lose track of a join that completes between two polls and stall)."""
+
+CHECK_CRCS = importlib.util.find_spec("crc32c") is not None
+"""Verify record checksums only with the C package ``crc32c`` (pinned in requirements.txt):
+kafka-python's pure-Python CRC costs more than all the rest of the speed layer (the producer, which
+checksums too, makes 9,500 trips/s without the C package and 34,000 with it), and the broker checked
+every batch when it was produced."""
+
+CONSUMER_FETCH: dict[str, object] = {"fetch_min_bytes": FETCH_MIN_BYTES, "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+                                     "check_crcs": CHECK_CRCS}
+"""The settings above, as ``KafkaConsumer`` keyword arguments."""
+
+MODEL_THREADS = 1
+"""One OpenMP thread for the trees, set once for the worker thread (OpenMP limits are per thread, and
+setting them costs ~0.1 s): on a busy two-core machine OpenMP's threads wait on each other at every tree
+(training: 1.9-23.6 s with two threads against 1.7-4.3 s with one, docs/BENCHMARKS.md). A speed layer
+scales out with more processes in the group instead."""
+
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""The worker thread takes the GIL back after each tree (80 times a batch); by default it may wait 5 ms
+each time for the busy main thread to let go. 0.5 ms made the speed layer 15-30 % faster (measured with
+the first, 320-tree model; see docs/BENCHMARKS.md for the 80-tree one)."""
+
+
+def one_model_thread() -> None:
+    """The model worker thread's initializer: ``MODEL_THREADS`` OpenMP threads for its predictions."""
+    threadpool_limits(MODEL_THREADS, "openmp")
+
+
+@contextmanager
+def quick_gil_handoff() -> Iterator[None]:
+    """``GIL_SWITCH_INTERVAL_S`` while the speed layer runs; the interpreter's own interval after."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+# --- hot-path tuning of spark_streaming.py (measured: docs/BENCHMARKS.md, "Spark") ---------------------
+
+MAX_OFFSETS_PER_TRIGGER = 20_000
+"""``--max-offsets-per-trigger``: messages per micro-batch at most, so a catch-up of millions runs as many
+bounded batches (each is collected to the driver). Spark's fixed cost per micro-batch (about 1-3 s on two
+cores) is what limits the rate: 6,638 trips/s at 20,000 per batch."""
+
+TRIGGER = "500 milliseconds"
+"""``--trigger``: a new micro-batch at most twice a second; when idle, Spark asks the broker for new
+offsets that often. With it, latency at 1,000 trips/s was p50 1.8 s, p99 2.9 s."""

@@ -1,0 +1,36 @@
+"""An SQL prompt in the terminal over a running Spark session (``spark_streaming.py --sql``).
+
+Each line typed runs as ``spark.sql(line)`` and its first rows are shown; the
+streaming queries go on meanwhile, so a query over a memory-sink view shows
+what the stream has produced so far.
+"""
+from __future__ import annotations
+
+from pyspark.sql import SparkSession
+
+QUIT_WORDS = ("quit", "exit")
+
+
+def sql_prompt(spark: SparkSession, example: str) -> None:
+    """Read SQL lines from the terminal and show their result, until ``quit``, ``exit`` or Ctrl-D.
+
+    Empty lines are skipped; a line that fails prints the first line of its error and the
+    prompt goes on. Spark's own WARN lines are held back while the prompt is open (log level
+    ERROR), so they do not mix into what is typed.
+    """
+    spark.sparkContext.setLogLevel("ERROR")
+    print(f"SQL over the running streams: e.g. {example} (quit, exit or Ctrl-D ends the prompt and stops the "
+          "speed layer)")
+    while True:
+        try:
+            line = input("sql> ").strip().rstrip(";")
+        except EOFError:
+            return
+        if line.lower() in QUIT_WORDS:
+            return
+        if not line:
+            continue
+        try:
+            spark.sql(line).show(20, truncate=False)
+        except Exception as error:  # noqa: BLE001 -- a typo in a query must not stop the stream
+            print(f"error: {str(error).splitlines()[0]}")
