@@ -1,16 +1,28 @@
 """Shared fixtures: the real shipped sample, a model trained once per session."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import time
 from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+import batch_processor
+from periscope import kafka_local, speed_view
+from periscope.dashboard import data
+from periscope.model import load_model
+from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule, parse_cutoff
 from periscope.sources import read_trips
+from periscope.speed_view import SpeedStatus, StatusLatency, StatusTotals
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -286,3 +298,161 @@ def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.2):
             return value
         time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+# --- the dashboard's data: a batch version, speed files, status files and Airflow runs ----------------
+# (tests/test_app.py and tests/test_app_browser.py: AppTest and the real browser read the same data)
+
+TOPIC = "taxi-trips"
+WATERMARK = 399
+"""The batch version holds offsets 0..399 of each partition; the speed files hold 300..999."""
+SPEED_FIRST, SPEED_LAST = 300, 999
+PARTITIONS = 3
+DLQ_MINUTES = {"duration_too_short": [4, 1], "invalid_json": [2, 0], "pickup_outside_nyc": [0, 3]}
+
+
+@dataclass
+class Demo:
+    """Directories the dashboard reads, and the values it must show, computed from the inputs."""
+
+    views_dir: Path
+    speed_dir: Path
+    model_dir: Path
+    airflow_home: Path
+    bootstrap: str
+    batch_trips: int
+    speed_trips: int
+    durations: np.ndarray
+    stream: pd.DataFrame
+    batch_frame: pd.DataFrame
+    sample_clean: pd.DataFrame
+    rule_counts: dict[str, int]
+    duplicates: int
+    dlq_total: int
+    lag: int
+
+
+def clean(trips: pd.DataFrame) -> pd.DataFrame:
+    return trips[first_broken_rule({name: trips[name].to_numpy() for name in FIELDS[1:]}) < 0]
+
+
+def stream_trips(sample_trips: pd.DataFrame, model_dir: Path, now_ms: int) -> pd.DataFrame:
+    """3,000 clean real trips as consumed from 3 partitions (offsets 0..999), predicted by the real model;
+    new trips (ids of their own), not copies of the history's."""
+    trips = clean(sample_trips.iloc[-4000:]).tail(PARTITIONS * (SPEED_LAST + 1)).copy().reset_index(drop=True)
+    trips["id"] = trips["id"] + "-stream"  # new facts: the imported history holds the originals
+    trips["partition"] = np.arange(len(trips)) % PARTITIONS
+    trips["offset"] = np.arange(len(trips)) // PARTITIONS
+    trips["kafka_timestamp_ms"] = now_ms - 600_000 + trips["offset"] * 500
+    trips["visible_at_ms"] = trips["kafka_timestamp_ms"] + 150 + trips["offset"] % 7 * 40
+    model = load_model(model_dir)
+    trips["predicted_duration_s"] = model.predict_seconds(trips)
+    trips["model_version"] = model.version
+    return trips
+
+
+def write_master_stream(master_dir: Path, trips: pd.DataFrame) -> None:
+    for partition, rows in trips[trips["offset"] <= WATERMARK].groupby("partition"):
+        batch = [(int(r["offset"]), {n: r[n] for n in FIELDS}, None) for r in rows.to_dict("records")]
+        batch_processor.write_stream_file(master_dir, TOPIC, int(partition), batch)
+
+
+def write_speed_files(speed_dir: Path, trips: pd.DataFrame) -> None:
+    """Files of 130 offsets per partition, so one straddles the watermark (as after a real publish)."""
+    seen = trips[trips["offset"] >= SPEED_FIRST]
+    for partition, rows in seen.groupby("partition"):
+        for start in range(0, len(rows), 130):
+            speed_view.write_batch(speed_dir, int(partition), rows.iloc[start:start + 130])
+
+
+def status(consumer: str, state: str, updated_ms: int, lag: dict[int, int], dlq: dict[str, list[int]],
+           now_ms: int) -> SpeedStatus:
+    """A status file as the speed layers write it: ``speed_view.SpeedStatus``, the format's one definition."""
+    history = speed_view.MinuteCounts()
+    for reason, per_minute in dlq.items():
+        for minutes_ago, count in enumerate(reversed(per_minute)):
+            history.add([reason] * count, now_ms - minutes_ago * 60_000)
+    totals = {reason: sum(counts) for reason, counts in dlq.items() if sum(counts)}
+    return SpeedStatus(consumer_id=consumer, group="periscope-speed", topic=TOPIC, pid=4242, host="test",
+                       state=state, member_state="<stable>", updated_at_ms=updated_ms, uptime_s=600.0,
+                       assigned_partitions=sorted(lag), positions={p: 1000 for p in lag}, lag=dict(lag),
+                       totals=StatusTotals(consumed=3000, valid=3000 - sum(totals.values()), dlq=sum(totals.values()),
+                                           dlq_by_reason=totals),
+                       dlq_history=history.as_status(), rate_per_s=180.0,
+                       latency_ms=StatusLatency(p50=210.0, p99=480.0), model_version="test-v1")
+
+
+def heartbeat(speed_dir: Path, now_ms: int | None = None) -> None:
+    """The running consumer's status, as fresh as its once-a-second write would be."""
+    now_ms = now_ms or data.now_ms()
+    speed_view.write_status(speed_dir, status("alive", "running", now_ms, {0: 5, 1: 0, 2: 12}, DLQ_MINUTES, now_ms))
+
+
+AIRFLOW_TABLE = textwrap.dedent("""
+    import json, sys
+    from datetime import datetime
+    from sqlalchemy import create_engine
+    from airflow.models.dagrun import DagRun
+    engine = create_engine("sqlite:///" + sys.argv[1])
+    DagRun.__table__.create(engine)
+    rows = json.loads(sys.argv[2])
+    for row in rows:
+        for key in ("logical_date", "start_date", "end_date", "run_after"):
+            row[key] = datetime.fromisoformat(row[key])
+    with engine.begin() as connection:
+        connection.execute(DagRun.__table__.insert(), rows)
+""")
+
+
+def airflow_database(airflow_home: Path, now: datetime) -> None:
+    """Airflow's own ``dag_run`` table (from its SQLAlchemy model, in a child process with its own
+    AIRFLOW_HOME, so this test session never configures Airflow) holding four runs."""
+    runs = []
+    planned = [("periscope_batch", "success", 3), ("periscope_batch", "failed", 1),
+               ("periscope_retrain", "success", 5), ("periscope_retrain", "success", 2)]
+    for index, (dag, state, hours_ago) in enumerate(planned):
+        start = now - timedelta(hours=hours_ago)
+        runs.append({"dag_id": dag, "run_id": f"scheduled__{index}", "state": state, "run_type": "scheduled",
+                     "log_template_id": None,
+                     "logical_date": start.isoformat(), "start_date": start.isoformat(), "run_after": start.isoformat(),
+                     "end_date": (start + timedelta(seconds=40 + index)).isoformat()})
+    airflow_home.mkdir(parents=True)
+    env = {"PATH": "/usr/bin:/bin", "AIRFLOW_HOME": str(airflow_home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    subprocess.run([sys.executable, "-c", AIRFLOW_TABLE, str(airflow_home / "airflow.db"), json.dumps(runs)],
+                   check=True, env=env, cwd=airflow_home, timeout=120)
+
+
+def build_demo(root: Path, sample_csv: Path, sample_trips: pd.DataFrame, model_dir: Path) -> Demo:
+    """Two batch versions (CSV history, then + stream up to the watermark), speed files, statuses, Airflow runs."""
+    now = datetime.now(timezone.utc)
+    now_ms = int(now.timestamp() * 1000)
+    master, views_dir, speed_dir = root / "master", root / "views", root / "speed"
+    history = pd.to_datetime(sample_trips["pickup_datetime"], unit="ms") < pd.Timestamp("2016-06-01")
+    batch_processor.import_csv(sample_csv, master, cutoff_ms=parse_cutoff("2016-06-01"))
+    batch_processor.import_csv(sample_csv, master)  # the whole file again: its history trips twice
+    batch_processor.recompute(master, views_dir, workers=1, keep=3, progress=False)
+    trips = stream_trips(sample_trips, model_dir, now_ms)
+    write_master_stream(master, trips)
+    write_speed_files(speed_dir, trips)
+    batch_processor.recompute(master, views_dir, workers=1, keep=3, progress=False)
+    heartbeat(speed_dir, now_ms)
+    speed_view.write_status(speed_dir, status("gone", "stopped", now_ms - 3_600_000, {0: 7}, {"invalid_json": [1]},
+                                              now_ms - 3_600_000))
+    airflow_database(root / "airflow", now)
+
+    sample_clean = clean(sample_trips)
+    in_batch = trips[trips["offset"] <= WATERMARK]
+    above = trips[trips["offset"] > WATERMARK]
+    broken = first_broken_rule({name: sample_trips[name].to_numpy() for name in FIELDS[1:]})
+    rule_counts = {name: int((broken == index).sum()) for index, name in enumerate(RULE_NAMES)}
+    durations = np.concatenate([sample_clean["trip_duration"], in_batch["trip_duration"], above["trip_duration"]])
+    return Demo(views_dir, speed_dir, model_dir, root / "airflow", f"127.0.0.1:{kafka_local.free_ports(1)[0]}",
+                batch_trips=len(sample_clean) + len(in_batch), speed_trips=len(above), durations=durations,
+                stream=above.reset_index(drop=True), batch_frame=pd.concat([sample_clean, in_batch[list(FIELDS)]]),
+                sample_clean=sample_clean, rule_counts=rule_counts, duplicates=int(history.sum()),
+                dlq_total=sum(map(sum, DLQ_MINUTES.values())) + 1, lag=17)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory, sample_csv, sample_trips, trained_model_dir) -> Demo:
+    return build_demo(tmp_path_factory.mktemp("dashboard"), sample_csv, sample_trips, trained_model_dir)

@@ -21,7 +21,7 @@ import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
 from periscope import kafka_local, speed_view
-from tests.test_app import ROOT, Demo, demo, heartbeat  # noqa: F401 -- the session fixture, shared
+from tests.conftest import ROOT, Demo, heartbeat
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"

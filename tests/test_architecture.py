@@ -8,7 +8,9 @@
   but only inside their tasks (a DAG file is parsed by Airflow's scheduler,
   which must not load a layer to read a schedule).
 * No test module imports another module of ``tests/``: what tests share is a
-  fixture in ``tests/conftest.py``.
+  fixture or a plain helper in ``tests/conftest.py`` (``from tests.conftest
+  import ...``, the one module of ``tests/`` a test may import: pytest loads it
+  as ``tests.conftest`` too, so it is the same module, not a copy).
 * ``pyproject.toml`` lists every script as a ``py-module``, so the editable
   install (``make setup``) makes each of them importable from anywhere.
 
@@ -95,12 +97,14 @@ def import_rule_violations(root: Path) -> list[str]:
 
 
 def imports_between_test_modules(root: Path) -> list[str]:
-    """Every import of a module of ``tests/`` by a file of ``tests/``."""
+    """Every import of a module of ``tests/`` by a file of ``tests/``, but for ``tests.conftest``."""
     tests_dir = root / "tests"
     own = {path.stem for path in tests_dir.glob("*.py")} - {"__init__"}
     found = []
     for path in sorted(tests_dir.glob("*.py")):
         for line, module, _ in imports(path):
+            if module == "tests.conftest":
+                continue
             if top(module) == "tests" or module.startswith(".") or top(module) in own:
                 found.append(f"{path.relative_to(root)}:{line} imports {module}")
     return found
@@ -155,6 +159,7 @@ def test_the_test_module_rule_finds_every_kind_of_import(tmp_path):
         "tests/test_c.py": "from tests import helpers\n",
         "tests/test_d.py": "def f():\n    import tests.test_a\n",
         "tests/test_e.py": "from .test_a import thing\nfrom . import helpers\nimport conftest\n",
+        "tests/test_f.py": "from tests.conftest import shared_helper\n",
     })
     assert imports_between_test_modules(root) == [
         "tests/test_b.py:1 imports tests.test_a",
