@@ -264,6 +264,23 @@ def consumer_args(bootstrap: str, topics: tuple[str, str], speed_dir: Path, mode
             "--speed-dir", str(speed_dir), "--model-dir", str(model_dir), *idle_args, *extra]
 
 
+def read_topic(bootstrap: str, topic: str) -> list:
+    """Every message on ``topic`` up to its end offsets at the call, in (partition, offset) order."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    end = consumer.end_offsets(tps)
+    found = []
+    while any(consumer.position(tp) < end[tp] for tp in tps):
+        for tp, messages in consumer.poll(timeout_ms=1000).items():
+            found += [message for message in messages if message.offset < end[tp]]
+    consumer.close()
+    return sorted(found, key=lambda message: (message.partition, message.offset))
+
+
 def read_dlq(bootstrap: str, topic: str, expected: int, timeout_s: float = 20.0) -> list:
     """Every message of the dead-letter topic (stops once ``expected`` arrived and a poll adds none)."""
     from kafka import KafkaConsumer, TopicPartition

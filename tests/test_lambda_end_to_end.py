@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 import batch_processor
 from periscope import serving, storage, views
 from periscope.schema import FIELDS, InvalidTrip, RULE_NAMES, check_rules, parse_json
+from tests.conftest import read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -51,22 +52,14 @@ class Event:
 
 def topic_events(bootstrap: str, topic: str) -> list[Event]:
     """Every event in the topic, in (partition, offset) order: the source order of stream facts."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    end = consumer.end_offsets(tps)
     events = []
-    while any(consumer.position(tp) < end[tp] for tp in tps):
-        for tp, messages in consumer.poll(timeout_ms=1000).items():
-            for message in messages:
-                try:
-                    record = parse_json(message.value)
-                except InvalidTrip:
-                    record = None
-                events.append(Event(tp.partition, message.offset, message.key, message.value, record))
-    consumer.close()
-    return sorted(events, key=lambda event: (event.partition, event.offset))
+    for message in read_topic(bootstrap, topic):
+        try:
+            record = parse_json(message.value)
+        except InvalidTrip:
+            record = None
+        events.append(Event(message.partition, message.offset, message.key, message.value, record))
+    return events
 
 
 def distinct_trips(events: list[Event], upto: dict[int, int] | None = None) -> pd.DataFrame:

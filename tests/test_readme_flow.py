@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from kafka import KafkaConsumer, TopicPartition
-
 from periscope import config, serving, views
 from periscope.schema import FIELDS, first_broken_rule, parse_cutoff
+from tests.conftest import read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -45,18 +44,8 @@ def kaggle_frame(raw: pd.DataFrame) -> pd.DataFrame:
 
 def topic_trips(bootstrap: str, topic: str) -> pd.DataFrame:
     """Every message on the topic, in (partition, offset) order, parsed with json alone."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    end = consumer.end_offsets(tps)
-    rows = []
-    while any(consumer.position(tp) < end[tp] for tp in tps):
-        for tp, messages in consumer.poll(timeout_ms=1000).items():
-            rows += [(tp.partition, m.offset, json.loads(m.value)) for m in messages if m.offset < end[tp]]
-    consumer.close()
-    rows.sort(key=lambda row: row[:2])
-    return kaggle_frame(pd.DataFrame([fields for _, _, fields in rows], columns=list(FIELDS), dtype=str))
+    rows = [json.loads(message.value) for message in read_topic(bootstrap, topic)]
+    return kaggle_frame(pd.DataFrame(rows, columns=list(FIELDS), dtype=str))
 
 
 def distinct_clean_views(*sources: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], int]:
