@@ -14,7 +14,8 @@ status:
 - **live statistics**: totals, dead letters by reason and per minute, latency,
   live error (``SpeedStatistics`` with ``LiveError``, ``SlidingWindow``,
   ``latency_percentiles``, ``error_metrics``), the status file they publish
-  (its format: ``speed_view.SpeedStatus``) and the shutdown summary;
+  (its format: ``speed_view.SpeedStatus``), the shutdown summary and the log
+  lines;
 - **the model watcher** (``ModelWatcher``): a model promoted by
   ``train_model.py`` is picked up without a restart;
 - **the command line both share**: the Kafka, output and run options, with
