@@ -31,9 +31,9 @@ candidate is better; the decision and its reason go to ``decision.json``
 beside it (``periscope/promotion.py``).
 
 Run it (on the sample, about 4 s on an idle two-core machine, under a second of
-it fitting, and about 12 s with ``--model random-forest``; when other work
-keeps the cores busy, ``--threads 1`` keeps the fit to a second or two, where
-two threads waiting on each other took 8-48 s: see docs/MODEL.md)::
+it fitting, and about 12 s with ``--model random-forest``; the fit uses one
+thread unless ``--threads`` says more, because on a busy machine two threads
+waiting on each other took 8-86 s where one took 1-15 s: see docs/MODEL.md)::
 
     python train_model.py                          # train, save, make it live
     python train_model.py --model random-forest    # the reference model
@@ -311,8 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-on", choices=("all", "clean"), default="all",
                         help="every well-formed trip, or only those passing the cleaning rules")
     parser.add_argument("--seed", type=int, default=42, help="seed for the split and the estimator")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="CPU threads for fitting; on a busy machine 1 is faster (docs/MODEL.md)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for fitting; more help only on idle cores (docs/MODEL.md)")
     parser.add_argument("--version",
                         help="version name (default: UTC time of training, e.g. 20261122T051400Z)")
     parser.add_argument("--no-promote", dest="promote", action="store_false",

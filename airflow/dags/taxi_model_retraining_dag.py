@@ -39,7 +39,8 @@ from airflow.sdk import CronDataIntervalTimetable, Param, dag, task
     params={
         "min_improvement": Param(0.0, type="number", minimum=0,
                                  description="promote only if hold-out RMSLE drops by more than this"),
-        "threads": Param(2, type="integer", minimum=1, description="CPU threads for fitting"),
+        "threads": Param(1, type="integer", minimum=1,
+                         description="CPU threads for fitting (1: see docs/MODEL.md)"),
     },
     tags=["periscope", "ml"],
 )

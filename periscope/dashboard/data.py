@@ -47,6 +47,7 @@ COMMANDS = {
     "batch": "python batch_processor.py",
     "consumer": "python kafka_consumer.py",
     "producer": "python kafka_producer.py --rate 200",
+    "more trips": "python kafka_producer.py --rate 200 --loop",
     "model": "python train_model.py",
     "broker": "make kafka-up",
     "airflow": "make airflow",
@@ -546,8 +547,9 @@ def health(now: int, broker_ok: bool, bootstrap: str, statuses: Sequence[Mapping
          f"{batch_version}, published {format_age(batch_age)} ago" if batch_version else "no version yet",
          COMMANDS["batch"]),
         ("model", model_version is not None, model_version or "no model yet", COMMANDS["model"]),
-        ("Airflow", airflow is not None and not failed,
-         ("no runs recorded" if airflow is None else
+        ("Airflow", airflow is not None and not airflow.empty and not failed,
+         ("no Airflow database yet" if airflow is None else
+          "no DAG runs yet (its DAGs start paused: switch one on)" if airflow.empty else
           f"last run failed: {', '.join(failed)}" if failed else f"{airflow['dag_id'].nunique()} DAGs, last runs ok"),
          COMMANDS["airflow"]),
     ]

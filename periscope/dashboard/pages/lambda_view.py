@@ -38,8 +38,10 @@ def render(settings: ui.Settings) -> None:
     if cover.batch_version is None:
         ui.empty_state("Only the speed layer has data; for the history", data.COMMANDS["batch"])
     elif cover.speed_trips == 0:
-        ui.empty_state("Only the batch layer has data; for live trips on top", data.COMMANDS["consumer"],
-                       data.COMMANDS["producer"])
+        ui.empty_state("Only the batch layer has data: every trip the speed layer saw is at or below the "
+                       "watermark. For more live trips on top (once the replay has sent them all, "
+                       "`--loop` sends them again under new ids)", data.COMMANDS["consumer"],
+                       data.COMMANDS["more trips"])
 
     total = data.overall(merged.views["daily_summary"])
     cols = st.columns(5)

@@ -32,7 +32,8 @@ def render(settings: ui.Settings) -> None:
                                                     "{:,.0f} messages"))
 
     if rows.empty:
-        ui.empty_state("No trips above the batch watermark yet", data.COMMANDS["producer"])
+        ui.empty_state("No trips above the batch watermark yet (a batch run absorbs what the speed "
+                       "layer saw)", data.COMMANDS["more trips"])
     else:
         st.subheader("Most recent trips")
         st.dataframe(data.recent_trips(rows), hide_index=True)
