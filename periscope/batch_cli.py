@@ -93,7 +93,7 @@ def print_import(result: ImportResult) -> None:
 
 def print_ingest(result: IngestResult, topic: str) -> None:
     if not result.files:
-        print(f"{topic}: no new events since the last ingest")
+        print(f"{topic}: no new events to ingest")
         return
     ranges = ", ".join(f"p{p} {lo}..{hi}" for p, (lo, hi) in sorted(result.offsets.items()))
     malformed = sum(result.malformed.values())
