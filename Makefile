@@ -10,7 +10,7 @@ COMPOSE_VENV := .venv-compose
 COMPOSE      := $(COMPOSE_VENV)/bin/docker-compose
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo down test test-fast walkthrough bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow compose-check clean
+.PHONY: help setup demo down test test-fast walkthrough sql bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow compose-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ test-fast: setup $(COMPOSE)  ## only the quick tests that need no broker
 
 walkthrough: setup kafka-fetch spark-fetch  ## run every command of docs/WALKTHROUGH.md from a clean state; rewrite it with their output
 	$(PY) -m periscope.walkthrough
+
+sql: setup spark-fetch  ## SQL prompt over master data and the current batch version (batch_processor.py sql)
+	$(PY) batch_processor.py sql
 
 bench: setup kafka-fetch spark-fetch  ## run every benchmark, one after another (about an hour; see docs/BENCHMARKS.md)
 	$(PY) bench/bench_model.py

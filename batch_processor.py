@@ -340,6 +340,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             print_status(args.master_dir, args.views_dir)
             return 0
+        if args.command == "sql":  # the master data and the current version as SQL tables
+            from periscope import sql_catalog  # pyspark, imported for this command only
+
+            sources = sql_catalog.Sources(args.master_dir, args.views_dir, args.speed_dir)
+            with sql_catalog.open_catalog(sources, args.master) as catalog:
+                if args.execute:
+                    sql_catalog.run_statements(catalog, args.execute)
+                else:
+                    sql_catalog.prompt(catalog)
+            return 0
         # History: CSV files into master data, the trips before the cutoff (once per file and cutoff)
         for path in args.files:
             print_import(import_csv(path, args.master_dir, args.part_rows, args.cutoff))

@@ -159,9 +159,11 @@ def explained_errors() -> tuple[type[Exception], ...]:
     from periscope.master_reader import UnreadableMasterFile
     from periscope.sources import CsvLayoutError
     from periscope.spark_session import SparkSetupError
+    from periscope.sql_catalog import StatementFailed
     from periscope.stream import BrokerUnavailable
 
-    return FileNotFoundError, CsvLayoutError, UnreadableMasterFile, BrokerUnavailable, SparkSetupError
+    return (FileNotFoundError, CsvLayoutError, UnreadableMasterFile, BrokerUnavailable, SparkSetupError,
+            StatementFailed)
 
 
 # --- the flags -------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     _directory_flags(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                       help="run (the default), import, ingest, recompute or status")
+                                       help="run (the default), import, ingest, recompute, status or sql")
     commands: dict[str, argparse.ArgumentParser] = {}
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
@@ -285,6 +287,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _stream_flags(command("ingest", "drain new Kafka events into master files, then commit offsets"))
     _recompute_flags(command("recompute", "recompute all views, publish a new version, prune the speed view"))
     command("status", "show master data and the current batch version")
+    sql = command("sql", "SQL over master data and the current batch version, as tables of a persistent "
+                         "Spark SQL catalog (a prompt, or -e)")
+    sql.add_argument("-e", "--execute", action="append", metavar="SQL",
+                     help="run this statement, print its result and exit (repeatable); without it: a prompt")
+    sql.add_argument("--master", default=config.SPARK_MASTER, help="Spark master URL (env SPARK_MASTER)")
     parser.epilog = _commands_epilog(commands)
 
     args = parser.parse_args(_with_command(argv))

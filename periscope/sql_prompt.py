@@ -1,26 +1,30 @@
-"""An SQL prompt in the terminal over a running Spark session (``spark_streaming.py --sql``).
+"""An SQL prompt in the terminal over a Spark session (``spark_streaming.py --sql``,
+``batch_processor.py sql``).
 
-Each line typed runs as ``spark.sql(line)`` and its first rows are shown; the
-streaming queries go on meanwhile, so a query over a memory-sink view shows
-what the stream has produced so far.
+Each line typed runs as ``spark.sql(line)`` and its first rows are shown. In
+the speed layer the streaming queries go on meanwhile, so a query over a
+memory-sink view shows what the stream has produced so far.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from pyspark.sql import SparkSession
 
 QUIT_WORDS = ("quit", "exit")
 
 
-def sql_prompt(spark: SparkSession, example: str) -> None:
+def sql_prompt(spark: SparkSession, example: str, *, over: str = "the running streams",
+               ends: str = "ends the prompt and stops the speed layer",
+               before: Callable[[], object] | None = None) -> None:
     """Read SQL lines from the terminal and show their result, until ``quit``, ``exit`` or Ctrl-D.
 
     Empty lines are skipped; a line that fails prints the first line of its error and the
     prompt goes on. Spark's own WARN lines are held back while the prompt is open (log level
-    ERROR), so they do not mix into what is typed.
+    ERROR), so they do not mix into what is typed. ``before`` runs before each statement.
     """
     spark.sparkContext.setLogLevel("ERROR")
-    print(f"SQL over the running streams: e.g. {example} (quit, exit or Ctrl-D ends the prompt and stops the "
-          "speed layer)")
+    print(f"SQL over {over}: e.g. {example} (quit, exit or Ctrl-D {ends})")
     while True:
         try:
             line = input("sql> ").strip().rstrip(";")
@@ -31,6 +35,8 @@ def sql_prompt(spark: SparkSession, example: str) -> None:
         if not line:
             continue
         try:
+            if before is not None:
+                before()
             spark.sql(line).show(20, truncate=False)
         except Exception as error:  # noqa: BLE001 -- a typo in a query must not stop the stream
             print(f"error: {str(error).splitlines()[0]}")
