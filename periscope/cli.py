@@ -42,7 +42,7 @@ class Refused(Exception):
 
 
 def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
-    """``parse`` as an argparse ``type``: its ``ValueError`` becomes argparse's one-line error for the flag."""
+    """``parse`` as an argparse ``type``: its ``ValueError`` becomes the one-line usage error of the flag."""
 
     def value(text: str) -> T:
         try:
@@ -55,7 +55,7 @@ def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
 
 @contextmanager
 def sigterm_as_ctrl_c() -> Iterator[None]:
-    """Inside, SIGTERM (``kill``, a scheduler stopping the job) raises ``KeyboardInterrupt`` as Ctrl-C does."""
+    """Inside, SIGTERM (``kill``, a scheduler stopping a job) raises ``KeyboardInterrupt``, as Ctrl-C does."""
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -18,7 +18,7 @@ into chunks and timed, and what the send loop waits for and prints:
 * ``Pacer``: waiting until a trip is due, waiting for room under
   ``--max-in-flight`` (backpressure), the progress line and the stall warning;
 * ``ReplayResult`` and ``summary_lines``: what the end-of-run summary says;
-* ``flag_problem``: what the flags cannot mean together, said before anything runs.
+* ``flag_problem``: the flag values the producer refuses, said before anything runs.
 
 Nothing here talks to Kafka: the send loop (``periscope.send_loop``) does,
 and the ``Pacer`` reads the delivery counts its callbacks keep. Why chunks
