@@ -68,7 +68,7 @@ PARTITIONS = 3
 
 def mean_message_bytes(input_path: Path, trips: int) -> float:
     """Mean key + value size of the messages ours will send: the record size Java gets."""
-    frame, _ = kafka_producer.load_trips(input_path)
+    frame, _ = kafka_producer.load_trips(input_path, io.StringIO())
     chunks = kafka_producer.plan_chunks(kafka_producer.replay_order(frame), [0], limit=trips, loop=True)
     total = count = 0
     for chunk in chunks:

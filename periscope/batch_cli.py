@@ -173,14 +173,6 @@ class _TopHelp(argparse.RawDescriptionHelpFormatter, cli.HelpFormatter):
     """The top-level ``--help``: defaults as everywhere, and the commands' flags laid out as written."""
 
 
-def cutoff_value(text: str) -> int | None:
-    """``--cutoff``: a pickup time (ms of the New York wall clock) or None for ``none``."""
-    try:
-        return parse_cutoff(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _directory_flags(parser: argparse.ArgumentParser, top: bool) -> None:
     """The directories, known to every parser so they work before or after the command; only the
     top parser has defaults, so a command never resets what was given before it."""
@@ -194,7 +186,8 @@ def _directory_flags(parser: argparse.ArgumentParser, top: bool) -> None:
 
 
 def _cutoff_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cutoff", type=cutoff_value, default=config.CUTOFF, metavar="TIME",
+    parser.add_argument("--cutoff", type=cli.argument_type(parse_cutoff), default=config.CUTOFF,
+                        metavar="TIME",
                         help="import only the trips picked up before this time (New York wall clock, e.g. "
                              "2016-06-01 or '2016-06-01 12:00:00') as history: kafka_producer.py replays the "
                              f"others; 'none' imports every trip (default: {config.CUTOFF}, env PERISCOPE_CUTOFF)")

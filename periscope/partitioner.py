@@ -7,7 +7,7 @@ partitions, so every message with the same key lands in the same partition, in
 the order it was sent. kafka-python works that out in pure Python for every
 message; ``kafka_producer.py`` works it out here, with numpy, for a chunk of
 keys at a time, and hands the partition to ``send()`` (about a third less CPU
-per trip; see the hot-path tuning in ``kafka_producer.py``). The answer is the
+per trip; see ``periscope/producer_tuning.py``). The answer is the
 same partition: ``tests/test_partitioner.py`` checks it against kafka-python's
 own murmur2 and Kafka's Java test vectors.
 """

@@ -4,26 +4,33 @@
 resume, send, sum up); what it leaves to this module is how a replay is cut
 into chunks and timed, and what the send loop waits for and prints:
 
+* ``from_cutoff`` and ``planned_total``: which trips the replay is made of
+  (``pickup_range``: their first and last pickup);
 * ``positions_on_topic``: which positions of the replay a resume leaves out,
-  worked out once, vectorised, from the topic's keys;
+  worked out once, vectorised, from the topic's keys (``key_reading_progress``:
+  the progress line while they are read);
 * ``chunk_plan``: the replay as chunks of consecutive trips (pass after pass
   with ``--loop``, up to ``--limit``), the resume's positions left out by a
   mask, and the time each trip is due (``--rate``, ``--speedup``);
-* ``value_maker``: a chunk's values, pre-encoded or, with ``--retime``, made
-  at send time from the trip moved to now (``retime``);
+* ``make_messages`` and ``value_maker``: a chunk's keys, partitions and
+  values, pre-encoded or, with ``--retime``, made at send time from the trip
+  moved to now (``retime``);
 * ``Pacer``: waiting until a trip is due, waiting for room under
   ``--max-in-flight`` (backpressure), the progress line and the stall warning;
-* ``ReplayResult`` and ``summary_lines``: what the end-of-run summary says.
+* ``ReplayResult`` and ``summary_lines``: what the end-of-run summary says;
+* ``flag_problem``: the flag values the producer refuses, said before anything runs.
 
-Nothing here talks to Kafka: the ``Pacer`` reads the delivery counts that the
-producer's callbacks keep.
+Nothing here talks to Kafka: the send loop (``periscope.send_loop``) does,
+and the ``Pacer`` reads the delivery counts its callbacks keep. Why chunks
+and pre-encoded values: ``periscope/producer_tuning.py``.
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol, TextIO
@@ -31,7 +38,10 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 import pandas as pd
 
-from periscope.schema import EPOCH, format_time, pass_suffix, record_to_json
+from periscope import config
+from periscope.partitioner import key_partitions
+from periscope.producer_tuning import DEFAULT_MAX_IN_FLIGHT
+from periscope.schema import EPOCH, format_time, pass_suffix, record_to_json, trips_to_messages
 from periscope.sources import LoadReport
 from periscope.stream import DELIVERY_TIMEOUT_MS
 
@@ -39,6 +49,26 @@ log = logging.getLogger(__name__)
 
 STALL_WARNING_S = 5.0
 """No acknowledgement for this long, with trips in flight: say the broker may be down."""
+
+
+def pickup_range(trips: pd.DataFrame) -> str:
+    """``first .. last`` pickup of the trips, for the lines that say what a file holds."""
+    return f"{format_time(trips['pickup_datetime'].min())} .. {format_time(trips['pickup_datetime'].max())}"
+
+
+def from_cutoff(trips: pd.DataFrame, cutoff_ms: int | None) -> tuple[pd.DataFrame, int]:
+    """The trips (in replay order) picked up at or after ``cutoff_ms`` (None: all), and how many before it."""
+    if cutoff_ms is None:
+        return trips, 0
+    start = int(np.searchsorted(trips["pickup_datetime"].to_numpy(), cutoff_ms, side="left"))
+    return trips.iloc[start:].reset_index(drop=True), start
+
+
+def planned_total(trips: int, limit: int | None, loop: bool) -> int | None:
+    """How many trips the replay plans: the file once, ``--limit`` of them, or None (``--loop`` forever)."""
+    if loop:
+        return limit
+    return min(limit, trips) if limit is not None else trips
 
 
 def positions_on_topic(ids: pd.Series, keys: np.ndarray, planned: int | None, loop: bool) -> np.ndarray:
@@ -72,6 +102,17 @@ def positions_on_topic(ids: pd.Series, keys: np.ndarray, planned: int | None, lo
         found.append(np.flatnonzero(keys[at] == planned_keys).astype(np.int64) + (number - 1) * n)
     positions = np.concatenate(found)
     return positions[positions < planned] if planned is not None else positions
+
+
+def key_reading_progress(topic: str, out: TextIO) -> Callable[[int, int], None]:
+    """The progress line while the resume reads the topic's keys back (``stream.read_topic_keys``)."""
+    began = time.monotonic()
+
+    def report(read: int, total: int) -> None:
+        print(f"reading the keys already on {topic}: {read:,} of {total:,} messages "
+              f"({time.monotonic() - began:.0f} s)", file=out, flush=True)
+
+    return report
 
 
 # --- the plan: which trips, in which chunk, due when -------------------------------------------
@@ -180,6 +221,19 @@ def local_now_ms() -> int:
     return (datetime.now().replace(microsecond=0) - EPOCH) // timedelta(milliseconds=1)
 
 
+def make_messages(chunk: Chunk, rows: pd.DataFrame, partitions: list[int], retime_trips: bool) -> None:
+    """Fill in the chunk's keys (ids with the pass suffix), partitions and values (or, --retime, records)."""
+    suffix = pass_suffix(chunk.pass_number)
+    if retime_trips:
+        chunk.records = rows.to_dict("records")
+        for record in chunk.records:
+            record["id"] += suffix
+        chunk.keys = [record["id"].encode() for record in chunk.records]
+    else:
+        chunk.keys, chunk.values = trips_to_messages(rows, suffix)
+    chunk.partitions = key_partitions(chunk.keys, partitions)
+
+
 def value_maker(chunk: Chunk) -> Callable[[int], bytes]:
     """value_of(i): the pre-encoded JSON, or with --retime the trip re-timed to this very second."""
     if chunk.values is not None:
@@ -197,10 +251,13 @@ def value_maker(chunk: Chunk) -> Callable[[int], bytes]:
 
 
 class Deliveries(Protocol):
-    """What the Pacer reads of the delivery callbacks' counts."""
+    """What the Pacer and the result read of the delivery callbacks' counts (``send_loop.Deliveries``)."""
 
     delivered: int
     failed: int
+    bytes: int
+    per_partition: Mapping[int, int]
+    errors: list[str]
 
 
 class Pacer:
@@ -312,6 +369,13 @@ class ReplayResult:
     history: int = 0  # trips of the file picked up before the cutoff, left out
     cutoff_ms: int | None = None
 
+    @classmethod
+    def of(cls, pacer: Pacer, stopped: str | None, **counts: Any) -> ReplayResult:
+        """The result of a run that sent through ``pacer``: its counts and its deliveries'."""
+        d = pacer.deliveries
+        return cls(pacer.sent, d.delivered, d.failed, pacer.elapsed_s(), d.bytes, dict(d.per_partition),
+                   list(d.errors), max(pacer.passes, 1), stopped, **counts)
+
     @property
     def rate(self) -> float:
         return self.delivered / self.elapsed_s if self.elapsed_s > 0 else 0.0
@@ -350,3 +414,30 @@ def summary_lines(result: ReplayResult, topic: str, bootstrap: str, report: Load
     if result.stopped:
         lines.append(f"  stopped early: {result.stopped}")
     return lines
+
+
+# --- the flags ------------------------------------------------------------------------------------
+
+
+def flag_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the producer's flags, as the line to print (the first problem), or None."""
+    if args.rate is not None and args.speedup is not None:
+        return ("--rate and --speedup are alternatives: give --rate N for N trips per second, or "
+                "--speedup X to replay X times faster than the trips happened (neither = as fast as possible)")
+    if args.rate is not None and not (args.rate > 0 and np.isfinite(args.rate)):
+        return f"--rate must be a positive number of trips per second, e.g. --rate 500; got {args.rate:g}"
+    if args.speedup is not None and not (args.speedup > 0 and np.isfinite(args.speedup)):
+        return ("--speedup must be a positive factor, e.g. --speedup 3600 for an hour per second; "
+                f"got {args.speedup:g}")
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be at least 1 trip; got {args.limit} (leave it out to send the whole file)"
+    if not args.input.is_file():
+        return (f"--input {args.input}: no such file; give a Kaggle-layout CSV or Parquet file "
+                f"(the shipped sample is {config.SAMPLE_CSV})")
+    if args.wait < 0:
+        return f"--wait must be 0 (fail at once) or a number of seconds; got {args.wait:g}"
+    if args.max_in_flight < 1:
+        return f"--max-in-flight must be at least 1, e.g. {DEFAULT_MAX_IN_FLIGHT}; got {args.max_in_flight}"
+    if args.progress < 0:
+        return f"--progress must be 0 (off) or a number of seconds; got {args.progress:g}"
+    return None

@@ -54,7 +54,7 @@ PRODUCER_CONFIG: dict[str, Any] = {
     "enable_idempotence": True,  # retries never duplicate, order within a partition holds
     "delivery_timeout_ms": DELIVERY_TIMEOUT_MS,
     "request_timeout_ms": 30_000,
-    # batching, measured with the rest of kafka_producer.py's hot-path tuning (see there):
+    # batching, measured with the rest of kafka_producer.py's hot-path tuning (producer_tuning.py):
     "linger_ms": 10,  # wait up to 10 ms to fill a batch: far fewer requests, no visible delay
     "batch_size": 128 * 1024,  # about 400 trips per partition and request
     "reconnect_backoff_max_ms": 1_000,  # a restarted broker is found again within a second

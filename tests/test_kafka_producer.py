@@ -10,6 +10,7 @@ KafkaConsumer: nothing is mocked.
 """
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -26,8 +27,8 @@ from kafka import KafkaConsumer, TopicPartition
 
 import kafka_producer
 from periscope import config, kafka_local
-from periscope.replay import (ReplayResult, local_now_ms, positions_on_topic, rate_schedule, retime, speedup_schedule,
-                              summary_lines)
+from periscope.replay import (ReplayResult, from_cutoff, local_now_ms, planned_total, positions_on_topic,
+                              rate_schedule, retime, speedup_schedule, summary_lines)
 from periscope.schema import FLOAT_FIELDS, format_time, parse_json, record_to_json
 from periscope.sources import LoadReport
 
@@ -141,11 +142,11 @@ def test_plan_without_pacing_sends_at_once_and_stops_at_the_end_of_the_file(repl
 
 def test_the_cutoff_keeps_the_trips_picked_up_at_or_after_it():
     trips = pd.DataFrame({"id": list("abcde"), "pickup_datetime": [10, 20, 20, 30, 40]})
-    kept, history = kafka_producer.from_cutoff(trips, 20)
+    kept, history = from_cutoff(trips, 20)
     assert kept["id"].tolist() == ["b", "c", "d", "e"] and history == 1
-    kept, history = kafka_producer.from_cutoff(trips, None)
+    kept, history = from_cutoff(trips, None)
     assert kept["id"].tolist() == list("abcde") and history == 0
-    kept, history = kafka_producer.from_cutoff(trips, 41)
+    kept, history = from_cutoff(trips, 41)
     assert len(kept) == 0 and history == 5
 
 
@@ -158,9 +159,9 @@ def test_positions_on_topic_are_the_planned_trips_whose_key_is_there():
     assert positions_on_topic(ids, keys, planned=7, loop=True).tolist() == [0, 5]
     assert positions_on_topic(ids, keys, planned=3, loop=False).tolist() == [0]
     assert positions_on_topic(ids, np.array([], dtype="S1"), planned=3, loop=False).tolist() == []
-    assert kafka_producer.planned_total(3, None, False) == 3 and kafka_producer.planned_total(3, 2, False) == 2
-    assert kafka_producer.planned_total(3, 7, False) == 3 and kafka_producer.planned_total(3, 7, True) == 7
-    assert kafka_producer.planned_total(3, None, True) is None
+    assert planned_total(3, None, False) == 3 and planned_total(3, 2, False) == 2
+    assert planned_total(3, 7, False) == 3 and planned_total(3, 7, True) == 7
+    assert planned_total(3, None, True) is None
 
 
 def test_a_resumed_plan_leaves_out_the_skipped_positions_and_paces_what_it_sends(replayed):
@@ -208,10 +209,10 @@ def test_parquet_input_reads_like_the_csv(sample_trips, tmp_path):
     text.loc[5, "passenger_count"] = None
     text.to_parquet(tmp_path / "text.parquet")
 
-    trips, report = kafka_producer.load_trips(tmp_path / "typed.parquet")
+    trips, report = kafka_producer.load_trips(tmp_path / "typed.parquet", io.StringIO())
     assert_same_frames(trips, sample_trips.iloc[:400])
     assert report.rows_malformed == 0
-    trips, report = kafka_producer.load_trips(tmp_path / "text.parquet")
+    trips, report = kafka_producer.load_trips(tmp_path / "text.parquet", io.StringIO())
     assert dict(report.malformed) == {"bad_datetime": 1, "missing_value": 1}
     assert report.examples == ["line 4: bad_datetime in pickup_datetime", "line 6: missing_value in passenger_count"]
     assert_same_frames(trips, sample_trips.iloc[:400].drop(index=[3, 5]))
@@ -374,7 +375,9 @@ def test_a_missing_topic_is_a_clear_error(kafka_bootstrap, capsys):
 
 
 @pytest.mark.kafka
-def test_ctrl_c_flushes_what_is_in_flight_and_exits_130(kafka_bootstrap, topics):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_flushes_what_is_in_flight_and_exits_130(kafka_bootstrap, topics, stop):
+    """Ctrl-C, and SIGTERM (``kill``, a scheduler) the same way."""
     topic, _ = topics
     producer = subprocess.Popen(
         [sys.executable, "kafka_producer.py", "--bootstrap", kafka_bootstrap, "--topic", topic,
@@ -384,7 +387,7 @@ def test_ctrl_c_flushes_what_is_in_flight_and_exits_130(kafka_bootstrap, topics)
         for line in producer.stdout:
             if PROGRESS.match(line):
                 break
-        producer.send_signal(signal.SIGINT)
+        producer.send_signal(stop)
         rest, err = producer.communicate(timeout=60)
     finally:
         if producer.poll() is None:
