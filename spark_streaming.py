@@ -17,7 +17,8 @@ consume and where the work runs. Two streaming queries run side by side:
    vectorised pandas UDF (``periscope.features`` + the model from
    ``--model-dir``, broadcast to them); then on the driver, the micro-batch
    collected: **dead-letter** - invalid messages go to ``taxi-trips-dlq``
-   with the reason in their headers (``periscope.stream.dlq_headers``);
+   with the reason in their headers (``periscope.stream.dlq_headers``),
+   unless they are there already;
    **write the speed files** - one per Kafka partition, named by offset
    range; **commit** - Spark marks the batch done in the checkpoint.
 2. **windows** (memory sink): trips counted in 5-minute event-time windows
@@ -31,13 +32,21 @@ Exactly once in the speed view, across crashes: Spark writes each batch's
 offset range to the checkpoint (``--checkpoint-dir``) before running it and
 marks it done after. A restarted job re-runs an unfinished batch with the same
 offsets, so it rewrites the same speed files (a file's name is its offset
-range: rewriting replaces it) and never writes a trip twice. Dead letters are
-sent by the driver with kafka-python (acknowledged, ``acks=all``), and the
-last batch whose dead letters were delivered is recorded beside the
-checkpoint, so a re-run batch does not send them again; only a crash between
-their acknowledgement and that record sends them twice. A fresh checkpoint
-starts at the earliest offset (``--starting-offsets``), or after the last
-speed file of each partition when the speed view already holds some.
+range: rewriting replaces it) and never writes a trip twice. A fresh
+checkpoint starts at the earliest offset (``--starting-offsets``), or after
+the last speed file of each partition when the speed view already holds some.
+
+Exactly once on the dead-letter topic, across crashes and fresh checkpoints:
+dead letters are sent by the driver with kafka-python and acknowledged
+(``acks=all``) before the batch's speed files are written, as the plain
+consumer does, with the same ``DeadLetterSender``. The topic is its own
+record (``periscope.stream.DeadLetterLedger``): before the first dead letter
+of a partition goes out it is read back, and a message whose source offset
+is on it already (sent before a ``kill -9``, before the checkpoint was
+deleted, or by the plain consumer) is not sent again. Each micro-batch
+tells the ledger where its partitions start (``advance``): Spark runs a
+batch only once the one before is committed, so what is below is never
+read again and is forgotten.
 
 Data loss is an error, not a skip: the Kafka source runs with
 ``failOnDataLoss=true``, so if Kafka no longer has offsets the checkpoint
@@ -89,7 +98,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
@@ -99,14 +108,14 @@ from pyspark.sql.types import (BinaryType, DoubleType, IntegerType, LongType, St
 
 from periscope import cli, config, speed_core, speed_view
 from periscope import speed_tuning as tuning
+from periscope.consumer_group import DeadLetterSender, Warnings
 from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, load_model
 from periscope.schema import FIELDS
 from periscope.spark_session import SparkSetupError, get_session, trip_struct
-from periscope.speed_core import ModelWatcher, SpeedStatistics, next_offsets, write_speed_files
+from periscope.speed_core import Message, ModelWatcher, SpeedStatistics, next_offsets, write_speed_files
 from periscope.speed_view import SpeedStatus
 from periscope.sql_prompt import sql_prompt
-from periscope.storage import atomic_write_bytes
-from periscope.stream import BrokerUnavailable, dlq_headers, wait_for_broker
+from periscope.stream import BrokerUnavailable, wait_for_broker
 
 log = logging.getLogger("spark_streaming")
 
@@ -115,8 +124,6 @@ WINDOWS_VIEW = "trips_by_vendor_5min"
 DEFAULT_LATENESS = "10 minutes"
 DEFAULT_WINDOW = "5 minutes"
 DEFAULT_CHECKPOINT_DIR = config.STATE_DIR / "spark" / "checkpoint"
-DLQ_TIMEOUT_S = 60.0
-DLQ_MARKER = "dlq-delivered-batch.txt"
 _INTERVAL = re.compile(r"^\s*\d+\s+(millisecond|second|minute|hour|day)s?\s*$")
 
 KAFKA_SOURCE_SCHEMA = StructType([
@@ -231,11 +238,10 @@ class SparkSpeedLayer:
     def __init__(self, spark: SparkSession, args: argparse.Namespace):
         self.spark, self.args = spark, args
         self.models = BroadcastModel(spark, args.model_dir)
-        self.producer = KafkaProducer(bootstrap_servers=args.bootstrap, client_id=f"{args.consumer_id}-dlq",
-                                      acks="all", linger_ms=5, reconnect_backoff_max_ms=1000)
+        self.dead_letters = DeadLetterSender(args.bootstrap, args.dlq_topic, args.topic, COMPONENT, args.consumer_id,
+                                             lambda: self.stopping, log, Warnings(log), reconnect_backoff_max_ms=1000)
         self.probe = KafkaConsumer(bootstrap_servers=args.bootstrap, enable_auto_commit=False,
                                    reconnect_backoff_max_ms=1000)
-        self.dlq_marker = args.checkpoint_dir / DLQ_MARKER
         self.queries: list[StreamingQuery] = []
         self.windows_checkpoint = Path(tempfile.mkdtemp(prefix="periscope-spark-windows-"))
         self.stats = SpeedStatistics(args.consumer_id, f"spark:{args.checkpoint_dir}", args.topic)
@@ -292,44 +298,37 @@ class SparkSpeedLayer:
         frame = validate_and_predict(messages, self.models.udf).toPandas()
         invalid = frame[frame["reason"].notna()]
         valid = frame[frame["reason"].isna()].sort_values(["partition", "offset"])
-        # 2. dead letters, acknowledged before the files; not again when this batch id is replayed
-        already_sent = self.send_dead_letters(invalid, batch_id)
+        # 2. dead letters, acknowledged before the files; exactly once: none that is on the topic already
+        already_sent = self.send_dead_letters(frame, invalid, batch_id)
         # 4. the speed files: a replayed batch rewrites the same ones (named by offset range)
         columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + FIELDS)
         rows = write_speed_files(self.args.speed_dir, columns, valid["predicted_duration_s"].to_numpy(float),
                                  model.version)
         self.count(frame, rows, invalid, already_sent, time.perf_counter() - began, batch_id)
 
-    def send_dead_letters(self, invalid: pd.DataFrame, batch_id: int) -> int:
-        """Every invalid message to the DLQ topic, acknowledged; how many were delivered by an earlier run.
+    def send_dead_letters(self, frame: pd.DataFrame, invalid: pd.DataFrame, batch_id: int) -> int:
+        """Every invalid message not on the DLQ topic yet, sent and acknowledged; how many were there already.
 
         Sent from the driver with kafka-python, not with Spark's Kafka sink
         (``write.format("kafka")``): the batch is on the driver anyway (the
-        speed files are written there) and dead letters are few; here each is
-        sent once per batch run and every acknowledgement is awaited before the
-        batch is recorded as delivered, whereas the sink sends from tasks, so a
-        retried task re-sends its dead letters even when nothing crashed.
+        speed files are written there) and dead letters are few; here the
+        ledger is asked first and every acknowledgement is awaited before the
+        files are written, whereas the sink sends from tasks, so a retried task
+        re-sends its dead letters even when nothing crashed. Told to stop
+        before they are delivered, the batch fails: Spark does not commit it,
+        and a restart runs it again.
         """
-        if invalid.empty or batch_id <= self.delivered_batch():
-            return len(invalid)
-        futures = [self.producer.send(self.args.dlq_topic, key=key, value=value,
-                                      headers=dlq_headers(reason, self.args.topic, int(partition), int(offset),
-                                                          COMPONENT))
-                   for key, value, reason, partition, offset in
-                   zip(invalid["key"], invalid["value"], invalid["reason"], invalid["partition"], invalid["offset"])]
-        self.producer.flush(timeout=DLQ_TIMEOUT_S)
-        failed = [future for future in futures if not future.succeeded()]
-        if failed:
-            raise RuntimeError(f"{len(failed)} dead letters of batch {batch_id} were not delivered to "
-                               f"{self.args.dlq_topic} ({failed[0].exception!r}); the batch will be re-run")
-        atomic_write_bytes(self.dlq_marker, f"{batch_id}\n".encode())
-        return 0
-
-    def delivered_batch(self) -> int:
-        try:
-            return int(self.dlq_marker.read_text().strip())
-        except (OSError, ValueError):
-            return -1
+        for partition, first in frame.groupby("partition")["offset"].min().items():
+            self.dead_letters.ledger.advance(int(partition), int(first))
+        messages = [(Message(self.args.topic, int(partition), int(offset), int(timestamp), key, value), reason)
+                    for partition, offset, timestamp, key, value, reason in
+                    zip(invalid["partition"], invalid["offset"], invalid["kafka_timestamp_ms"], invalid["key"],
+                        invalid["value"], invalid["reason"])]
+        sent = self.dead_letters.send(messages)
+        if sent is None or not self.dead_letters.delivered(sent):
+            raise RuntimeError(f"stopped before the dead letters of batch {batch_id} were delivered to "
+                               f"{self.args.dlq_topic}; the batch is run again on restart")
+        return len(messages) - len(sent)
 
     def count(self, frame: pd.DataFrame, rows: pd.DataFrame, invalid: pd.DataFrame, already_sent: int,
               seconds: float, batch_id: int) -> None:
@@ -409,7 +408,7 @@ class SparkSpeedLayer:
             query.stop()
         self.publish_status(force=True)
         log.info(self.stats.summary(micro_batches=self.batches))
-        self.producer.close(timeout=10)
+        self.dead_letters.close()
         self.probe.close()
 
 

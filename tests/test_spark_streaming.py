@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,11 @@ import pytest
 
 import kafka_consumer
 import spark_streaming
-from periscope import schema, spark_session, speed_core, speed_view, stream
+from periscope import kafka_local, schema, spark_session, speed_core, speed_view, stream
 from periscope.schema import FIELDS, record_to_json
 from periscope.sql_prompt import sql_prompt
-from tests.conftest import (assert_exactly_once, consumer_args, produce, read_dlq, rule_violations, trip_messages,
-                            wait_for)
+from tests.conftest import (assert_exactly_once, consumer_args, produce, read_dlq, read_topic, rule_violations,
+                            trip_messages, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 MALFORMED = [b"{oops", b"", b'["a", "list"]', b'{"id": "x1"}', b"\xff\xfe not utf-8"]
@@ -51,6 +53,31 @@ def run_in_process(spark, argv: list[str]) -> spark_streaming.SparkSpeedLayer:
     finally:
         layer.stop()
     return layer
+
+
+def with_malformed(trips: pd.DataFrame, every: int) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+    """The trips' messages with a malformed one (a key of its own) after every ``every``, and those keys."""
+    messages, bad = [], set()
+    for index, message in enumerate(trip_messages(trips)):
+        messages.append(message)
+        if index % every == every - 1:
+            key = b"bad-%d" % index
+            messages.append((key, MALFORMED[len(bad) % len(MALFORMED)]))
+            bad.add(key)
+    return messages, bad
+
+
+def bad_offsets(bootstrap: str, topic: str, trips: pd.DataFrame, malformed_keys: set[bytes]) -> set[tuple[str, int, int]]:
+    """(topic, partition, offset) of every message on ``topic`` that must reach the dead-letter topic."""
+    violations = rule_violations(trips)
+    return {(topic, m.partition, m.offset) for m in read_topic(bootstrap, topic)
+            if m.key in malformed_keys or m.key.decode() in violations}
+
+
+def dead_letter_sources(bootstrap: str, dlq_topic: str, expected: int) -> Counter:
+    """How many dead letters name each (topic, partition, offset)."""
+    return Counter(stream.parse_source(stream.header_value(m.headers, stream.SOURCE_HEADER))
+                   for m in read_dlq(bootstrap, dlq_topic, expected))
 
 
 def dlq_by_component(bootstrap: str, topic: str, expected: int) -> dict[str, set[tuple[str, str]]]:
@@ -176,8 +203,10 @@ def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reac
     produce(kafka_bootstrap, topics[0], trip_messages(trips) + [(b"bad", value) for value in MALFORMED])
 
     plain_dir, spark_dir = tmp_path / "speed-plain", tmp_path / "speed-spark"
+    spark_topics = (topics[0], topics[1] + "-spark")  # a layer does not re-send what the other sent
+    kafka_local.ensure_topics(kafka_bootstrap, {spark_topics[1]: 1})
     assert kafka_consumer.main(consumer_args(kafka_bootstrap, topics, plain_dir, trained_model_dir)) == 0
-    layer = run_in_process(spark, spark_args(kafka_bootstrap, topics, spark_dir, trained_model_dir,
+    layer = run_in_process(spark, spark_args(kafka_bootstrap, spark_topics, spark_dir, trained_model_dir,
                                              tmp_path / "checkpoint", "--max-offsets-per-trigger", "1000"))
 
     plain, ours = speed_view.read_speed(plain_dir), speed_view.read_speed(spark_dir)
@@ -190,7 +219,8 @@ def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reac
                                plain.sort_values(keys)["predicted_duration_s"], rtol=1e-9)
     assert layer.batches >= 3, "1000 messages per trigger make several micro-batches"
 
-    dead = dlq_by_component(kafka_bootstrap, topics[1], 2 * (len(violations) + len(MALFORMED)))
+    dead = {**dlq_by_component(kafka_bootstrap, topics[1], len(violations) + len(MALFORMED)),
+            **dlq_by_component(kafka_bootstrap, spark_topics[1], len(violations) + len(MALFORMED))}
     assert dead["spark_streaming"] == dead["kafka_consumer"]
     assert len(dead["spark_streaming"]) == len(violations) + len(MALFORMED)
     reasons = {speed_core.reason_code(reason) for _, reason in dead["spark_streaming"]}
@@ -235,6 +265,43 @@ def test_a_replayed_batch_id_rewrites_the_same_files_and_sends_no_dead_letter_tw
 
 
 @pytest.mark.kafka
+def test_each_bad_message_reaches_the_dlq_once_across_a_fresh_checkpoint_and_the_other_speed_layer(
+        spark, kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    """Dead letters exactly once where the checkpoint cannot help: it is deleted, and the speed view pruned
+    (as a batch run prunes it), so the next start reads every message again; then the plain consumer
+    reads them all too. The semantics are in ``SparkSpeedLayer.send_dead_letters`` (and the plain
+    consumer's ``validate_and_dead_letter``): ``DeadLetterSender`` asks the ``DeadLetterLedger`` - the
+    dead-letter topic read back - before each dead letter, whichever speed layer sent it.
+    """
+    trips = sample_trips.iloc[6000:6600]
+    messages, malformed = with_malformed(trips, every=40)
+    produce(kafka_bootstrap, topics[0], messages)
+    expected = bad_offsets(kafka_bootstrap, topics[0], trips, malformed)
+    speed_dir, checkpoint = tmp_path / "speed", tmp_path / "checkpoint"
+    argv = spark_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, checkpoint, "--no-windows",
+                      "--max-offsets-per-trigger", "250")
+
+    def prune_everything() -> None:
+        assert speed_view.prune(speed_dir, speed_view.last_offsets(speed_dir)) > 0
+        assert speed_view.last_offsets(speed_dir) == {}
+
+    first = run_in_process(spark, argv)
+    assert first.stats.totals["dlq"] == len(expected) and first.stats.totals["dlq_already_sent"] == 0
+    shutil.rmtree(checkpoint)
+    prune_everything()
+    again = run_in_process(spark, argv)
+    assert again.stats.totals["consumed"] == len(messages), "the fresh checkpoint read every message again"
+    assert again.stats.totals["dlq_already_sent"] == len(expected), "and sent none of their dead letters again"
+    prune_everything()
+    assert kafka_consumer.main(consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir)) == 0
+    plain = [status["totals"] for status in speed_view.read_statuses(speed_dir) if status["consumer_id"] != "spark"]
+    assert plain[0]["consumed"] == len(messages) and plain[0]["dlq_already_sent"] == len(expected)
+
+    sources = dead_letter_sources(kafka_bootstrap, topics[1], len(expected))
+    assert set(sources) == expected and set(sources.values()) == {1}, "each bad message on the DLQ once"
+
+
+@pytest.mark.kafka
 def test_trips_later_than_the_watermark_leave_the_windows_but_stay_in_the_speed_view(
         spark, kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
     valid = sample_trips[sample_trips["id"].isin(set(sample_trips["id"].head(200)) -
@@ -266,9 +333,13 @@ def test_trips_later_than_the_watermark_leave_the_windows_but_stay_in_the_speed_
 @pytest.mark.kafka
 def test_kill_9_mid_stream_then_restart_from_the_checkpoint_loses_and_duplicates_nothing(
         kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    """Trips once in the speed view (files named by offset range, rewritten by the re-run batch) and bad
+    messages once on the DLQ (``SparkSpeedLayer.send_dead_letters`` asks the topic first)."""
     trips = sample_trips.head(4000)
     expected = set(trips["id"]) - set(rule_violations(trips))
-    produce(kafka_bootstrap, topics[0], trip_messages(trips))
+    messages, malformed = with_malformed(trips, every=50)
+    produce(kafka_bootstrap, topics[0], messages)
+    dead_letters = bad_offsets(kafka_bootstrap, topics[0], trips, malformed)
     speed_dir, checkpoint = tmp_path / "speed", tmp_path / "checkpoint"
     argv = spark_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, checkpoint,
                       "--no-windows", "--max-offsets-per-trigger", "300")
@@ -292,6 +363,8 @@ def test_kill_9_mid_stream_then_restart_from_the_checkpoint_loses_and_duplicates
     assert_exactly_once(rows, expected)
     status = json.loads((speed_dir / "_status" / "spark.json").read_text())
     assert status["total_lag"] == 0 and status["state"] == "stopped"
+    sources = dead_letter_sources(kafka_bootstrap, topics[1], len(dead_letters))
+    assert set(sources) == dead_letters and set(sources.values()) == {1}, "each bad message on the DLQ once"
 
 
 def test_the_sql_prompt_skips_empty_lines_and_ends_on_quit(spark, monkeypatch, capsys):
