@@ -23,7 +23,7 @@ import pytest
 
 import kafka_consumer
 import spark_streaming
-from periscope import kafka_local, schema, spark_session, speed_core, speed_view, stream
+from periscope import kafka_local, schema, spark_session, spark_speed, speed_core, speed_view, stream
 from periscope.schema import FIELDS, record_to_json
 from periscope.sql_prompt import sql_prompt
 from tests.conftest import (assert_exactly_once, consumer_args, produce, read_dlq, read_topic, rule_violations,
@@ -45,7 +45,7 @@ def spark_args(bootstrap: str, topics: tuple[str, str], speed_dir: Path, model_d
             *extra]
 
 
-def run_in_process(spark, argv: list[str]) -> spark_streaming.SparkSpeedLayer:
+def run_in_process(spark, argv: list[str]) -> spark_speed.SparkSpeedLayer:
     """Start the layer, let it process everything on the broker now, and stop it."""
     layer = spark_streaming.start(spark, spark_streaming.parse_args(argv))
     try:
@@ -67,7 +67,8 @@ def with_malformed(trips: pd.DataFrame, every: int) -> tuple[list[tuple[bytes, b
     return messages, bad
 
 
-def bad_offsets(bootstrap: str, topic: str, trips: pd.DataFrame, malformed_keys: set[bytes]) -> set[tuple[str, int, int]]:
+def bad_offsets(bootstrap: str, topic: str, trips: pd.DataFrame,
+                malformed_keys: set[bytes]) -> set[tuple[str, int, int]]:
     """(topic, partition, offset) of every message on ``topic`` that must reach the dead-letter topic."""
     violations = rule_violations(trips)
     return {(topic, m.partition, m.offset) for m in read_topic(bootstrap, topic)
@@ -109,8 +110,8 @@ def test_the_spark_schema_is_derived_from_the_trip_schema():
     assert {kinds[name] for name in schema.INT_FIELDS + schema.TIME_FIELDS} == {"bigint"}
     assert {kinds[name] for name in schema.FLOAT_FIELDS} == {"double"}
     assert kinds["id"] == "string" and kinds["store_and_fwd_flag"] == "boolean"
-    assert spark_streaming.VALIDATED_SCHEMA.fieldNames() == list(speed_core.VALIDATED_COLUMNS)
-    assert spark_streaming.VALIDATED_SCHEMA.fieldNames()[-len(FIELDS):] == list(FIELDS)
+    assert spark_speed.VALIDATED_SCHEMA.fieldNames() == list(speed_core.VALIDATED_COLUMNS)
+    assert spark_speed.VALIDATED_SCHEMA.fieldNames()[-len(FIELDS):] == list(FIELDS)
 
 
 def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
@@ -120,7 +121,7 @@ def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
     messages = pd.DataFrame({"key": [b"k"] * 5, "value": values, "topic": ["t"] * 5, "partition": [1] * 5,
                              "offset": range(10, 15), "timestamp_ms": [1_700_000_000_000] * 5})
     frame = speed_core.validate_frame(messages)
-    assert list(frame.columns) == spark_streaming.VALIDATED_SCHEMA.fieldNames()
+    assert list(frame.columns) == spark_speed.VALIDATED_SCHEMA.fieldNames()
     valid, invalid = frame[frame["reason"].isna()], frame[frame["reason"].notna()]
     assert list(valid["id"]) == [records[0]["id"], records[2]["id"]] and list(valid["offset"]) == [10, 14]
     assert [speed_core.reason_code(r) for r in invalid["reason"]] == ["invalid_json", "duration_too_short",
@@ -151,7 +152,7 @@ def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, tra
     values = [record_to_json(r) for r in sample_trips.head(30).to_dict("records")] + [b"{oops"]
     messages = pd.DataFrame({"key": [b"k"] * len(values), "value": values, "topic": "t", "partition": 0,
                              "offset": range(len(values)), "timestamp_ms": 1_700_000_000_000})
-    udf = spark_streaming.prediction_udf(types.SimpleNamespace(value=model))  # a broadcast has ``.value``
+    udf = spark_speed.prediction_udf(types.SimpleNamespace(value=model))  # a broadcast has ``.value``
     shipped = tmp_path / "job.pickle"
     shipped.write_bytes(cloudpickle.dumps((speed_core.validate_frames, udf.func, messages)))
     elsewhere = tmp_path / "executor"
@@ -172,15 +173,15 @@ def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, tra
 
 def test_a_fresh_checkpoint_resumes_after_the_speed_files_within_what_kafka_holds():
     begin, end = {0: 0, 1: 50, 2: 0}, {0: 100, 1: 100, 2: 10}
-    assert spark_streaming.resume_offsets({0: 41, 1: 10, 2: 30}, begin, end) == {0: 42, 1: 50, 2: 10}
-    assert spark_streaming.resume_offsets({0: 41}, begin, end) == {0: 42, 1: 50, 2: 0}, "every partition named"
-    assert json.loads(spark_streaming.offsets_json("t", {1: 5, 0: 7})) == {"t": {"0": 7, "1": 5}}
+    assert spark_speed.resume_offsets({0: 41, 1: 10, 2: 30}, begin, end) == {0: 42, 1: 50, 2: 10}
+    assert spark_speed.resume_offsets({0: 41}, begin, end) == {0: 42, 1: 50, 2: 0}, "every partition named"
+    assert json.loads(spark_speed.offsets_json("t", {1: 5, 0: 7})) == {"t": {"0": 7, "1": 5}}
 
 
 def test_kafka_data_loss_is_explained_and_other_failures_left_alone():
     lost = "Some data may have been lost because they are not available in Kafka any more ... failOnDataLoss ..."
-    assert "delete the checkpoint" in spark_streaming.explain_failure(lost)
-    assert spark_streaming.explain_failure("boom") == "boom"
+    assert "delete the checkpoint" in spark_speed.explain_failure(lost)
+    assert spark_speed.explain_failure("boom") == "boom"
 
 
 def test_bad_arguments_are_explained(capsys):
@@ -244,15 +245,15 @@ def test_a_replayed_batch_id_rewrites_the_same_files_and_sends_no_dead_letter_tw
                              "topic": topics[0], "partition": [i % 3 for i in range(len(trips) + 1)],
                              "offset": [i // 3 for i in range(len(trips) + 1)],
                              "timestamp": pd.Timestamp("2023-11-14 22:13:20"), "timestampType": 0})
-    batch = spark_streaming.kafka_messages(spark.createDataFrame(messages, schema=spark_streaming.KAFKA_SOURCE_SCHEMA))
+    batch = spark_streaming.kafka_messages(spark.createDataFrame(messages, schema=spark_speed.KAFKA_SOURCE_SCHEMA))
     args = spark_streaming.parse_args(spark_args(kafka_bootstrap, topics, tmp_path / "speed", trained_model_dir,
                                                  tmp_path / "checkpoint"))
     args.checkpoint_dir.mkdir(parents=True)
-    layer = spark_streaming.SparkSpeedLayer(spark, args)
+    layer = spark_speed.SparkSpeedLayer(spark, args, spark_streaming.COMPONENT, spark_streaming.log)
     try:
-        layer.process_batch(batch, 0)
+        spark_streaming.write_speed_batch(layer, batch, 0)
         first = [path.name for *_, path in speed_view.batch_files(args.speed_dir)]
-        layer.process_batch(batch, 0)
+        spark_streaming.write_speed_batch(layer, batch, 0)
         again = [path.name for *_, path in speed_view.batch_files(args.speed_dir)]
     finally:
         layer.stop()
@@ -269,7 +270,7 @@ def test_each_bad_message_reaches_the_dlq_once_across_a_fresh_checkpoint_and_the
         spark, kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
     """Dead letters exactly once where the checkpoint cannot help: it is deleted, and the speed view pruned
     (as a batch run prunes it), so the next start reads every message again; then the plain consumer
-    reads them all too. The semantics are in ``SparkSpeedLayer.send_dead_letters`` (and the plain
+    reads them all too. The semantics are in ``spark_streaming.dead_letter`` (and the plain
     consumer's ``validate_and_dead_letter``): ``DeadLetterSender`` asks the ``DeadLetterLedger`` - the
     dead-letter topic read back - before each dead letter, whichever speed layer sent it.
     """
@@ -334,7 +335,7 @@ def test_trips_later_than_the_watermark_leave_the_windows_but_stay_in_the_speed_
 def test_kill_9_mid_stream_then_restart_from_the_checkpoint_loses_and_duplicates_nothing(
         kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
     """Trips once in the speed view (files named by offset range, rewritten by the re-run batch) and bad
-    messages once on the DLQ (``SparkSpeedLayer.send_dead_letters`` asks the topic first)."""
+    messages once on the DLQ (``spark_streaming.dead_letter`` asks the topic first)."""
     trips = sample_trips.head(4000)
     expected = set(trips["id"]) - set(rule_violations(trips))
     messages, malformed = with_malformed(trips, every=50)
