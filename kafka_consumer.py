@@ -31,8 +31,8 @@ at any moment:
   assignment, before the next dead letter goes out, the topic is read back
   (whole for newly assigned partitions: ~1.3 s per 100,000 dead letters) and
   a message whose source offset is on it already is not sent again, whichever
-  member of the group sent it. One consumer per partition at a time is what
-  makes that enough.
+  member of the group (or the Spark speed layer) sent it. One consumer per
+  partition at a time is what makes that enough.
 
 A broker restart is waited out (kafka-python reconnects; failed commits are
 retried).

@@ -8,42 +8,24 @@ dashboard and the Lambda merge take either speed layer's output. Both run the
 same speed-layer core (``periscope.speed_core``); they differ in how they
 consume and where the work runs. Two streaming queries run side by side:
 
-1. **speed** (``foreachBatch``), the speed layer's steps, per micro-batch:
-   **poll** - Spark's Kafka source (``format("kafka")``,
-   ``spark-sql-kafka-0-10``; ``make spark-fetch`` puts it in place) hands
-   over the next offset range; **validate** - on the executors, inside
-   ``mapInPandas``, by the core's ``validate_batch`` (the same verdicts and
-   reason codes as the plain consumer); **predict** - on the executors, a
-   vectorised pandas UDF (``periscope.features`` + the model from
-   ``--model-dir``, broadcast to them); then on the driver, the micro-batch
-   collected: **dead-letter** - invalid messages go to ``taxi-trips-dlq``
-   with the reason in their headers (``periscope.stream.dlq_headers``);
-   **write the speed files** - one per Kafka partition, named by offset
-   range; **commit** - Spark marks the batch done in the checkpoint.
-2. **windows** (memory sink): trips counted in 5-minute event-time windows
-   per vendor, with a watermark of ``--lateness`` behind the latest pickup
-   seen. A window is emitted once the watermark passes its end; a trip whose
-   pickup is older than the watermark when it arrives is *dropped from these
-   windows only* - it is still in the speed view (every valid trip is) and
-   in the batch layer, which is where late data is made right.
+1. **speed**, the speed layer's steps per micro-batch: **read Kafka**
+   (Spark's Kafka source, ``spark-sql-kafka-0-10``: ``make spark-fetch``),
+   **validate** and **predict** on the executors, then on the driver
+   **dead-letter** the invalid messages and **write the speed files**
+   (``foreachBatch``); Spark commits the batch in its checkpoint.
+2. **windows**: trips per vendor in 5-minute event-time windows behind a
+   ``--lateness`` watermark, a temporary view for SQL while the job runs.
 
-Exactly once in the speed view, across crashes: Spark writes each batch's
-offset range to the checkpoint (``--checkpoint-dir``) before running it and
-marks it done after. A restarted job re-runs an unfinished batch with the same
-offsets, so it rewrites the same speed files (a file's name is its offset
-range: rewriting replaces it) and never writes a trip twice. Dead letters are
-sent by the driver with kafka-python (acknowledged, ``acks=all``), and the
-last batch whose dead letters were delivered is recorded beside the
-checkpoint, so a re-run batch does not send them again; only a crash between
-their acknowledgement and that record sends them twice. A fresh checkpoint
-starts at the earliest offset (``--starting-offsets``), or after the last
-speed file of each partition when the speed view already holds some.
-
-Data loss is an error, not a skip: the Kafka source runs with
-``failOnDataLoss=true``, so if Kafka no longer has offsets the checkpoint
-needs (retention deleted trips before they were read, or the topic was
-re-created), the query stops and says what to do, rather than silently
-leaving a gap in the speed view.
+Exactly once, across ``kill -9``: in the speed view, because Spark records a
+batch's offsets in the checkpoint (``--checkpoint-dir``) before running it
+and a re-run batch rewrites the same files (named by offset range); on the
+dead-letter topic, because the topic read back says which dead letters are
+there already (``dead_letter``). A fresh checkpoint starts after the speed
+view's last files, or at ``--starting-offsets`` when it is empty. Data loss
+is an error, not a skip: if Kafka no longer has offsets the checkpoint needs,
+the query stops and says what to do (``failOnDataLoss=true``).
+Machinery (the broadcast model, the status file, lag, the run loop) is in
+``periscope/spark_speed.py``.
 
 Run it (a broker and a trained model first, as for kafka_consumer.py)::
 
@@ -77,36 +59,27 @@ dashboard like the plain consumer's::
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import logging
 import re
-import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.functions import pandas_udf
-from pyspark.sql.streaming import StreamingQuery
-from pyspark.sql.types import (BinaryType, DoubleType, IntegerType, LongType, StringType, StructField, StructType,
-                               TimestampType)
 
-from periscope import cli, config, speed_core, speed_view
+from periscope import cli, config, speed_core
 from periscope import speed_tuning as tuning
-from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel, load_model
+from periscope.model import ModelMismatchError, ModelNotFoundError, load_model
 from periscope.schema import FIELDS
-from periscope.spark_session import SparkSetupError, get_session, trip_struct
-from periscope.speed_core import ModelWatcher, SpeedStatistics, next_offsets, write_speed_files
-from periscope.speed_view import SpeedStatus
+from periscope.spark_session import SparkSetupError, get_session
+from periscope.spark_speed import VALIDATED_SCHEMA, BroadcastModel, SparkSpeedLayer, check_topics
+from periscope.speed_core import write_speed_files
 from periscope.sql_prompt import sql_prompt
-from periscope.storage import atomic_write_bytes
-from periscope.stream import BrokerUnavailable, dlq_headers, wait_for_broker
+from periscope.stream import BrokerUnavailable, wait_for_broker
 
 log = logging.getLogger("spark_streaming")
 
@@ -115,27 +88,22 @@ WINDOWS_VIEW = "trips_by_vendor_5min"
 DEFAULT_LATENESS = "10 minutes"
 DEFAULT_WINDOW = "5 minutes"
 DEFAULT_CHECKPOINT_DIR = config.STATE_DIR / "spark" / "checkpoint"
-DLQ_TIMEOUT_S = 60.0
-DLQ_MARKER = "dlq-delivered-batch.txt"
 _INTERVAL = re.compile(r"^\s*\d+\s+(millisecond|second|minute|hour|day)s?\s*$")
 
-KAFKA_SOURCE_SCHEMA = StructType([
-    StructField("key", BinaryType()), StructField("value", BinaryType()), StructField("topic", StringType()),
-    StructField("partition", IntegerType()), StructField("offset", LongType()),
-    StructField("timestamp", TimestampType()), StructField("timestampType", IntegerType()),
-])
-"""The rows of Spark's Kafka source (``format("kafka")``), one per message."""
 
-VALIDATED_SCHEMA = StructType([
-    StructField("partition", LongType()), StructField("offset", LongType()),
-    StructField("kafka_timestamp_ms", LongType()), StructField("key", BinaryType()),
-    StructField("value", BinaryType()), StructField("reason", StringType()),
-    *trip_struct().fields,
-])
-"""``speed_core.VALIDATED_COLUMNS`` in Spark types: the trip if valid, else the raw bytes and the reason."""
+# --- the steps ------------------------------------------------------------------------------------
 
 
-# --- the queries: what runs where ------------------------------------------------------------------
+def read_kafka(spark: SparkSession, args: argparse.Namespace, starting: str) -> DataFrame:
+    """1. The trips topic as a stream, through Spark's Kafka source, from ``startingOffsets`` ``starting``.
+
+    ``failOnDataLoss``: a gap in the offsets (retention, a re-created topic) fails the query.
+    """
+    return kafka_messages(
+        spark.readStream.format("kafka").option("kafka.bootstrap.servers", args.bootstrap)
+        .option("subscribe", args.topic).option("startingOffsets", starting)
+        .option("maxOffsetsPerTrigger", str(args.max_offsets_per_trigger))
+        .option("failOnDataLoss", "true").load())
 
 
 def kafka_messages(source: DataFrame) -> DataFrame:
@@ -144,273 +112,64 @@ def kafka_messages(source: DataFrame) -> DataFrame:
                          F.unix_millis("timestamp").alias("timestamp_ms"))
 
 
-def prediction_udf(model_broadcast: Any) -> Any:
-    """A vectorised (pandas) UDF: trips as a struct column in, predicted seconds out, with a broadcast model."""
-
-    @pandas_udf(DoubleType())
-    def predicted_duration_s(trips: pd.DataFrame) -> pd.Series:
-        return speed_core.predict_frame(model_broadcast.value, trips)
-
-    return predicted_duration_s
+def validate(messages: DataFrame) -> DataFrame:
+    """2. (executors) Each message checked by the core's ``validate_batch`` in ``mapInPandas``: the trip if
+    valid, else the raw bytes and the reason - the plain consumer's verdicts and reason codes."""
+    return messages.mapInPandas(speed_core.validate_frames, VALIDATED_SCHEMA)
 
 
-def validate_and_predict(messages: DataFrame, udf: Any) -> DataFrame:
-    """Validate (``mapInPandas``) and predict (the pandas UDF): the executors' part of a micro-batch."""
-    return (messages.mapInPandas(speed_core.validate_frames, VALIDATED_SCHEMA)
-            .withColumn("predicted_duration_s", udf(F.struct(*FIELDS))))
+def dead_letter(layer: SparkSpeedLayer, frame: pd.DataFrame, batch_id: int) -> tuple[pd.DataFrame, int]:
+    """2. (driver) Invalid messages to ``taxi-trips-dlq``, acknowledged; them, and how many were there already.
+
+    Exactly once, across ``kill -9``, a deleted checkpoint and the other speed layer: the
+    dead-letter topic is read back (``periscope.stream.DeadLetterLedger``) before the first dead
+    letter of a partition, and one whose source offset is on it already is not sent again. Sent
+    with kafka-python from the driver, not Spark's Kafka sink, whose retried tasks re-send.
+    """
+    invalid = frame[frame["reason"].notna()]
+    return invalid, layer.send_dead_letters(frame, invalid, batch_id)
 
 
-def valid_trips(messages: DataFrame) -> DataFrame:
-    """The valid trips of a message stream, with their event time as a Spark timestamp (for windows)."""
-    return (messages.mapInPandas(speed_core.validate_frames, VALIDATED_SCHEMA).where(F.col("reason").isNull())
-            .withColumn("pickup_time", F.timestamp_millis("pickup_datetime")))
+def predict(validated: DataFrame, models: BroadcastModel) -> DataFrame:
+    """3. (executors) Predicted seconds per valid trip: a pandas UDF, the model broadcast to the executors."""
+    return validated.withColumn("predicted_duration_s", models.udf(F.struct(*FIELDS)))
 
 
-def vendor_windows(trips: DataFrame, lateness: str, window: str) -> DataFrame:
-    """Trips per event-time window and vendor; the watermark lets Spark close windows and drop late trips."""
-    return (trips.withWatermark("pickup_time", lateness)
+def write_speed_batch(layer: SparkSpeedLayer, messages: DataFrame, batch_id: int) -> None:
+    """4. (driver, ``foreachBatch``) A micro-batch through the steps, and its speed files: idempotent.
+
+    Spark recorded the batch's offsets in the checkpoint before calling this and commits it when
+    it returns: a crash in between runs it again with the same offsets, which rewrites the same
+    files (a file's name is its offset range) and sends no dead letter twice.
+    """
+    began = time.perf_counter()
+    model = layer.models.current()
+    # 2-3. validate and predict on the executors; the micro-batch comes back to the driver
+    frame = predict(validate(messages), layer.models).toPandas()
+    # 2. dead letters first: a speed file moves the resume point past every message of its batch
+    invalid, already_sent = dead_letter(layer, frame, batch_id)
+    # 4. the speed files: one per Kafka partition of the batch
+    valid = frame[frame["reason"].isna()].sort_values(["partition", "offset"])
+    columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + FIELDS)
+    rows = write_speed_files(layer.args.speed_dir, columns, valid["predicted_duration_s"].to_numpy(float),
+                             model.version)
+    layer.count(frame, rows, invalid, already_sent, time.perf_counter() - began, batch_id)
+
+
+def vendor_windows(messages: DataFrame, lateness: str, window: str) -> DataFrame:
+    """5. Valid trips per event-time window and vendor; the watermark lets Spark close windows.
+
+    A trip whose pickup is older than the watermark when it arrives is left out of the windows
+    only: it is in the speed view, and the batch layer is where late data is made right.
+    """
+    trips = validate(messages).where(F.col("reason").isNull())
+    return (trips.withColumn("pickup_time", F.timestamp_millis("pickup_datetime"))
+            .withWatermark("pickup_time", lateness)
             .groupBy(F.window("pickup_time", window), "vendor_id")
             .agg(F.count("*").alias("trips"), F.avg("trip_duration").alias("avg_duration_s"),
                  F.max("trip_duration").alias("max_duration_s"))
             .select(F.col("window.start").alias("window_start"), F.col("window.end").alias("window_end"),
                     "vendor_id", "trips", "avg_duration_s", "max_duration_s"))
-
-
-class BroadcastModel(ModelWatcher):
-    """The live model, broadcast to the executors; a promoted one is broadcast anew and the old copy dropped."""
-
-    def __init__(self, spark: SparkSession, model_dir: Path):
-        self.spark = spark
-        super().__init__(model_dir, logger=log)
-        self.broadcast = spark.sparkContext.broadcast(self.model)
-        self.udf = prediction_udf(self.broadcast)
-
-    def switched(self, model: TripDurationModel) -> None:
-        old, self.broadcast = self.broadcast, self.spark.sparkContext.broadcast(model)
-        self.udf = prediction_udf(self.broadcast)
-        old.unpersist()
-
-
-# --- where a fresh checkpoint starts, and what a failure means -----------------------------------
-
-
-def resume_offsets(on_disk: dict[int, int], begin: dict[int, int], end: dict[int, int]) -> dict[int, int]:
-    """Where a fresh checkpoint starts when the speed view holds trips: after its last file, within what Kafka has.
-
-    ``on_disk`` is the last offset in the speed files per partition; ``begin``
-    and ``end`` are the topic's offsets now. Spark's Kafka source wants every
-    partition named; a partition without speed files starts at its beginning.
-    """
-    return {partition: min(max(on_disk[partition] + 1, begin[partition]), end[partition])
-            if partition in on_disk else begin[partition] for partition in begin}
-
-
-def offsets_json(topic: str, offsets: dict[int, int]) -> str:
-    """``startingOffsets`` for Spark's Kafka source: ``{"taxi-trips": {"0": 1200, "1": 1187}}``."""
-    return json.dumps({topic: {str(partition): offset for partition, offset in sorted(offsets.items())}})
-
-
-def explain_failure(error: str) -> str:
-    """A failed query's message, with what to do when it is Kafka data loss (Spark's ``failOnDataLoss``)."""
-    if "failOnDataLoss" not in error and "OffsetOutOfRange" not in error:
-        return error
-    return (f"{error.strip().splitlines()[0]}\n"
-            "Kafka no longer has offsets the checkpoint needs (retention deleted them before they were read, or the "
-            "topic was deleted and re-created). Those trips are lost to the speed layer; the batch layer has them "
-            "only if its own consumer read them in time. To go on from what Kafka still has, delete the checkpoint "
-            "(--checkpoint-dir): a fresh one starts after the speed view's last files, or at the earliest offset "
-            "Kafka keeps, and says so.")
-
-
-# --- the driver ------------------------------------------------------------------------------------
-
-
-class SparkSpeedLayer:
-    """The two streaming queries, the ``foreachBatch`` sink of the speed view, and the live statistics."""
-
-    def __init__(self, spark: SparkSession, args: argparse.Namespace):
-        self.spark, self.args = spark, args
-        self.models = BroadcastModel(spark, args.model_dir)
-        self.producer = KafkaProducer(bootstrap_servers=args.bootstrap, client_id=f"{args.consumer_id}-dlq",
-                                      acks="all", linger_ms=5, reconnect_backoff_max_ms=1000)
-        self.probe = KafkaConsumer(bootstrap_servers=args.bootstrap, enable_auto_commit=False,
-                                   reconnect_backoff_max_ms=1000)
-        self.dlq_marker = args.checkpoint_dir / DLQ_MARKER
-        self.queries: list[StreamingQuery] = []
-        self.windows_checkpoint = Path(tempfile.mkdtemp(prefix="periscope-spark-windows-"))
-        self.stats = SpeedStatistics(args.consumer_id, f"spark:{args.checkpoint_dir}", args.topic)
-        self.positions: dict[int, int] = {}
-        self.lag: dict[int, int | None] = {}
-        self.batches, self.busy_s = 0, 0.0
-        self.stopping = False
-
-    def messages(self, starting: str) -> DataFrame:
-        """The trips topic through Spark's Kafka source; a gap in the offsets fails the query (see the docstring)."""
-        return kafka_messages(
-            self.spark.readStream.format("kafka").option("kafka.bootstrap.servers", self.args.bootstrap)
-            .option("subscribe", self.args.topic).option("startingOffsets", starting)
-            .option("maxOffsetsPerTrigger", str(self.args.max_offsets_per_trigger))
-            .option("failOnDataLoss", "true").load())
-
-    def starting_offsets(self) -> str:
-        """``--starting-offsets``, unless the speed view already holds trips: then after its last files."""
-        on_disk = speed_view.last_offsets(self.args.speed_dir)
-        if not on_disk:
-            return self.args.starting_offsets
-        tps = [TopicPartition(self.args.topic, p) for p in sorted(self.probe.partitions_for_topic(self.args.topic))]
-        begin = {tp.partition: offset for tp, offset in self.probe.beginning_offsets(tps).items()}
-        end = {tp.partition: offset for tp, offset in self.probe.end_offsets(tps).items()}
-        offsets = resume_offsets(on_disk, begin, end)
-        for partition, last in sorted(on_disk.items()):
-            if offsets.get(partition) != last + 1:
-                log.warning("partition %d: the speed view ends at offset %d but Kafka holds %s..%s now: starting at %s",
-                            partition, last, begin.get(partition), end.get(partition), offsets.get(partition))
-        return offsets_json(self.args.topic, offsets)
-
-    def start(self) -> None:
-        """Start the speed query (checkpointed) and, unless ``--no-windows``, the windows query."""
-        self.queries.append(
-            self.messages(self.starting_offsets()).writeStream.queryName("speed").foreachBatch(self.process_batch)
-            .option("checkpointLocation", str(self.args.checkpoint_dir / "speed"))
-            .trigger(processingTime=self.args.trigger).start())
-        if not self.args.no_windows:
-            windows = vendor_windows(valid_trips(self.messages("earliest")), self.args.lateness, self.args.window)
-            self.queries.append(
-                windows.writeStream.queryName(WINDOWS_VIEW).format("memory").outputMode("append")
-                .option("checkpointLocation", str(self.windows_checkpoint))
-                .trigger(processingTime=self.args.trigger).start())
-
-    def process_batch(self, messages: DataFrame, batch_id: int) -> None:
-        """One micro-batch of the speed query: idempotent, so a replayed ``batch_id`` rewrites the same files.
-
-        Spark recorded the batch's offsets in the checkpoint before calling this (1. poll) and marks
-        it done when it returns (5. commit): a crash in between re-runs it with the same offsets.
-        """
-        began = time.perf_counter()
-        model = self.models.current()
-        # 2-3. validate and predict on the executors; the micro-batch comes back to the driver
-        frame = validate_and_predict(messages, self.models.udf).toPandas()
-        invalid = frame[frame["reason"].notna()]
-        valid = frame[frame["reason"].isna()].sort_values(["partition", "offset"])
-        # 2. dead letters, acknowledged before the files; not again when this batch id is replayed
-        already_sent = self.send_dead_letters(invalid, batch_id)
-        # 4. the speed files: a replayed batch rewrites the same ones (named by offset range)
-        columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + FIELDS)
-        rows = write_speed_files(self.args.speed_dir, columns, valid["predicted_duration_s"].to_numpy(float),
-                                 model.version)
-        self.count(frame, rows, invalid, already_sent, time.perf_counter() - began, batch_id)
-
-    def send_dead_letters(self, invalid: pd.DataFrame, batch_id: int) -> int:
-        """Every invalid message to the DLQ topic, acknowledged; how many were delivered by an earlier run.
-
-        Sent from the driver with kafka-python, not with Spark's Kafka sink
-        (``write.format("kafka")``): the batch is on the driver anyway (the
-        speed files are written there) and dead letters are few; here each is
-        sent once per batch run and every acknowledgement is awaited before the
-        batch is recorded as delivered, whereas the sink sends from tasks, so a
-        retried task re-sends its dead letters even when nothing crashed.
-        """
-        if invalid.empty or batch_id <= self.delivered_batch():
-            return len(invalid)
-        futures = [self.producer.send(self.args.dlq_topic, key=key, value=value,
-                                      headers=dlq_headers(reason, self.args.topic, int(partition), int(offset),
-                                                          COMPONENT))
-                   for key, value, reason, partition, offset in
-                   zip(invalid["key"], invalid["value"], invalid["reason"], invalid["partition"], invalid["offset"])]
-        self.producer.flush(timeout=DLQ_TIMEOUT_S)
-        failed = [future for future in futures if not future.succeeded()]
-        if failed:
-            raise RuntimeError(f"{len(failed)} dead letters of batch {batch_id} were not delivered to "
-                               f"{self.args.dlq_topic} ({failed[0].exception!r}); the batch will be re-run")
-        atomic_write_bytes(self.dlq_marker, f"{batch_id}\n".encode())
-        return 0
-
-    def delivered_batch(self) -> int:
-        try:
-            return int(self.dlq_marker.read_text().strip())
-        except (OSError, ValueError):
-            return -1
-
-    def count(self, frame: pd.DataFrame, rows: pd.DataFrame, invalid: pd.DataFrame, already_sent: int,
-              seconds: float, batch_id: int) -> None:
-        """The batch in the statistics, and its line in the log."""
-        self.batches, self.busy_s = self.batches + 1, self.busy_s + seconds
-        self.positions.update(next_offsets(zip(frame["partition"], frame["offset"])))
-        self.stats.count_batch(len(frame), rows, list(invalid["reason"]), already_sent)
-        self.lag = self.measure_lag()
-        log.info(speed_core.batch_line(batch_id, len(frame), len(rows), len(invalid), seconds, self.status()))
-
-    # --- lag, status, running and stopping ------------------------------------------------------------
-
-    def measure_lag(self) -> dict[int, int | None]:
-        """Per partition: messages on the broker not yet processed (None: the broker did not answer)."""
-        try:
-            partitions = self.probe.partitions_for_topic(self.args.topic) or set()
-            tps = [TopicPartition(self.args.topic, p) for p in sorted(partitions)]
-            ends = self.probe.end_offsets(tps) if tps else {}
-        except Exception as error:  # noqa: BLE001 -- a status figure must never stop the stream
-            log.warning("cannot read the end offsets (%r)", error)
-            return dict.fromkeys(self.positions, None)
-        begins = self.probe.beginning_offsets(tps) if tps else {}
-        return {tp.partition: max(ends[tp] - self.positions.get(tp.partition, begins[tp]), 0) for tp in tps}
-
-    def status(self) -> SpeedStatus:
-        spark = {"master": self.spark.sparkContext.master, "batches": self.batches, "busy_s": round(self.busy_s, 3),
-                 "checkpoint": str(self.args.checkpoint_dir)}
-        return self.stats.status("stopped" if self.stopping else "running", "spark", self.positions, self.lag,
-                                 self.models.model.version, spark)
-
-    def publish_status(self, force: bool = False) -> None:
-        if force or self.stats.status_due():
-            if not self.lag:
-                self.lag = self.measure_lag()
-            self.stats.publish(self.args.speed_dir, self.status())
-
-    def failed(self) -> Exception | None:
-        for query in self.queries:
-            if not query.isActive and query.exception() is not None:
-                return query.exception()
-        return None
-
-    def idle(self) -> bool:
-        """Quiet for ``--stop-when-idle`` seconds with nothing left on the broker, windows included."""
-        quiet = time.monotonic() - self.stats.last_activity >= self.args.stop_when_idle
-        caught_up = bool(self.lag) and all(lag == 0 for lag in self.lag.values())
-        windows_done = all(not q.status["isDataAvailable"] for q in self.queries[1:])
-        return quiet and caught_up and windows_done
-
-    def run(self) -> None:
-        """Wait for the queries: status every second; stop when told, idle, done, or a query failed."""
-        while not self.stopping:
-            time.sleep(0.2)
-            error = self.failed()
-            if error is not None:
-                raise RuntimeError(f"a streaming query failed: {explain_failure(str(error))}")
-            self.publish_status()
-            if self.args.max_batches is not None and self.batches >= self.args.max_batches:
-                log.info("%d batches done (--max-batches): stopping", self.batches)
-                break
-            if self.args.stop_when_idle is not None and time.monotonic() - self.stats.last_status < 0.3:
-                self.lag = self.measure_lag()
-                if self.idle():
-                    log.info("no new trips for %.0f s and no lag: stopping", self.args.stop_when_idle)
-                    break
-
-    def process_all_available(self) -> None:
-        """Block until every query has processed everything on the broker now (for tests and notebooks)."""
-        for query in self.queries:
-            query.processAllAvailable()
-        self.lag = self.measure_lag()
-
-    def stop(self) -> None:
-        """Stop the queries (an unfinished batch is re-run on restart), publish the last status, summarise."""
-        self.stopping = True
-        for query in self.queries:
-            query.stop()
-        self.publish_status(force=True)
-        log.info(self.stats.summary(micro_batches=self.batches))
-        self.producer.close(timeout=10)
-        self.probe.close()
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -460,8 +219,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def start(spark: SparkSession, args: argparse.Namespace) -> SparkSpeedLayer:
     """Start both queries on ``spark`` and return the running layer (tests and notebooks call this)."""
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    layer = SparkSpeedLayer(spark, args)
-    layer.start()
+    layer = SparkSpeedLayer(spark, args, COMPONENT, log)
+    # The stream of messages from Kafka, from the checkpoint or after the speed view's last files
+    messages = read_kafka(spark, args, layer.starting_offsets())
+    # Validate, predict, dead-letter and write the speed files, per micro-batch
+    layer.queries.append(
+        messages.writeStream.queryName("speed").foreachBatch(functools.partial(write_speed_batch, layer))
+        .option("checkpointLocation", str(args.checkpoint_dir / "speed"))
+        .trigger(processingTime=args.trigger).start())
+    # Count trips per vendor in event-time windows, a temporary view (the whole topic on every start)
+    if not args.no_windows:
+        windows = vendor_windows(read_kafka(spark, args, "earliest"), args.lateness, args.window)
+        layer.queries.append(
+            windows.writeStream.queryName(WINDOWS_VIEW).format("memory").outputMode("append")
+            .option("checkpointLocation", str(layer.windows_checkpoint))
+            .trigger(processingTime=args.trigger).start())
     return layer
 
 
@@ -470,43 +242,35 @@ def main(argv: list[str] | None = None) -> int:
     speed_core.log_to_stdout()
     logging.getLogger("py4j").setLevel(logging.WARNING)
     try:
+        # What the job needs before Spark starts: the model, the broker, the topics
         load_model(args.model_dir)
         wait_for_broker(args.bootstrap, f"stream {args.topic} into Spark", args.broker_timeout, log)
-        topics = set(KafkaConsumer(bootstrap_servers=args.bootstrap).topics())
-        missing = [topic for topic in (args.topic, args.dlq_topic) if topic not in topics]
-        if missing:
-            raise BrokerUnavailable(f"topic(s) {', '.join(missing)} do not exist at {args.bootstrap}; create them "
-                                    "with `python -m periscope.kafka_local create-topics --bootstrap "
-                                    f"{args.bootstrap}`")
+        check_topics(args.bootstrap, (args.topic, args.dlq_topic))
         spark = get_session(args.master, "periscope-speed-layer")
     except (ModelNotFoundError, ModelMismatchError, BrokerUnavailable, SparkSetupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    # Start the speed and windows queries
     layer = start(spark, args)
-
-    def stop(signum: int, _frame: Any) -> None:
-        log.info("%s received: stopping the queries", signal.Signals(signum).name)
-        layer.stopping = True
-
-    previous = signal.signal(signal.SIGTERM, stop)
     log.info("Spark speed layer on %s: %s -> %s (checkpoint %s, model %s, dead letters to %s, windows %s)",
              spark.sparkContext.master, args.topic, args.speed_dir, args.checkpoint_dir, layer.models.model.version,
              args.dlq_topic, "off" if args.no_windows else f"in view {WINDOWS_VIEW}")
-    try:
-        if args.sql:
-            log.setLevel(logging.WARNING)
-            threading.Thread(target=layer.run, name="status", daemon=True).start()
-            sql_prompt(spark, f"SELECT * FROM {WINDOWS_VIEW} ORDER BY window_start DESC LIMIT 10")
-        else:
-            layer.run()
-    except KeyboardInterrupt:
-        log.info("Ctrl-C: stopping the queries")
-    except RuntimeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        layer.stop()
-        signal.signal(signal.SIGTERM, previous)
+    # Wait: status every second; until Ctrl-C, SIGTERM, idle, --max-batches, the prompt's end, or a failure
+    with layer.stopped_by_sigterm():
+        try:
+            if args.sql:
+                log.setLevel(logging.WARNING)
+                threading.Thread(target=layer.run, name="status", daemon=True).start()
+                sql_prompt(spark, f"SELECT * FROM {WINDOWS_VIEW} ORDER BY window_start DESC LIMIT 10")
+            else:
+                layer.run()
+        except KeyboardInterrupt:
+            log.info("Ctrl-C: stopping the queries")
+        except RuntimeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        finally:
+            layer.stop()
     return 0
 
 

@@ -5,8 +5,9 @@ name: a rebalance listener that calls back (``Rebalances``), the group's
 committed offsets (``committed_offsets``, with the admin client, as the
 rebalance listener may not block on the consumer), how far
 behind the log end its partitions are (``assigned_progress``), and how its
-dead letters land on the dead-letter topic once each (``DeadLetterSender``),
-across crashes and rebalances, with the topic itself as the record
+dead letters land on the dead-letter topic once each (``DeadLetterSender``,
+which ``spark_streaming.py`` uses too), across crashes, rebalances and a
+fresh Spark checkpoint, with the topic itself as the record
 (``periscope.stream.DeadLetterLedger``).
 """
 from __future__ import annotations
@@ -73,12 +74,14 @@ def assigned_progress(consumer: KafkaConsumer) -> tuple[dict[int, int | None], d
 
 
 class DeadLetterSender:
-    """A consumer's dead letters: each sent once, acknowledged before its batch's files are written.
+    """A speed layer's dead letters: each sent once, acknowledged before its batch's files are written.
 
     A dead letter goes out only if the ledger (the DLQ topic read back after the last assignment,
-    plus what this process sent since) has none for its source offset. The producer waits for
-    every replica (``acks=all``). A failed send may have landed all the same (only its
-    acknowledgement lost), so the topic is read back before anything is sent again.
+    plus what this process sent since) has none for its source offset, sent by either speed
+    layer: they are one speed layer over one speed view, so a bad message a restarted or other
+    speed layer reads again is dead-lettered once. The producer waits for every replica
+    (``acks=all``). A failed send may have landed all the same (only its acknowledgement lost),
+    so the topic is read back before anything is sent again.
     """
 
     def __init__(self, bootstrap: str, dlq_topic: str, source_topic: str, component: str, client_id: str,
@@ -87,7 +90,7 @@ class DeadLetterSender:
         self.dlq_topic, self.component, self.stopping, self.log, self.warn = dlq_topic, component, stopping, log, warn
         self.producer = KafkaProducer(bootstrap_servers=bootstrap, client_id=f"{client_id}-dlq", acks="all",
                                       linger_ms=5, reconnect_backoff_max_ms=client_config["reconnect_backoff_max_ms"])
-        self.ledger = DeadLetterLedger(bootstrap, dlq_topic, source_topic, component,
+        self.ledger = DeadLetterLedger(bootstrap, dlq_topic, source_topic, None,
                                        client_id=f"{client_id}-dlq-reader", **client_config)
 
     def send(self, invalid: Sequence[tuple[Any, str]]) -> list[tuple[Any, str, Any]] | None:

@@ -325,7 +325,8 @@ class SpeedStatistics:
         quality = f"live RMSLE {error['rmsle']:.3f}, MAE {error['mae']:.0f} s" if error["rows"] else "no valid trips"
         reasons = f" ({', '.join(f'{n:,} {r}' for r, n in self.dlq_reasons.most_common())})" if self.dlq_reasons else ""
         already = totals["dlq_already_sent"]
-        there = f", {already:,} of them there already (sent before a restart or a rebalance)" if already else ""
+        there = (f", {already:,} of them there already (sent before a restart or a rebalance, or by the other "
+                 "speed layer)") if already else ""
         run, consumed = ((f"{elapsed:.0f} s", "trips consumed") if micro_batches is None
                          else (f"{elapsed:.0f} s and {micro_batches} micro-batches", "messages"))
         return (f"stopped after {run}: {totals['consumed']:,} {consumed}, {totals['valid']:,} valid, "

@@ -238,7 +238,8 @@ def read_dead_letters(reader: KafkaConsumer, dlq_topic: str, rejected_by: str | 
 
 
 class DeadLetterLedger:
-    """Which records of one source topic have a dead letter from one component: the DLQ read back.
+    """Which records of one source topic have a dead letter (from ``rejected_by``, None: from any
+    component): the DLQ read back.
 
     A process that sends a dead letter and dies before its progress is durable reads that record
     again after the restart; asking the ledger first makes the dead letter exactly once. What is
@@ -259,7 +260,7 @@ class DeadLetterLedger:
     Thread-safe: the group consumer's IO thread calls ``resume`` and ``release``, the others the rest.
     """
 
-    def __init__(self, bootstrap: str, dlq_topic: str, source_topic: str, rejected_by: str, client_id: str,
+    def __init__(self, bootstrap: str, dlq_topic: str, source_topic: str, rejected_by: str | None, client_id: str,
                  **consumer_config: object):
         self.dlq_topic, self.source_topic, self.rejected_by = dlq_topic, source_topic, rejected_by
         self.reader = KafkaConsumer(**{"fetch_max_wait_ms": READER_FETCH_MAX_WAIT_MS, **consumer_config},
@@ -316,6 +317,20 @@ class DeadLetterLedger:
         with self.lock:
             if offset >= self.floor.get(partition, 0):
                 self.sent.setdefault(partition, set()).add(offset)
+
+    def advance(self, partition: int, offset: int) -> None:
+        """A batch reads the partition from ``offset`` on, and nothing below it is read again.
+
+        A partition new here resumes there (the topic is read back before the next dead letter);
+        a known one forgets below it. The Spark speed layer calls it per micro-batch: Spark runs
+        a batch only once the one before is committed in its checkpoint.
+        """
+        with self.lock:
+            known = partition in self.floor
+        if known:
+            self.forget_below(partition, offset)
+        else:
+            self.resume(partition, offset)
 
     def forget_below(self, partition: int, offset: int) -> None:
         """Progress up to ``offset`` is durable: those records are never read again."""

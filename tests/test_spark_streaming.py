@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,11 @@ import pytest
 
 import kafka_consumer
 import spark_streaming
-from periscope import schema, spark_session, speed_core, speed_view, stream
+from periscope import kafka_local, schema, spark_session, spark_speed, speed_core, speed_view, stream
 from periscope.schema import FIELDS, record_to_json
 from periscope.sql_prompt import sql_prompt
-from tests.conftest import (assert_exactly_once, consumer_args, produce, read_dlq, rule_violations, trip_messages,
-                            wait_for)
+from tests.conftest import (assert_exactly_once, consumer_args, produce, read_dlq, read_topic, rule_violations,
+                            trip_messages, wait_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 MALFORMED = [b"{oops", b"", b'["a", "list"]', b'{"id": "x1"}', b"\xff\xfe not utf-8"]
@@ -43,7 +45,7 @@ def spark_args(bootstrap: str, topics: tuple[str, str], speed_dir: Path, model_d
             *extra]
 
 
-def run_in_process(spark, argv: list[str]) -> spark_streaming.SparkSpeedLayer:
+def run_in_process(spark, argv: list[str]) -> spark_speed.SparkSpeedLayer:
     """Start the layer, let it process everything on the broker now, and stop it."""
     layer = spark_streaming.start(spark, spark_streaming.parse_args(argv))
     try:
@@ -51,6 +53,32 @@ def run_in_process(spark, argv: list[str]) -> spark_streaming.SparkSpeedLayer:
     finally:
         layer.stop()
     return layer
+
+
+def with_malformed(trips: pd.DataFrame, every: int) -> tuple[list[tuple[bytes, bytes]], set[bytes]]:
+    """The trips' messages with a malformed one (a key of its own) after every ``every``, and those keys."""
+    messages, bad = [], set()
+    for index, message in enumerate(trip_messages(trips)):
+        messages.append(message)
+        if index % every == every - 1:
+            key = b"bad-%d" % index
+            messages.append((key, MALFORMED[len(bad) % len(MALFORMED)]))
+            bad.add(key)
+    return messages, bad
+
+
+def bad_offsets(bootstrap: str, topic: str, trips: pd.DataFrame,
+                malformed_keys: set[bytes]) -> set[tuple[str, int, int]]:
+    """(topic, partition, offset) of every message on ``topic`` that must reach the dead-letter topic."""
+    violations = rule_violations(trips)
+    return {(topic, m.partition, m.offset) for m in read_topic(bootstrap, topic)
+            if m.key in malformed_keys or m.key.decode() in violations}
+
+
+def dead_letter_sources(bootstrap: str, dlq_topic: str, expected: int) -> Counter:
+    """How many dead letters name each (topic, partition, offset)."""
+    return Counter(stream.parse_source(stream.header_value(m.headers, stream.SOURCE_HEADER))
+                   for m in read_dlq(bootstrap, dlq_topic, expected))
 
 
 def dlq_by_component(bootstrap: str, topic: str, expected: int) -> dict[str, set[tuple[str, str]]]:
@@ -82,8 +110,8 @@ def test_the_spark_schema_is_derived_from_the_trip_schema():
     assert {kinds[name] for name in schema.INT_FIELDS + schema.TIME_FIELDS} == {"bigint"}
     assert {kinds[name] for name in schema.FLOAT_FIELDS} == {"double"}
     assert kinds["id"] == "string" and kinds["store_and_fwd_flag"] == "boolean"
-    assert spark_streaming.VALIDATED_SCHEMA.fieldNames() == list(speed_core.VALIDATED_COLUMNS)
-    assert spark_streaming.VALIDATED_SCHEMA.fieldNames()[-len(FIELDS):] == list(FIELDS)
+    assert spark_speed.VALIDATED_SCHEMA.fieldNames() == list(speed_core.VALIDATED_COLUMNS)
+    assert spark_speed.VALIDATED_SCHEMA.fieldNames()[-len(FIELDS):] == list(FIELDS)
 
 
 def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
@@ -93,7 +121,7 @@ def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
     messages = pd.DataFrame({"key": [b"k"] * 5, "value": values, "topic": ["t"] * 5, "partition": [1] * 5,
                              "offset": range(10, 15), "timestamp_ms": [1_700_000_000_000] * 5})
     frame = speed_core.validate_frame(messages)
-    assert list(frame.columns) == spark_streaming.VALIDATED_SCHEMA.fieldNames()
+    assert list(frame.columns) == spark_speed.VALIDATED_SCHEMA.fieldNames()
     valid, invalid = frame[frame["reason"].isna()], frame[frame["reason"].notna()]
     assert list(valid["id"]) == [records[0]["id"], records[2]["id"]] and list(valid["offset"]) == [10, 14]
     assert [speed_core.reason_code(r) for r in invalid["reason"]] == ["invalid_json", "duration_too_short",
@@ -124,7 +152,7 @@ def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, tra
     values = [record_to_json(r) for r in sample_trips.head(30).to_dict("records")] + [b"{oops"]
     messages = pd.DataFrame({"key": [b"k"] * len(values), "value": values, "topic": "t", "partition": 0,
                              "offset": range(len(values)), "timestamp_ms": 1_700_000_000_000})
-    udf = spark_streaming.prediction_udf(types.SimpleNamespace(value=model))  # a broadcast has ``.value``
+    udf = spark_speed.prediction_udf(types.SimpleNamespace(value=model))  # a broadcast has ``.value``
     shipped = tmp_path / "job.pickle"
     shipped.write_bytes(cloudpickle.dumps((speed_core.validate_frames, udf.func, messages)))
     elsewhere = tmp_path / "executor"
@@ -145,15 +173,15 @@ def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, tra
 
 def test_a_fresh_checkpoint_resumes_after_the_speed_files_within_what_kafka_holds():
     begin, end = {0: 0, 1: 50, 2: 0}, {0: 100, 1: 100, 2: 10}
-    assert spark_streaming.resume_offsets({0: 41, 1: 10, 2: 30}, begin, end) == {0: 42, 1: 50, 2: 10}
-    assert spark_streaming.resume_offsets({0: 41}, begin, end) == {0: 42, 1: 50, 2: 0}, "every partition named"
-    assert json.loads(spark_streaming.offsets_json("t", {1: 5, 0: 7})) == {"t": {"0": 7, "1": 5}}
+    assert spark_speed.resume_offsets({0: 41, 1: 10, 2: 30}, begin, end) == {0: 42, 1: 50, 2: 10}
+    assert spark_speed.resume_offsets({0: 41}, begin, end) == {0: 42, 1: 50, 2: 0}, "every partition named"
+    assert json.loads(spark_speed.offsets_json("t", {1: 5, 0: 7})) == {"t": {"0": 7, "1": 5}}
 
 
 def test_kafka_data_loss_is_explained_and_other_failures_left_alone():
     lost = "Some data may have been lost because they are not available in Kafka any more ... failOnDataLoss ..."
-    assert "delete the checkpoint" in spark_streaming.explain_failure(lost)
-    assert spark_streaming.explain_failure("boom") == "boom"
+    assert "delete the checkpoint" in spark_speed.explain_failure(lost)
+    assert spark_speed.explain_failure("boom") == "boom"
 
 
 def test_bad_arguments_are_explained(capsys):
@@ -176,8 +204,10 @@ def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reac
     produce(kafka_bootstrap, topics[0], trip_messages(trips) + [(b"bad", value) for value in MALFORMED])
 
     plain_dir, spark_dir = tmp_path / "speed-plain", tmp_path / "speed-spark"
+    spark_topics = (topics[0], topics[1] + "-spark")  # a layer does not re-send what the other sent
+    kafka_local.ensure_topics(kafka_bootstrap, {spark_topics[1]: 1})
     assert kafka_consumer.main(consumer_args(kafka_bootstrap, topics, plain_dir, trained_model_dir)) == 0
-    layer = run_in_process(spark, spark_args(kafka_bootstrap, topics, spark_dir, trained_model_dir,
+    layer = run_in_process(spark, spark_args(kafka_bootstrap, spark_topics, spark_dir, trained_model_dir,
                                              tmp_path / "checkpoint", "--max-offsets-per-trigger", "1000"))
 
     plain, ours = speed_view.read_speed(plain_dir), speed_view.read_speed(spark_dir)
@@ -190,7 +220,8 @@ def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reac
                                plain.sort_values(keys)["predicted_duration_s"], rtol=1e-9)
     assert layer.batches >= 3, "1000 messages per trigger make several micro-batches"
 
-    dead = dlq_by_component(kafka_bootstrap, topics[1], 2 * (len(violations) + len(MALFORMED)))
+    dead = {**dlq_by_component(kafka_bootstrap, topics[1], len(violations) + len(MALFORMED)),
+            **dlq_by_component(kafka_bootstrap, spark_topics[1], len(violations) + len(MALFORMED))}
     assert dead["spark_streaming"] == dead["kafka_consumer"]
     assert len(dead["spark_streaming"]) == len(violations) + len(MALFORMED)
     reasons = {speed_core.reason_code(reason) for _, reason in dead["spark_streaming"]}
@@ -214,15 +245,15 @@ def test_a_replayed_batch_id_rewrites_the_same_files_and_sends_no_dead_letter_tw
                              "topic": topics[0], "partition": [i % 3 for i in range(len(trips) + 1)],
                              "offset": [i // 3 for i in range(len(trips) + 1)],
                              "timestamp": pd.Timestamp("2023-11-14 22:13:20"), "timestampType": 0})
-    batch = spark_streaming.kafka_messages(spark.createDataFrame(messages, schema=spark_streaming.KAFKA_SOURCE_SCHEMA))
+    batch = spark_streaming.kafka_messages(spark.createDataFrame(messages, schema=spark_speed.KAFKA_SOURCE_SCHEMA))
     args = spark_streaming.parse_args(spark_args(kafka_bootstrap, topics, tmp_path / "speed", trained_model_dir,
                                                  tmp_path / "checkpoint"))
     args.checkpoint_dir.mkdir(parents=True)
-    layer = spark_streaming.SparkSpeedLayer(spark, args)
+    layer = spark_speed.SparkSpeedLayer(spark, args, spark_streaming.COMPONENT, spark_streaming.log)
     try:
-        layer.process_batch(batch, 0)
+        spark_streaming.write_speed_batch(layer, batch, 0)
         first = [path.name for *_, path in speed_view.batch_files(args.speed_dir)]
-        layer.process_batch(batch, 0)
+        spark_streaming.write_speed_batch(layer, batch, 0)
         again = [path.name for *_, path in speed_view.batch_files(args.speed_dir)]
     finally:
         layer.stop()
@@ -232,6 +263,43 @@ def test_a_replayed_batch_id_rewrites_the_same_files_and_sends_no_dead_letter_tw
     assert len(rows) == len(trips) - len(rule_violations(trips)) and not rows.duplicated(["partition", "offset"]).any()
     assert len(read_dlq(kafka_bootstrap, topics[1], 1 + len(rule_violations(trips)), timeout_s=5)) == \
         1 + len(rule_violations(trips))
+
+
+@pytest.mark.kafka
+def test_each_bad_message_reaches_the_dlq_once_across_a_fresh_checkpoint_and_the_other_speed_layer(
+        spark, kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    """Dead letters exactly once where the checkpoint cannot help: it is deleted, and the speed view pruned
+    (as a batch run prunes it), so the next start reads every message again; then the plain consumer
+    reads them all too. The semantics are in ``spark_streaming.dead_letter`` (and the plain
+    consumer's ``validate_and_dead_letter``): ``DeadLetterSender`` asks the ``DeadLetterLedger`` - the
+    dead-letter topic read back - before each dead letter, whichever speed layer sent it.
+    """
+    trips = sample_trips.iloc[6000:6600]
+    messages, malformed = with_malformed(trips, every=40)
+    produce(kafka_bootstrap, topics[0], messages)
+    expected = bad_offsets(kafka_bootstrap, topics[0], trips, malformed)
+    speed_dir, checkpoint = tmp_path / "speed", tmp_path / "checkpoint"
+    argv = spark_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, checkpoint, "--no-windows",
+                      "--max-offsets-per-trigger", "250")
+
+    def prune_everything() -> None:
+        assert speed_view.prune(speed_dir, speed_view.last_offsets(speed_dir)) > 0
+        assert speed_view.last_offsets(speed_dir) == {}
+
+    first = run_in_process(spark, argv)
+    assert first.stats.totals["dlq"] == len(expected) and first.stats.totals["dlq_already_sent"] == 0
+    shutil.rmtree(checkpoint)
+    prune_everything()
+    again = run_in_process(spark, argv)
+    assert again.stats.totals["consumed"] == len(messages), "the fresh checkpoint read every message again"
+    assert again.stats.totals["dlq_already_sent"] == len(expected), "and sent none of their dead letters again"
+    prune_everything()
+    assert kafka_consumer.main(consumer_args(kafka_bootstrap, topics, speed_dir, trained_model_dir)) == 0
+    plain = [status["totals"] for status in speed_view.read_statuses(speed_dir) if status["consumer_id"] != "spark"]
+    assert plain[0]["consumed"] == len(messages) and plain[0]["dlq_already_sent"] == len(expected)
+
+    sources = dead_letter_sources(kafka_bootstrap, topics[1], len(expected))
+    assert set(sources) == expected and set(sources.values()) == {1}, "each bad message on the DLQ once"
 
 
 @pytest.mark.kafka
@@ -266,9 +334,13 @@ def test_trips_later_than_the_watermark_leave_the_windows_but_stay_in_the_speed_
 @pytest.mark.kafka
 def test_kill_9_mid_stream_then_restart_from_the_checkpoint_loses_and_duplicates_nothing(
         kafka_bootstrap, topics, trained_model_dir, sample_trips, tmp_path):
+    """Trips once in the speed view (files named by offset range, rewritten by the re-run batch) and bad
+    messages once on the DLQ (``spark_streaming.dead_letter`` asks the topic first)."""
     trips = sample_trips.head(4000)
     expected = set(trips["id"]) - set(rule_violations(trips))
-    produce(kafka_bootstrap, topics[0], trip_messages(trips))
+    messages, malformed = with_malformed(trips, every=50)
+    produce(kafka_bootstrap, topics[0], messages)
+    dead_letters = bad_offsets(kafka_bootstrap, topics[0], trips, malformed)
     speed_dir, checkpoint = tmp_path / "speed", tmp_path / "checkpoint"
     argv = spark_args(kafka_bootstrap, topics, speed_dir, trained_model_dir, checkpoint,
                       "--no-windows", "--max-offsets-per-trigger", "300")
@@ -292,6 +364,8 @@ def test_kill_9_mid_stream_then_restart_from_the_checkpoint_loses_and_duplicates
     assert_exactly_once(rows, expected)
     status = json.loads((speed_dir / "_status" / "spark.json").read_text())
     assert status["total_lag"] == 0 and status["state"] == "stopped"
+    sources = dead_letter_sources(kafka_bootstrap, topics[1], len(dead_letters))
+    assert set(sources) == dead_letters and set(sources.values()) == {1}, "each bad message on the DLQ once"
 
 
 def test_the_sql_prompt_skips_empty_lines_and_ends_on_quit(spark, monkeypatch, capsys):
