@@ -60,7 +60,7 @@ RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 PARTS = ("latency", "throughput", "batch")
 ENGINES = ("python", "spark")
 DRAIN_IDLE_S = 3.0
-LATENCY_IDLE_S = 10.0
+LATENCY_IDLE_S = 30.0  # the producer may take 10 s to start on a busy machine
 
 
 # --- the speed layer -----------------------------------------------------------------------------------
