@@ -343,11 +343,12 @@ def test_the_top_level_help_names_every_command_and_its_flags(capsys):
             listed[command] = line
         elif line.strip():
             listed[command] += line
-    assert set(listed) == {"run", "import", "ingest", "recompute", "status"}
+    assert set(listed) == {"run", "import", "ingest", "recompute", "status", "sql"}
     for command, flags in {"run": ["--input", "--cutoff", "--from-stream", "--engine", "--workers", "--file-rows"],
                            "import": ["FILE ...", "--cutoff", "--part-rows"],
                            "ingest": ["--bootstrap", "--topic", "--group", "--wait"],
-                           "recompute": ["--engine", "--decoder", "--keep", "--workers"]}.items():
+                           "recompute": ["--engine", "--decoder", "--keep", "--workers"],
+                           "sql": ["--execute", "--master"]}.items():
         assert all(flag in listed[command] for flag in flags), listed[command]
 
 
