@@ -9,9 +9,11 @@ reference the fast one is compared with, in the tests and in
 ``bench/bench_batch.py``.
 
 Every frame has the trip columns of ``schema.AVRO_SCHEMA`` with the Avro
-types (``int`` fields as Int32, ``long`` as Int64), rows in file order;
-``record_columns`` widens them to the record-form numpy arrays that the
-cleaning rules and the views take.
+types (``int`` fields as Int32, ``long`` as Int64, nullable), rows in file
+order; a file written before a field existed gets it as nulls (the field's
+default), so master files of every age read alike. ``record_columns`` widens
+them to the record-form numpy arrays that the cleaning rules and the views
+take (a null as ``NOT_RECORDED`` or NaN).
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from periscope.schema import AVRO_SCHEMA
+from periscope.schema import AVRO_SCHEMA, NOT_RECORDED, NULLABLE_FIELDS, avro_type
 
 DECODERS: tuple[str, ...] = ("polars", "fastavro")
 _AVRO_TYPES = {"string": pl.String, "int": pl.Int32, "long": pl.Int64, "double": pl.Float64, "boolean": pl.Boolean}
 _RECORD_DTYPES = {"int": np.int64, "long": np.int64, "double": np.float64, "boolean": np.bool_}
-TRIP_SCHEMA: dict[str, pl.DataType] = {field["name"]: _AVRO_TYPES[field["type"]]
+TRIP_SCHEMA: dict[str, pl.DataType] = {field["name"]: _AVRO_TYPES[avro_type(field)]
                                         for field in AVRO_SCHEMA["fields"]}
 """Column name -> polars dtype of a master frame, derived from the Avro schema."""
 
@@ -41,7 +43,18 @@ def _read_fastavro(path: Path) -> pl.DataFrame:
     chunks = [pl.DataFrame(columns) for columns in iter_avro_columns(path)]
     if not chunks:
         return pl.DataFrame(schema=TRIP_SCHEMA)
-    return pl.concat(chunks).select([pl.col(name).cast(dtype) for name, dtype in TRIP_SCHEMA.items()])
+    trips = pl.concat(chunks)
+    # Record form back to nulls, as polars reads them (a writer turns NOT_RECORDED and NaN into null).
+    nulls = [pl.when(pl.col(name) == NOT_RECORDED).then(None).otherwise(pl.col(name)).alias(name)
+             if TRIP_SCHEMA[name] == pl.Int32 else pl.col(name).fill_nan(None)
+             for name in NULLABLE_FIELDS if TRIP_SCHEMA[name] in (pl.Int32, pl.Float64)]
+    return _with_schema(trips.with_columns(nulls))
+
+
+def _with_schema(trips: pl.DataFrame) -> pl.DataFrame:
+    """Every column of ``TRIP_SCHEMA``, in its order and dtype; those the file predates as nulls."""
+    return trips.select([(pl.col(name) if name in trips.columns else pl.lit(None)).cast(dtype).alias(name)
+                         for name, dtype in TRIP_SCHEMA.items()])
 
 
 def read_file(path: Path, decoder: str = "polars") -> pl.DataFrame:
@@ -49,7 +62,7 @@ def read_file(path: Path, decoder: str = "polars") -> pl.DataFrame:
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
     try:
-        return pl.read_avro(path) if decoder == "polars" else _read_fastavro(path)
+        return _with_schema(pl.read_avro(path)) if decoder == "polars" else _read_fastavro(path)
     except (OSError, ValueError, pl.exceptions.PolarsError) as error:
         raise UnreadableMasterFile(f"master file {path} cannot be read ({type(error).__name__}: {error})") from None
 
@@ -67,6 +80,15 @@ def read_files(paths: Sequence[Path], decoder: str = "polars") -> Iterator[pl.Da
 
 def record_columns(trips: pl.DataFrame) -> dict[str, np.ndarray]:
     """The numeric trip columns as record-form numpy arrays: what ``schema.first_broken_rule`` and
-    ``views.aggregate`` take (integers widened to int64, so no product of them can overflow)."""
-    return {field["name"]: trips[field["name"]].to_numpy().astype(_RECORD_DTYPES[field["type"]], copy=False)
-            for field in AVRO_SCHEMA["fields"] if field["type"] != "string"}
+    ``views.aggregate`` take (integers widened to int64, so no product of them can overflow; a null
+    as ``NOT_RECORDED``, NaN or False)."""
+    columns = {}
+    for field in AVRO_SCHEMA["fields"]:
+        kind, column = avro_type(field), trips[field["name"]]
+        if kind == "string":
+            continue
+        missing = {"double": float("nan"), "boolean": False}.get(kind, NOT_RECORDED)
+        if column.null_count():
+            column = column.fill_null(missing)
+        columns[field["name"]] = column.to_numpy().astype(_RECORD_DTYPES[kind], copy=False)
+    return columns

@@ -52,7 +52,8 @@ import pyarrow.parquet as pq
 import polars as pl
 
 from periscope.batch_tuning import MASTER_CODEC
-from periscope.schema import AVRO_SCHEMA, FIELDS, RULE_NAMES, format_time
+from periscope.schema import (AVRO_SCHEMA, NOT_RECORDED, NULLABLE_FIELDS, RULE_NAMES, TRIP_FIELDS, avro_type,
+                              format_time)
 
 PARSED_SCHEMA = fastavro.parse_schema(AVRO_SCHEMA)
 META_PREFIX = "periscope."
@@ -64,18 +65,10 @@ KEEP_VERSIONS = 5
 TRIP_INDEX = Path("index") / "trip_ids.parquet"
 """Inside a version: every distinct trip id of the master data it was computed from, sorted."""
 
-_COLUMN_DTYPES = {
-    "vendor_id": np.int64,
-    "pickup_datetime": np.int64,
-    "dropoff_datetime": np.int64,
-    "passenger_count": np.int64,
-    "pickup_longitude": np.float64,
-    "pickup_latitude": np.float64,
-    "dropoff_longitude": np.float64,
-    "dropoff_latitude": np.float64,
-    "store_and_fwd_flag": np.bool_,
-    "trip_duration": np.int64,
-}
+_NUMPY_TYPES = {"int": np.int64, "long": np.int64, "double": np.float64, "boolean": np.bool_}
+_COLUMN_DTYPES = {field["name"]: _NUMPY_TYPES[avro_type(field)] for field in AVRO_SCHEMA["fields"]
+                  if avro_type(field) != "string"}
+_STRING_FIELDS = tuple(field["name"] for field in AVRO_SCHEMA["fields"] if avro_type(field) == "string")
 
 
 # --- atomic primitives --------------------------------------------------------
@@ -226,10 +219,32 @@ def in_parts(frames: Iterable[pd.DataFrame], part_rows: int) -> Iterator[pd.Data
 
 
 def frame_to_records(frame: pd.DataFrame) -> Iterator[dict[str, Any]]:
-    """Trip-frame rows as Avro records (plain Python values, fastavro's input)."""
-    columns = [frame[name].tolist() for name in FIELDS]
-    for values in zip(*columns):
-        yield dict(zip(FIELDS, values))
+    """Trip-frame rows as Avro records (plain Python values, fastavro's input).
+
+    A value not recorded (``NOT_RECORDED``, NaN, NA) becomes null. A Kaggle
+    frame, without the TLC fields, is a yellow cab trip of the ``kaggle``
+    layout with none of them.
+    """
+    n = len(frame)
+    columns = []
+    for name in TRIP_FIELDS:
+        if name not in frame:
+            columns.append([KAGGLE_DEFAULTS.get(name)] * n)
+            continue
+        values = frame[name]
+        if name in NULLABLE_FIELDS:
+            absent = values.isna().to_numpy()
+            if pd.api.types.is_integer_dtype(values.dtype) and name != "store_and_fwd_flag":
+                absent |= values.to_numpy() == NOT_RECORDED
+            if absent.any():
+                values = values.astype(object).where(~absent, None)
+        columns.append(values.tolist())
+    for row in zip(*columns):
+        yield dict(zip(TRIP_FIELDS, row))
+
+
+KAGGLE_DEFAULTS: dict[str, str] = {"service": "yellow", "source_layout": "kaggle"}
+"""What a Kaggle trip frame (the eleven fields) says about the TLC fields it lacks."""
 
 
 def write_avro(path: Path, records: Iterator[dict[str, Any]], metadata: Mapping[str, Any]) -> None:
@@ -316,18 +331,27 @@ def iter_avro_columns(path: Path, chunk_rows: int = 100_000) -> Iterator[dict[st
     The batch layer reads master files with ``periscope.master_reader`` (polars,
     several times faster); this decoder stays as the reference it is compared
     with (``batch_processor.py recompute --decoder fastavro``, ``bench/bench_batch.py``).
-    ``id`` is an object array of str, the other fields int64, float64 or bool.
+    The string fields are object arrays (None for null), the others int64,
+    float64 or bool, with a null as ``NOT_RECORDED``, NaN or False. A file
+    written before a field existed reads it as null (its default).
     """
     names = tuple(_COLUMN_DTYPES)
     getter = itemgetter(*names)
     with open(path, "rb") as handle:
-        reader = fastavro.reader(handle)
+        reader = fastavro.reader(handle, reader_schema=PARSED_SCHEMA)
         while rows := list(islice(reader, chunk_rows)):
             # One float64 matrix is the fastest way out of Python objects; every
-            # value fits exactly (ms timestamps < 2**53, small ints, doubles).
+            # value fits exactly (ms timestamps < 2**53, small ints, doubles); null becomes NaN.
             matrix = np.array(list(map(getter, rows)), dtype=np.float64)
-            columns = {name: matrix[:, index].astype(_COLUMN_DTYPES[name]) for index, name in enumerate(names)}
-            yield {"id": np.array([row["id"] for row in rows], dtype=object), **columns}
+            columns = {}
+            for index, name in enumerate(names):
+                values = matrix[:, index]
+                if _COLUMN_DTYPES[name] is np.int64:
+                    values = np.where(np.isnan(values), NOT_RECORDED, values)
+                columns[name] = np.nan_to_num(values, nan=0.0).astype(np.bool_) if _COLUMN_DTYPES[name] is np.bool_ \
+                    else values.astype(_COLUMN_DTYPES[name])
+            strings = {name: np.array([row[name] for row in rows], dtype=object) for name in _STRING_FIELDS}
+            yield {**strings, **columns}
 
 
 def read_master_records(master_dir: Path) -> Iterator[dict[str, Any]]:

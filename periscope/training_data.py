@@ -75,5 +75,5 @@ def write_kaggle_csv(trips: pd.DataFrame, path: Path) -> None:
     out = trips.copy()
     for name in ("pickup_datetime", "dropoff_datetime"):
         out[name] = [format_time(ms) for ms in out[name]]
-    out["store_and_fwd_flag"] = np.where(out["store_and_fwd_flag"], "Y", "N")
+    out["store_and_fwd_flag"] = np.where(out["store_and_fwd_flag"].fillna(False).astype(bool), "Y", "N")
     out[list(FIELDS)].to_csv(path, index=False, float_format="%.15g")
