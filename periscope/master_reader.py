@@ -8,12 +8,15 @@ fastavro. The fastavro decoder is kept (``decoder="fastavro"``) as the
 reference the fast one is compared with, in the tests and in
 ``bench/bench_batch.py``.
 
-Every frame has the trip columns of ``schema.AVRO_SCHEMA`` with the Avro
-types (``int`` fields as Int32, ``long`` as Int64, nullable), rows in file
-order; a file written before a field existed gets it as nulls (the field's
-default), so master files of every age read alike. ``record_columns`` widens
-them to the record-form numpy arrays that the cleaning rules and the views
-take (a null as ``NOT_RECORDED`` or NaN).
+Every frame has the trip columns its file was written with (the eleven
+Kaggle fields of ``schema.KAGGLE_AVRO_SCHEMA``, or every field of
+``schema.AVRO_SCHEMA`` for TLC trips) with the Avro types (``int`` fields as
+Int32, ``long`` as Int64), rows in file order. Frames are not widened to
+``AVRO_SCHEMA``: nine columns of nulls per Kaggle trip would cost memory and
+time for nothing. ``record_columns`` widens them to the record-form numpy
+arrays that the cleaning rules and the views take (a null as
+``NOT_RECORDED`` or NaN; a field the file lacks is simply absent, and the
+rules and views read a trip without zone fields by its coordinates).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from periscope.schema import AVRO_SCHEMA, NOT_RECORDED, NULLABLE_FIELDS, avro_type
+from periscope.schema import AVRO_SCHEMA, FIELDS, NOT_RECORDED, NULLABLE_FIELDS, SOURCE_FIELDS, avro_type
 
 DECODERS: tuple[str, ...] = ("polars", "fastavro")
 _AVRO_TYPES = {"string": pl.String, "int": pl.Int32, "long": pl.Int64, "double": pl.Float64, "boolean": pl.Boolean}
@@ -42,19 +45,15 @@ def _read_fastavro(path: Path) -> pl.DataFrame:
 
     chunks = [pl.DataFrame(columns) for columns in iter_avro_columns(path)]
     if not chunks:
-        return pl.DataFrame(schema=TRIP_SCHEMA)
+        return pl.DataFrame(schema={name: TRIP_SCHEMA[name] for name in FIELDS})
     trips = pl.concat(chunks)
-    # Record form back to nulls, as polars reads them (a writer turns NOT_RECORDED and NaN into null).
-    nulls = [pl.when(pl.col(name) == NOT_RECORDED).then(None).otherwise(pl.col(name)).alias(name)
+    present = [name for name in TRIP_SCHEMA if name in trips.columns]
+    if any(name in trips.columns for name in SOURCE_FIELDS):  # record form back to the nulls polars reads
+        trips = trips.with_columns(
+            [pl.when(pl.col(name) == NOT_RECORDED).then(None).otherwise(pl.col(name)).alias(name)
              if TRIP_SCHEMA[name] == pl.Int32 else pl.col(name).fill_nan(None)
-             for name in NULLABLE_FIELDS if TRIP_SCHEMA[name] in (pl.Int32, pl.Float64)]
-    return _with_schema(trips.with_columns(nulls))
-
-
-def _with_schema(trips: pl.DataFrame) -> pl.DataFrame:
-    """Every column of ``TRIP_SCHEMA``, in its order and dtype; those the file predates as nulls."""
-    return trips.select([(pl.col(name) if name in trips.columns else pl.lit(None)).cast(dtype).alias(name)
-                         for name, dtype in TRIP_SCHEMA.items()])
+             for name in NULLABLE_FIELDS if TRIP_SCHEMA[name] in (pl.Int32, pl.Float64)])
+    return trips.select([pl.col(name).cast(TRIP_SCHEMA[name]) for name in present])
 
 
 def read_file(path: Path, decoder: str = "polars") -> pl.DataFrame:
@@ -62,7 +61,7 @@ def read_file(path: Path, decoder: str = "polars") -> pl.DataFrame:
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
     try:
-        return _with_schema(pl.read_avro(path)) if decoder == "polars" else _read_fastavro(path)
+        return pl.read_avro(path) if decoder == "polars" else _read_fastavro(path)
     except (OSError, ValueError, pl.exceptions.PolarsError) as error:
         raise UnreadableMasterFile(f"master file {path} cannot be read ({type(error).__name__}: {error})") from None
 
@@ -84,9 +83,10 @@ def record_columns(trips: pl.DataFrame) -> dict[str, np.ndarray]:
     as ``NOT_RECORDED``, NaN or False)."""
     columns = {}
     for field in AVRO_SCHEMA["fields"]:
-        kind, column = avro_type(field), trips[field["name"]]
-        if kind == "string":
+        kind = avro_type(field)
+        if kind == "string" or field["name"] not in trips.columns:
             continue
+        column = trips[field["name"]]
         missing = {"double": float("nan"), "boolean": False}.get(kind, NOT_RECORDED)
         if column.null_count():
             column = column.fill_null(missing)

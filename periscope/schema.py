@@ -133,6 +133,15 @@ _SOURCE_AVRO_FIELDS: list[dict[str, Any]] = [
     {"name": "payment_type", "type": "int", "doc": "1 card, 2 cash, 3 no charge, 4 dispute, 5 unknown, 6 voided."},
 ]
 
+KAGGLE_AVRO_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "Trip",
+    "namespace": "periscope",
+    "doc": "One NYC yellow-cab trip, as in the Kaggle NYC Taxi Trip Duration data.",
+    "fields": _KAGGLE_AVRO_FIELDS,
+}
+"""The schema master files had before TLC trips; files of Kaggle-field trips are still written with it."""
+
 AVRO_SCHEMA: dict[str, Any] = {
     "type": "record",
     "name": "Trip",
@@ -141,9 +150,10 @@ AVRO_SCHEMA: dict[str, Any] = {
     "fields": [_nullable(f) if f["name"] in NULLABLE_FIELDS else f
                for f in _KAGGLE_AVRO_FIELDS + _SOURCE_AVRO_FIELDS],
 }
-"""Evolved compatibly: the fields added since the first master files are nullable with default null,
-and the Kaggle fields TLC files may lack became unions with null, so every master file written
-before still reads with this schema (Avro schema resolution; ``tests/test_tlc.py`` checks it)."""
+"""The master dataset's schema, evolved compatibly from ``KAGGLE_AVRO_SCHEMA``: the fields added
+are nullable with default null, and the Kaggle fields TLC files may lack became unions with null,
+so every master file written before (and every Kaggle file written now) reads with this schema
+(Avro schema resolution; ``tests/test_tlc.py`` checks it)."""
 
 
 def avro_type(field: Mapping[str, Any]) -> str:

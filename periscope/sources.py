@@ -221,11 +221,6 @@ def open_source(path: Path, tlc_layouts: bool = True) -> Source:
     return Source(path, parquet, compression, header, layout)
 
 
-def check_header(path: Path) -> None:
-    """Fail early, naming the missing columns, if ``path`` is not a Kaggle-layout trip file."""
-    open_source(path, tlc_layouts=False)
-
-
 def _parse_chunk(raw: pd.DataFrame, lines: np.ndarray, report: LoadReport) -> pd.DataFrame:
     """Text columns to record form; malformed rows counted, then removed."""
     n = len(raw)

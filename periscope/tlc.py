@@ -64,7 +64,8 @@ _COORDINATES = {"pickup_longitude": "pickup_longitude", "pickup_latitude": "pick
 _TPEP = {"pickup_datetime": "tpep_pickup_datetime", "dropoff_datetime": "tpep_dropoff_datetime"}
 _LPEP = {"pickup_datetime": "lpep_pickup_datetime", "dropoff_datetime": "lpep_dropoff_datetime"}
 _ZONES = {"pickup_location_id": "pulocationid", "dropoff_location_id": "dolocationid"}
-_COMMON = {"vendor_id": "vendorid", "passenger_count": "passenger_count", "store_and_fwd_flag": "store_and_fwd_flag"}
+_COMMON = {"vendor_id": "vendorid", "passenger_count": "passenger_count",
+           "store_and_fwd_flag": "store_and_fwd_flag"}
 
 LAYOUTS: tuple[Layout, ...] = (
     Layout(KAGGLE, "yellow", "Kaggle NYC Taxi Trip Duration, 2016", {name: name for name in (

@@ -10,6 +10,7 @@ import gzip
 import shutil
 from pathlib import Path
 
+import fastavro
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -28,7 +29,7 @@ from tests.conftest import SHARED_DATA as SHIPPED
 from tests.conftest import TLC_DIR
 
 CAB_FILES = sorted(p for p in TLC_DIR.glob("*") if not p.name.startswith("fhv"))
-assert len(CAB_FILES) == 24, f"expected the 24 shipped TLC cab files in {TLC_DIR} (PERISCOPE_SHARED_DATA)"
+assert len(CAB_FILES) == 23, f"expected the 23 shipped TLC cab files in {TLC_DIR} (PERISCOPE_SHARED_DATA)"
 
 # This test's own reading of the TLC columns: lower-case source name -> meaning.
 MEANING = {
@@ -187,14 +188,37 @@ def test_commands_that_take_kaggle_only_refuse_a_tlc_file_by_name():
 
 def test_master_files_written_before_the_tlc_fields_still_read():
     part = next(BEFORE_TLC.glob("csv/*/part-00000.avro"))
-    source = pd.read_csv(BEFORE_TLC / "source_300_trips.csv")
+    source = pd.read_csv(BEFORE_TLC / "source_300_trips.csv", float_precision="round_trip")
+    with open(part, "rb") as handle:  # Avro schema resolution: the evolved schema reads the old file
+        records = list(fastavro.reader(handle, reader_schema=storage.PARSED_SCHEMA))
+    assert [r["id"] for r in records] == list(source["id"])
+    assert {r["service"] for r in records} == {None} and {r["pickup_location_id"] for r in records} == {None}
     for decoder in ("polars", "fastavro"):
         frame = read_file(part, decoder)
-        assert list(frame["id"]) == list(source["id"])
-        assert frame["service"].null_count() == len(source) and frame["fare_amount"].null_count() == len(source)
+        assert list(frame["id"]) == list(source["id"]) and "service" not in frame.columns
         columns = record_columns(frame)
         np.testing.assert_array_equal(columns["trip_duration"], source["trip_duration"])
-        np.testing.assert_array_equal(columns["pickup_location_id"], -1)
+        np.testing.assert_array_equal(columns["pickup_longitude"], source["pickup_longitude"])
+
+
+def test_kaggle_trips_are_still_written_as_before_and_tlc_trips_with_every_field(tmp_path, capsys):
+    source = BEFORE_TLC / "source_300_trips.csv"
+    tlc_file = TLC_DIR / "yellow_tripdata_sample_2020-05.csv.gz"
+    assert batch_processor.main(["--master-dir", str(tmp_path), "import", "--cutoff", "none", str(source),
+                                 str(tlc_file)]) == 0
+    kaggle_part, tlc_part = storage.master_files(tmp_path)
+    written = []
+    for part in (kaggle_part, next(BEFORE_TLC.glob("csv/*/part-00000.avro"))):
+        with open(part, "rb") as handle:
+            reader = fastavro.reader(handle)
+            fields = [(field["name"], field["type"]) for field in reader.writer_schema["fields"]]
+            written.append((fields, list(reader)))
+    assert written[0] == written[1]  # the same fields, types and records as the code before TLC wrote
+    frame = read_file(tlc_part)
+    raw = pd.read_csv(tlc_file)
+    assert frame["vendor_id"].null_count() == int(raw["vendor_id"].isna().sum()) > 0
+    assert frame["pickup_longitude"].null_count() == len(raw) and set(frame["source_layout"]) == {
+        "yellow_zones_snake_case"}
 
 
 def test_old_and_new_master_files_recompute_together(tmp_path, independent_clean_mask):
@@ -347,3 +371,10 @@ def test_a_bad_file_is_one_line_exit_2_and_nothing_written(case, command, tmp_pa
     assert "Traceback" not in captured.err + captured.out
     assert not list((tmp_path / "m").rglob("*.avro")) and not (tmp_path / "model" / "versions").exists()
     assert storage.master_files(tmp_path / "m") == []
+
+
+def test_the_producer_refuses_a_tlc_file_naming_the_command_that_takes_it(capsys):
+    path = TLC_DIR / "green_tripdata_2023-12.parquet"
+    assert kafka_producer.main(["--input", str(path), "--bootstrap", "127.0.0.1:9", "--topic", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "green_zones layout" in err[0] and "batch_processor.py import" in err[0]
