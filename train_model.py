@@ -68,9 +68,6 @@ SPLITS = ("random", "time", "id")
 MIN_TRIPS = 100
 
 
-COORDINATES = ("pickup_longitude", "pickup_latitude", "dropoff_longitude", "dropoff_latitude")
-
-
 def read_trip_file(path: Path) -> tuple[pd.DataFrame, LoadReport]:
     """A Kaggle or TLC trip file, if the model's features can take its trips: coordinates at both ends.
 
@@ -78,7 +75,7 @@ def read_trip_file(path: Path) -> tuple[pd.DataFrame, LoadReport]:
     features include zones, such a file is refused with one line.
     """
     trips, report = read_trips(path, tlc_layouts=True)
-    by_zone = int(trips[list(COORDINATES)].isna().any(axis=1).sum())
+    by_zone = int(trips[list(training_data.COORDINATES)].isna().any(axis=1).sum())
     if by_zone:
         raise TripFileError(f"{path}: {by_zone:,} of its {len(trips):,} trips are located by taxi zone only "
                             f"({report.layout} layout), and the model's features need coordinates: use a "
@@ -91,7 +88,9 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
     if args.from_master:
         print(f"loading the master dataset {args.from_master}")
         trips, source = training_data.read_master(args.from_master)
-        print(f"{len(trips):,} trips in {source['master_files']} master files")
+        print(f"{len(trips):,} trips in {source['master_files']} master files"
+              + (f" ({source['rows_without_coordinates']:,} more without coordinates left out)"
+                 if source["rows_without_coordinates"] else ""))
     else:
         print(f"loading {args.input}")
         trips, report = read_trip_file(args.input)

@@ -378,3 +378,15 @@ def test_the_producer_refuses_a_tlc_file_naming_the_command_that_takes_it(capsys
     assert kafka_producer.main(["--input", str(path), "--bootstrap", "127.0.0.1:9", "--topic", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "green_zones layout" in err[0] and "batch_processor.py import" in err[0]
+
+
+def test_retraining_on_master_data_with_tlc_trips_leaves_out_those_without_coordinates(tmp_path, capsys):
+    kaggle, coordinates = BEFORE_TLC / "source_300_trips.csv", TLC_DIR / "yellow_tripdata_2015-01_head.csv"
+    zones = TLC_DIR / "green_tripdata_2020-04_1000rows.csv"
+    assert batch_processor.main(["--master-dir", str(tmp_path / "m"), "import", "--cutoff", "none",
+                                 *map(str, (kaggle, coordinates, zones))]) == 0
+    assert train_model.main(["--from-master", str(tmp_path / "m"), "--split", "id", "--threads", "1",
+                             "--model-dir", str(tmp_path / "model"), "--no-save-holdout"]) == 0
+    expected = len(pd.read_csv(kaggle)) + len(pd.read_csv(coordinates))
+    assert f"{expected:,} trips in 3 master files ({len(pd.read_csv(zones)):,} more without coordinates" \
+        in capsys.readouterr().out
