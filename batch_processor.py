@@ -10,7 +10,7 @@ layer's recent trips on top of it.
 Commands::
 
     python batch_processor.py                    # run: import the history (once) + recompute + publish
-    python batch_processor.py import FILE ...    # append CSV history to master data
+    python batch_processor.py import FILE ...    # append CSV/Parquet history (Kaggle or TLC) to master data
     python batch_processor.py ingest             # drain new Kafka events into master data
     python batch_processor.py recompute          # recompute, publish, prune the speed view
     python batch_processor.py run --from-stream  # import (once) + ingest + recompute
@@ -18,7 +18,10 @@ Commands::
 
 The layer's steps, in the order of this file:
 
-1. **Import the history** (``import_csv``): CSV -> master data. History and
+1. **Import the history** (``import_csv``): a trip file -> master data: the
+   Kaggle CSV, or TLC trip records in any of their layouts (CSV or Parquet;
+   ``periscope.sources`` recognises the layout, refuses a bad file with one
+   line, and nothing is written then). History and
    stream meet at a cutoff (``--cutoff``, default ``config.CUTOFF``,
    2016-06-01): an import takes the trips picked up before it;
    ``kafka_producer.py`` replays those from it on. An import is identified by
@@ -90,7 +93,11 @@ class Cutoff:
 
 def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS,
                cutoff_ms: int | None = None) -> ImportResult:
-    """Append a Kaggle CSV to the master dataset, unless this import is already there.
+    """Append a trip file to the master dataset, unless this import is already there.
+
+    Any layout ``periscope.sources`` reads: the Kaggle CSV, or a TLC trip
+    file (CSV, gzip or Parquet, every yellow and green layout since 2009),
+    whose trips have ids derived from their content (``periscope.tlc``).
 
     With ``cutoff_ms`` only the trips picked up before it are imported (the
     history; the producer replays the others). Well-formed rows are stored as
@@ -111,7 +118,7 @@ def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS,
         cutoff = "none" if cutoff_ms is None else format_time(cutoff_ms)
         split, report, rows = Cutoff(cutoff_ms), LoadReport(source=str(path)), 0
         with storage.staged_directory(target) as staging:  # every part appears at once, or none does
-            history = split.history(iter_trip_chunks(path, report, chunk_rows=part_rows))
+            history = split.history(iter_trip_chunks(path, report, chunk_rows=part_rows, tlc_layouts=True))
             for part, trips in enumerate(storage.in_parts(history, part_rows)):
                 header = {"kind": "csv", "source": path.name, "source_sha256": digest, "cutoff": cutoff,
                           "part": part, "rows": len(trips)}

@@ -37,7 +37,7 @@ waiting on each other took 8-86 s where one took 1-15 s: see docs/MODEL.md)::
 
     python train_model.py                          # train, save, make it live
     python train_model.py --model random-forest    # the reference model
-    python train_model.py --evaluate FILE --json   # score the live model on a labelled CSV
+    python train_model.py --evaluate FILE --json   # score the live model on a trip file (Kaggle or TLC)
     python train_model.py --from-master data/master --split id --promote-if-better
 
 Output: ``model/versions/<version>/`` with ``model.joblib``, ``metadata.json``
@@ -61,11 +61,26 @@ from threadpoolctl import threadpool_limits
 
 from periscope import cli, config, features, model, promotion, training_data
 from periscope.schema import format_time
-from periscope.sources import CsvLayoutError, apply_rules, read_trips
+from periscope.sources import LoadReport, TripFileError, apply_rules, read_trips
 
 MODELS = ("hist-gradient-boosting", "random-forest")
 SPLITS = ("random", "time", "id")
 MIN_TRIPS = 100
+
+
+def read_trip_file(path: Path) -> tuple[pd.DataFrame, LoadReport]:
+    """A Kaggle or TLC trip file, if the model's features can take its trips: coordinates at both ends.
+
+    TLC files since mid-2016 locate trips by taxi zone only; until the
+    features include zones, such a file is refused with one line.
+    """
+    trips, report = read_trips(path, tlc_layouts=True)
+    by_zone = int(trips[list(training_data.COORDINATES)].isna().any(axis=1).sum())
+    if by_zone:
+        raise TripFileError(f"{path}: {by_zone:,} of its {len(trips):,} trips are located by taxi zone only "
+                            f"({report.layout} layout), and the model's features need coordinates: use a "
+                            "Kaggle file or a TLC file of 2009 to mid-2016 (zone features are not there yet)")
+    return trips, report
 
 
 def load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -73,10 +88,12 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
     if args.from_master:
         print(f"loading the master dataset {args.from_master}")
         trips, source = training_data.read_master(args.from_master)
-        print(f"{len(trips):,} trips in {source['master_files']} master files")
+        print(f"{len(trips):,} trips in {source['master_files']} master files"
+              + (f" ({source['rows_without_coordinates']:,} more without coordinates left out)"
+                 if source["rows_without_coordinates"] else ""))
     else:
         print(f"loading {args.input}")
-        trips, report = read_trips(args.input)
+        trips, report = read_trip_file(args.input)
         for line in report.summary_lines():
             print(line)
         source = training_data.csv_fingerprint(args.input, report)
@@ -208,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         directory = save(candidate, holdout if args.save_holdout else None, args.model_dir)
         # Promote: switch model/current.json atomically; the speed layers follow it as they run
         decision = promote(args, candidate.version, holdout)
-    except (FileNotFoundError, CsvLayoutError, model.ModelNotFoundError, model.ModelMismatchError,
+    except (FileNotFoundError, TripFileError, model.ModelNotFoundError, model.ModelMismatchError,
             FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -268,9 +285,9 @@ def print_outcome(version: str, directory: Path, decision: dict[str, Any] | None
 
 
 def score_live_model(args: argparse.Namespace) -> int:
-    """``--evaluate FILE``: the live model's metrics on a labelled CSV, as text or one JSON line."""
+    """``--evaluate FILE``: the live model's metrics on a labelled trip file, as text or one JSON line."""
+    trips, report = read_trip_file(args.evaluate)
     live = model.load_model(args.model_dir)
-    trips, report = read_trips(args.evaluate)
     result = {"file": str(args.evaluate), "model_version": live.version,
               "rows_malformed": report.rows_malformed}
     result.update(model.labelled_metrics(live, trips))
@@ -289,12 +306,13 @@ def score_live_model(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train the trip-duration model on a Kaggle-layout CSV (or the master "
-                    "dataset), or score the live model.",
+        description="Train the trip-duration model on a trip file (Kaggle layout, or TLC records "
+                    "with coordinates, 2009 to mid-2016) or the master dataset, or score the live model.",
         formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV,
-                        help="training data, Kaggle NYC Taxi Trip Duration layout, plain or .gz "
+                        help="training data: Kaggle NYC Taxi Trip Duration layout, or a TLC trip file "
+                             "with coordinates (2009 to mid-2016); CSV, plain or .gz, or Parquet "
                              "(env PERISCOPE_SAMPLE_CSV)")
     parser.add_argument("--model-dir", type=Path, default=config.MODEL_DIR,
                         help="where model versions live (env PERISCOPE_MODEL_DIR)")
@@ -326,7 +344,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-save-holdout", dest="save_holdout", action="store_false",
                         help="do not write the held-out trips to holdout.csv.gz")
     parser.add_argument("--evaluate", type=Path, metavar="FILE",
-                        help="instead of training, score the live model on this labelled CSV")
+                        help="instead of training, score the live model on this trip file (as --input "
+                             "takes; TLC files of zone-only trips are refused until zone features)")
     parser.add_argument("--json", action="store_true",
                         help="with --evaluate: print one JSON line "
                              "(rmsle, mae, rmse, rows, ..._clean)")

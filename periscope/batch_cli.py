@@ -45,7 +45,7 @@ Item = TypeVar("Item")
 
 @dataclass
 class ImportResult:
-    """One CSV import: where it went, whether it added anything, and what the loader reported."""
+    """One file import: where it went, whether it added anything, and what the loader reported."""
 
     source: Path
     target: Path
@@ -272,9 +272,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--from-stream", action="store_true", help="also ingest new Kafka events before recomputing")
     _recompute_flags(run)
     _stream_flags(run)
-    imp = command("import", "append CSV files to the master dataset (a file already imported with the same "
-                            "cutoff adds nothing)")
-    imp.add_argument("files", type=Path, nargs="+", metavar="FILE", help="Kaggle-layout CSV, plain or .gz")
+    imp = command("import", "append trip files (Kaggle or TLC, CSV or Parquet) to the master dataset (a file "
+                            "already imported with the same cutoff adds nothing)")
+    imp.add_argument("files", type=Path, nargs="+", metavar="FILE", help="trip file: Kaggle-layout CSV, or TLC trip records (yellow/green, "
+                                                               "2009 on): CSV, plain or gzip, or Parquet")
     _cutoff_flag(imp)
     imp.add_argument("--part-rows", type=int, default=PART_ROWS, metavar="N", help="trips per master file")
     _stream_flags(command("ingest", "drain new Kafka events into master files, then commit offsets"))

@@ -8,10 +8,15 @@ fastavro. The fastavro decoder is kept (``decoder="fastavro"``) as the
 reference the fast one is compared with, in the tests and in
 ``bench/bench_batch.py``.
 
-Every frame has the trip columns of ``schema.AVRO_SCHEMA`` with the Avro
-types (``int`` fields as Int32, ``long`` as Int64), rows in file order;
-``record_columns`` widens them to the record-form numpy arrays that the
-cleaning rules and the views take.
+Every frame has the trip columns its file was written with (the eleven
+Kaggle fields of ``schema.KAGGLE_AVRO_SCHEMA``, or every field of
+``schema.AVRO_SCHEMA`` for TLC trips) with the Avro types (``int`` fields as
+Int32, ``long`` as Int64), rows in file order. Frames are not widened to
+``AVRO_SCHEMA``: nine columns of nulls per Kaggle trip would cost memory and
+time for nothing. ``record_columns`` widens them to the record-form numpy
+arrays that the cleaning rules and the views take (a null as
+``NOT_RECORDED`` or NaN; a field the file lacks is simply absent, and the
+rules and views read a trip without zone fields by its coordinates).
 """
 from __future__ import annotations
 
@@ -21,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from periscope.schema import AVRO_SCHEMA
+from periscope.schema import AVRO_SCHEMA, FIELDS, NOT_RECORDED, NULLABLE_FIELDS, SOURCE_FIELDS, avro_type
 
 DECODERS: tuple[str, ...] = ("polars", "fastavro")
 _AVRO_TYPES = {"string": pl.String, "int": pl.Int32, "long": pl.Int64, "double": pl.Float64, "boolean": pl.Boolean}
 _RECORD_DTYPES = {"int": np.int64, "long": np.int64, "double": np.float64, "boolean": np.bool_}
-TRIP_SCHEMA: dict[str, pl.DataType] = {field["name"]: _AVRO_TYPES[field["type"]]
+TRIP_SCHEMA: dict[str, pl.DataType] = {field["name"]: _AVRO_TYPES[avro_type(field)]
                                         for field in AVRO_SCHEMA["fields"]}
 """Column name -> polars dtype of a master frame, derived from the Avro schema."""
 
@@ -40,8 +45,15 @@ def _read_fastavro(path: Path) -> pl.DataFrame:
 
     chunks = [pl.DataFrame(columns) for columns in iter_avro_columns(path)]
     if not chunks:
-        return pl.DataFrame(schema=TRIP_SCHEMA)
-    return pl.concat(chunks).select([pl.col(name).cast(dtype) for name, dtype in TRIP_SCHEMA.items()])
+        return pl.DataFrame(schema={name: TRIP_SCHEMA[name] for name in FIELDS})
+    trips = pl.concat(chunks)
+    present = [name for name in TRIP_SCHEMA if name in trips.columns]
+    if any(name in trips.columns for name in SOURCE_FIELDS):  # record form back to the nulls polars reads
+        trips = trips.with_columns(
+            [pl.when(pl.col(name) == NOT_RECORDED).then(None).otherwise(pl.col(name)).alias(name)
+             if TRIP_SCHEMA[name] == pl.Int32 else pl.col(name).fill_nan(None)
+             for name in NULLABLE_FIELDS if TRIP_SCHEMA[name] in (pl.Int32, pl.Float64)])
+    return trips.select([pl.col(name).cast(TRIP_SCHEMA[name]) for name in present])
 
 
 def read_file(path: Path, decoder: str = "polars") -> pl.DataFrame:
@@ -67,6 +79,16 @@ def read_files(paths: Sequence[Path], decoder: str = "polars") -> Iterator[pl.Da
 
 def record_columns(trips: pl.DataFrame) -> dict[str, np.ndarray]:
     """The numeric trip columns as record-form numpy arrays: what ``schema.first_broken_rule`` and
-    ``views.aggregate`` take (integers widened to int64, so no product of them can overflow)."""
-    return {field["name"]: trips[field["name"]].to_numpy().astype(_RECORD_DTYPES[field["type"]], copy=False)
-            for field in AVRO_SCHEMA["fields"] if field["type"] != "string"}
+    ``views.aggregate`` take (integers widened to int64, so no product of them can overflow; a null
+    as ``NOT_RECORDED``, NaN or False)."""
+    columns = {}
+    for field in AVRO_SCHEMA["fields"]:
+        kind = avro_type(field)
+        if kind == "string" or field["name"] not in trips.columns:
+            continue
+        column = trips[field["name"]]
+        missing = {"double": float("nan"), "boolean": False}.get(kind, NOT_RECORDED)
+        if column.null_count():
+            column = column.fill_null(missing)
+        columns[field["name"]] = column.to_numpy().astype(_RECORD_DTYPES[kind], copy=False)
+    return columns

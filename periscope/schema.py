@@ -3,14 +3,19 @@
 Every layer speaks about a trip in the same three shapes, converted here and
 nowhere else:
 
-* a **CSV row** in the Kaggle "NYC Taxi Trip Duration" layout (all strings);
+* a **CSV row** in the Kaggle "NYC Taxi Trip Duration" layout (all strings),
+  or a row of a TLC trip-record file (``periscope.tlc`` maps its layouts onto
+  ``TRIP_FIELDS``: the Kaggle fields plus ``SOURCE_FIELDS``, the zones,
+  distance and fares TLC records);
 * a **JSON message** on the ``taxi-trips`` topic: the same eleven fields with
   JSON types, times as ``"YYYY-MM-DD HH:MM:SS"`` (New York wall-clock time,
   as in the Kaggle data), ``store_and_fwd_flag`` as ``"Y"``/``"N"``;
 * an **Avro record** in the master dataset, which is also the in-memory
   "record" form: times as integer milliseconds since 1970-01-01 00:00 of the
   same wall clock (no time zone is attached to the data, so none is invented),
-  the flag as a boolean.
+  the flag as a boolean. A value the source did not record is null in Avro
+  and, in record form, ``NOT_RECORDED`` (-1) in an integer field, NaN in a
+  float one. A trip has a place at each end: coordinates, a taxi zone, or both.
 
 ``record_to_json`` encodes one record; ``trips_to_messages`` encodes a whole
 trip frame to the same bytes, vectorised, for the producer's hot loop.
@@ -65,29 +70,97 @@ EPOCH = datetime(1970, 1, 1)
 _MS = timedelta(milliseconds=1)
 _TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 
-AVRO_SCHEMA: dict[str, Any] = {
+NOT_RECORDED = -1
+"""An integer field the source did not record, in record form (null in Avro; NaN for a float)."""
+
+SERVICES: tuple[str, ...] = ("yellow", "green")
+"""The services a trip can come from (``service``): yellow and green cabs."""
+
+SOURCE_FIELDS: tuple[str, ...] = (
+    "service",
+    "source_layout",
+    "pickup_location_id",
+    "dropoff_location_id",
+    "trip_distance",
+    "fare_amount",
+    "tip_amount",
+    "total_amount",
+    "payment_type",
+)
+"""What TLC files add to the Kaggle fields, all nullable (a Kaggle import writes only service and layout)."""
+
+TRIP_FIELDS: tuple[str, ...] = FIELDS + SOURCE_FIELDS
+"""Every field of a trip in master data: the Kaggle fields, then ``SOURCE_FIELDS``."""
+
+NULLABLE_FIELDS: tuple[str, ...] = ("vendor_id", "passenger_count", "pickup_longitude", "pickup_latitude",
+                                    "dropoff_longitude", "dropoff_latitude", "store_and_fwd_flag") + SOURCE_FIELDS
+"""Fields a trip may lack: TLC files leave vendor and passengers empty, have coordinates or zones."""
+
+
+def _nullable(field: dict[str, Any]) -> dict[str, Any]:
+    return {**field, "type": ["null", field["type"]], "default": None}
+
+
+_KAGGLE_AVRO_FIELDS: list[dict[str, Any]] = [
+    {"name": "id", "type": "string",
+     "doc": "Trip id, e.g. id2875421, or tlc_ + a hash of the row for a source without ids; the Kafka key."},
+    {"name": "vendor_id", "type": "int", "doc": "Technology provider: 1 Creative Mobile, 2 VeriFone (Curb)."},
+    {
+        "name": "pickup_datetime",
+        "type": "long",
+        "doc": "Event time: New York wall-clock pickup time, ms since 1970-01-01 00:00.",
+    },
+    {"name": "dropoff_datetime", "type": "long", "doc": "Same clock as pickup_datetime."},
+    {"name": "passenger_count", "type": "int"},
+    {"name": "pickup_longitude", "type": "double"},
+    {"name": "pickup_latitude", "type": "double"},
+    {"name": "dropoff_longitude", "type": "double"},
+    {"name": "dropoff_latitude", "type": "double"},
+    {"name": "store_and_fwd_flag", "type": "boolean", "doc": "Y in the source: held in the car, sent later."},
+    {"name": "trip_duration", "type": "int", "doc": "Seconds; the label the model predicts."},
+]
+_SOURCE_AVRO_FIELDS: list[dict[str, Any]] = [
+    {"name": "service", "type": "string", "doc": "yellow or green; null in files written before it was kept "
+                                                  "(Kaggle trips: yellow)."},
+    {"name": "source_layout", "type": "string", "doc": "The layout of the file the trip came from "
+                                                        "(periscope.tlc.LAYOUTS); null: kaggle."},
+    {"name": "pickup_location_id", "type": "int", "doc": "TLC taxi zone 1..263 (264, 265: unknown)."},
+    {"name": "dropoff_location_id", "type": "int"},
+    {"name": "trip_distance", "type": "double", "doc": "Miles, as the taximeter recorded it (at dropoff)."},
+    {"name": "fare_amount", "type": "double", "doc": "Dollars, as recorded."},
+    {"name": "tip_amount", "type": "double"},
+    {"name": "total_amount", "type": "double"},
+    {"name": "payment_type", "type": "int", "doc": "1 card, 2 cash, 3 no charge, 4 dispute, 5 unknown, 6 voided."},
+]
+
+KAGGLE_AVRO_SCHEMA: dict[str, Any] = {
     "type": "record",
     "name": "Trip",
     "namespace": "periscope",
     "doc": "One NYC yellow-cab trip, as in the Kaggle NYC Taxi Trip Duration data.",
-    "fields": [
-        {"name": "id", "type": "string", "doc": "Trip id, e.g. id2875421; the Kafka key."},
-        {"name": "vendor_id", "type": "int", "doc": "Technology provider, 1 or 2."},
-        {
-            "name": "pickup_datetime",
-            "type": "long",
-            "doc": "Event time: New York wall-clock pickup time, ms since 1970-01-01 00:00.",
-        },
-        {"name": "dropoff_datetime", "type": "long", "doc": "Same clock as pickup_datetime."},
-        {"name": "passenger_count", "type": "int"},
-        {"name": "pickup_longitude", "type": "double"},
-        {"name": "pickup_latitude", "type": "double"},
-        {"name": "dropoff_longitude", "type": "double"},
-        {"name": "dropoff_latitude", "type": "double"},
-        {"name": "store_and_fwd_flag", "type": "boolean", "doc": "Y in the source: held in the car, sent later."},
-        {"name": "trip_duration", "type": "int", "doc": "Seconds; the label the model predicts."},
-    ],
+    "fields": _KAGGLE_AVRO_FIELDS,
 }
+"""The schema master files had before TLC trips; files of Kaggle-field trips are still written with it."""
+
+AVRO_SCHEMA: dict[str, Any] = {
+    "type": "record",
+    "name": "Trip",
+    "namespace": "periscope",
+    "doc": "One NYC taxi trip: the Kaggle NYC Taxi Trip Duration fields, then what TLC trip records add.",
+    "fields": [_nullable(f) if f["name"] in NULLABLE_FIELDS else f
+               for f in _KAGGLE_AVRO_FIELDS + _SOURCE_AVRO_FIELDS],
+}
+"""The master dataset's schema, evolved compatibly from ``KAGGLE_AVRO_SCHEMA``: the fields added
+are nullable with default null, and the Kaggle fields TLC files may lack became unions with null,
+so every master file written before (and every Kaggle file written now) reads with this schema
+(Avro schema resolution; ``tests/test_tlc.py`` checks it)."""
+
+
+def avro_type(field: Mapping[str, Any]) -> str:
+    """The non-null type of an Avro field: ``"int"`` for ``["null", "int"]``."""
+    kind = field["type"]
+    return next(t for t in kind if t != "null") if isinstance(kind, list) else kind
+
 
 # --- cleaning rules ----------------------------------------------------------
 
@@ -98,6 +171,8 @@ NYC_LONGITUDE = (-74.3, -73.7)
 NYC_LATITUDE = (40.5, 41.0)
 VENDORS = (1, 2)
 PASSENGERS = (1, 6)
+ZONES = (1, 263)
+"""TLC taxi zones of a known place; 264 and 265 mean unknown."""
 EARTH_RADIUS_KM = 6371.0088
 
 
@@ -116,10 +191,24 @@ def _in_nyc(lon: Any, lat: Any) -> Any:
     return _inside(lon, NYC_LONGITUDE) & _inside(lat, NYC_LATITUDE)
 
 
+def _placed_in_nyc(t: Mapping[str, Any], end: str) -> Any:
+    """Coordinates inside the NYC box; a trip without coordinates (NaN) needs a known zone instead.
+
+    Records without zone fields (the Kaggle fields only, as the speed layers
+    hold them) are judged by their coordinates alone.
+    """
+    lon, lat = t[f"{end}_longitude"], t[f"{end}_latitude"]
+    zone = t.get(f"{end}_location_id")
+    if zone is None:
+        return _in_nyc(lon, lat)
+    return np.where(np.isnan(lon) | np.isnan(lat), _inside(zone, ZONES), _in_nyc(lon, lat))
+
+
 def _speed_ok(t: Mapping[str, Any]) -> Any:
+    """Straight-line speed within bounds; a trip without coordinates has none to judge, and passes."""
     km = haversine_km(t["pickup_latitude"], t["pickup_longitude"], t["dropoff_latitude"], t["dropoff_longitude"])
     hours = np.maximum(t["trip_duration"], 1) / 3600.0
-    return km / hours <= MAX_SPEED_KMH
+    return np.logical_not(km / hours > MAX_SPEED_KMH)
 
 
 @dataclass(frozen=True)
@@ -142,10 +231,11 @@ RULES: tuple[Rule, ...] = (
          lambda t: abs(t["dropoff_datetime"] - t["pickup_datetime"] - t["trip_duration"] * 1000) <= 1000),
     Rule("passenger_count_out_of_range", f"passenger_count outside {PASSENGERS[0]}..{PASSENGERS[1]}",
          lambda t: _inside(t["passenger_count"], PASSENGERS)),
-    Rule("pickup_outside_nyc", f"pickup outside lon {NYC_LONGITUDE}, lat {NYC_LATITUDE}",
-         lambda t: _in_nyc(t["pickup_longitude"], t["pickup_latitude"])),
-    Rule("dropoff_outside_nyc", f"dropoff outside lon {NYC_LONGITUDE}, lat {NYC_LATITUDE}",
-         lambda t: _in_nyc(t["dropoff_longitude"], t["dropoff_latitude"])),
+    Rule("pickup_outside_nyc", f"pickup outside lon {NYC_LONGITUDE}, lat {NYC_LATITUDE}, or, without "
+                               f"coordinates, in no known zone {ZONES[0]}..{ZONES[1]}",
+         lambda t: _placed_in_nyc(t, "pickup")),
+    Rule("dropoff_outside_nyc", f"dropoff outside the same box, or, without coordinates, in no known zone",
+         lambda t: _placed_in_nyc(t, "dropoff")),
     Rule("implausible_speed", f"straight-line speed above {MAX_SPEED_KMH:.0f} km/h (GPS error)",
          _speed_ok),
 )

@@ -6,9 +6,11 @@ Spark as the cluster:
 
 * **read**: ``spark.read.format("avro")`` (Spark's ``spark-avro`` connector,
   ``periscope.spark_session``) of the master files, with the trip schema
-  ``schema.AVRO_SCHEMA`` given as the reader schema; each column is cast to
-  the dtype the python engine computes with (``int`` fields to 64-bit,
-  ``long`` times stay ms, the flag a boolean). Each row carries its place in
+  ``schema.AVRO_SCHEMA`` given as the reader schema (so files written before
+  the TLC fields existed read them as null); each column the views need is
+  cast to the dtype the python engine computes with (``int`` fields and the
+  taxi zones to 64-bit, ``long`` times stay ms, the flag a boolean; a null as
+  the python engine's record form has it, ``record_form``). Each row carries its place in
   *source order*: the rank of its file in ``storage.master_files``, the start
   of the file split it was read from (``_metadata.file_block_start``) and
   ``monotonically_increasing_id()``, which grows with the row order inside a
@@ -55,12 +57,19 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, StructField, StructType
 
 from periscope import views
-from periscope.schema import AVRO_SCHEMA, RULE_NAMES, first_broken_rule
+from periscope.schema import AVRO_SCHEMA, NOT_RECORDED, RULE_NAMES, first_broken_rule
 from periscope.spark_session import AVRO_COLUMNS, get_session, spark_type
 from periscope.storage import BatchVersion, InputFile, avro_metadata, master_files, views_manifest
 
 PARTIAL_SCHEMA = StructType([StructField("partial", BinaryType())])
 FILE_COLUMN = "file_path"
+ZONE_COLUMNS = ("pickup_location_id", "dropoff_location_id")
+VIEW_COLUMNS = AVRO_COLUMNS + ZONE_COLUMNS
+"""What the rules and the views read: the Kaggle fields and the taxi zones (a TLC trip may have
+zones instead of coordinates)."""
+INTEGER_COLUMNS = tuple(name for name in VIEW_COLUMNS
+                        if name in ZONE_COLUMNS or spark_type(name).typeName() == "long")
+"""The 64-bit integer columns: fields the schema groups as integers or times, and the zones."""
 SOURCE_ORDER = ("file_rank", "file_block_start", "row_in_split")
 """A row's place in source order: its file's rank, the split it was read from, its place in the split."""
 
@@ -70,6 +79,7 @@ def read_master(spark: SparkSession, files: list[Path]) -> DataFrame:
     and where each row comes from (the file, the split, the row's place in it)."""
     trips = spark.read.format("avro").option("avroSchema", json.dumps(AVRO_SCHEMA)).load([str(p) for p in files])
     return trips.select(F.col("id"), *(F.col(name).cast(spark_type(name)) for name in AVRO_COLUMNS),
+                        *(F.col(name).cast("long") for name in ZONE_COLUMNS),
                         F.col("_metadata.file_path").alias(FILE_COLUMN),
                         F.col("_metadata.file_block_start").alias("file_block_start"),
                         F.monotonically_increasing_id().alias("row_in_split"))
@@ -83,8 +93,18 @@ def rank_files(spark: SparkSession, trips: DataFrame, ranks: dict[str, int]) -> 
 
 def drop_duplicates(trips: DataFrame) -> DataFrame:
     """One row per trip id: the first copy in source order (the smallest ``SOURCE_ORDER``)."""
-    first = F.min(F.struct(*SOURCE_ORDER, *AVRO_COLUMNS)).alias("first")
-    return trips.groupBy("id").agg(first).select("id", "first.file_rank", *(f"first.{c}" for c in AVRO_COLUMNS))
+    first = F.min(F.struct(*SOURCE_ORDER, *VIEW_COLUMNS)).alias("first")
+    return trips.groupBy("id").agg(first).select("id", "first.file_rank", *(f"first.{c}" for c in VIEW_COLUMNS))
+
+
+def record_form(column: pd.Series, name: str) -> np.ndarray:
+    """A column of an Arrow batch as the python engine's record form (``master_reader.record_columns``):
+    a null integer (NaN once Arrow made the column float) as ``NOT_RECORDED``, a null flag as False."""
+    if name == "store_and_fwd_flag":
+        return column.fillna(False).to_numpy(dtype=np.bool_)
+    if name in INTEGER_COLUMNS:
+        return column.fillna(NOT_RECORDED).to_numpy(dtype=np.int64)
+    return column.to_numpy(dtype=np.float64)
 
 
 def summarise_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -99,7 +119,7 @@ def summarise_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]
     parts, ids = [], []
     partial = {"distinct_per_file": Counter(), "clean": 0, "broken": Counter()}
     for trips in batches:
-        columns = {name: trips[name].to_numpy() for name in AVRO_COLUMNS}
+        columns = {name: record_form(trips[name], name) for name in VIEW_COLUMNS}
         broken = first_broken_rule(columns)
         keep = broken < 0
         parts.append(views.aggregate({name: values[keep] for name, values in columns.items()}))

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from periscope.schema import FIELDS, format_time
+from periscope.schema import FIELDS, NOT_RECORDED, format_time
 from periscope.sources import LoadReport, empty_trip_frame
 from periscope.storage import file_sha256, master_files, read_master_records
 
+COORDINATES = ("pickup_longitude", "pickup_latitude", "dropoff_longitude", "dropoff_latitude")
 _COPY_SUFFIX = re.compile(r"-(sim)?\d+$")
 
 
@@ -42,18 +43,24 @@ def read_master(master_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     Master files are immutable and named by content (CSV digest, Kafka
     offsets), so their names fingerprint the training data. Every record is
     read, a fact stored twice included (the id hold-out keeps its copies on one
-    side).
+    side). Trips without coordinates (TLC trips known by their zones) are left
+    out and counted: the model's features need coordinates.
     """
     files = master_files(master_dir)
     if not files:
         raise FileNotFoundError(f"no master data in {master_dir}: "
                                 "run `python batch_processor.py` first")
     trips = pd.DataFrame.from_records(read_master_records(master_dir), columns=list(FIELDS))
+    read = len(trips)
+    trips = trips[trips[list(COORDINATES)].notna().all(axis=1)]  # TLC trips known by zone only
+    trips = trips.fillna({"vendor_id": NOT_RECORDED, "passenger_count": NOT_RECORDED})
+    trips["store_and_fwd_flag"] = trips["store_and_fwd_flag"].eq(True)  # null: not held in the car
     trips = trips.astype(empty_trip_frame().dtypes.to_dict()) if len(trips) else empty_trip_frame()
     listing = "\n".join(str(path.relative_to(master_dir)) for path in files)
-    return trips, {"master_dir": str(master_dir), "master_files": len(files),
-                   "sha256": hashlib.sha256(listing.encode()).hexdigest(),
-                   "rows_read": len(trips), "rows_malformed": 0}
+    return trips.reset_index(drop=True), {
+        "master_dir": str(master_dir), "master_files": len(files),
+        "sha256": hashlib.sha256(listing.encode()).hexdigest(), "rows_read": read, "rows_malformed": 0,
+        "rows_without_coordinates": read - len(trips)}
 
 
 def base_id(trip_id: str) -> str:
@@ -75,5 +82,5 @@ def write_kaggle_csv(trips: pd.DataFrame, path: Path) -> None:
     out = trips.copy()
     for name in ("pickup_datetime", "dropoff_datetime"):
         out[name] = [format_time(ms) for ms in out[name]]
-    out["store_and_fwd_flag"] = np.where(out["store_and_fwd_flag"], "Y", "N")
+    out["store_and_fwd_flag"] = np.where(out["store_and_fwd_flag"].fillna(False).astype(bool), "Y", "N")
     out[list(FIELDS)].to_csv(path, index=False, float_format="%.15g")

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
+from periscope import zones
 from periscope.schema import haversine_km
 
 MEASURES: tuple[str, ...] = ("duration_s", "distance_m")
@@ -61,12 +62,14 @@ def trip_facts(trips: Mapping[str, Any]) -> pl.DataFrame:
     """Per-trip keys and integer measures, from clean record-form trips.
 
     ``pickup_date`` is a day number here (days since 1970-01-01); the views
-    turn it into a date once, after grouping.
+    turn it into a date once, after grouping. A trip known by its taxi zones
+    only is placed at their centroids (``periscope.zones``).
     """
     pickup = np.asarray(trips["pickup_datetime"], dtype=np.int64)
     days = pickup // MS_PER_DAY
-    lat, lon = np.asarray(trips["pickup_latitude"]), np.asarray(trips["pickup_longitude"])
-    km = haversine_km(lat, lon, np.asarray(trips["dropoff_latitude"]), np.asarray(trips["dropoff_longitude"]))
+    lon, lat = zones.place(trips, "pickup")
+    dropoff_lon, dropoff_lat = zones.place(trips, "dropoff")
+    km = haversine_km(lat, lon, dropoff_lat, dropoff_lon)
     duration = np.asarray(trips["trip_duration"], dtype=np.int64)
     distance = np.rint(km * 1000).astype(np.int64)
     return pl.DataFrame(

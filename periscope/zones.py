@@ -15,14 +15,21 @@ centroid_longitude, centroid_latitude, area_km2) and
 the polygons whose bounding box holds each point, then tests containment.
 A point on the border of two zones gets the lower id; a point in no zone
 (the sea, New Jersey, a GPS glitch at 0, 0) or without coordinates gets 0.
+
+``place`` gives a trip known only by its zones a point for the views that need
+one (the pickup grid, the straight-line distance): its zone's centroid. That is
+an estimate, and docs/DATA.md says what it means for the views: a trip inside
+one zone has a distance of 0 m.
 """
 from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,9 +37,11 @@ import shapely
 from shapely.geometry import shape
 
 from periscope.config import PROJECT_ROOT
+from periscope.schema import ZONES
 
 ZONES_DIR = PROJECT_ROOT / "data" / "zones"
 CENTROIDS = "taxi_zone_centroids.csv"
+CENTROIDS_CSV = ZONES_DIR / CENTROIDS
 POLYGONS = "taxi_zones.geojson.gz"
 NO_ZONE = 0
 """``zone_of`` for a point in no zone (TLC ids start at 1)."""
@@ -74,3 +83,29 @@ def zone_of(longitude: np.ndarray | pd.Series, latitude: np.ndarray | pd.Series,
     first = np.unique(point[order], return_index=True)[1]
     result[located[point[order][first]]] = found[order][first]
     return result
+
+
+@lru_cache(maxsize=1)
+def centroids() -> tuple[np.ndarray, np.ndarray]:
+    """(longitude, latitude) of each zone's centroid, indexed by zone id; NaN for no known zone."""
+    table = pd.read_csv(CENTROIDS_CSV)
+    lon, lat = np.full(ZONES[1] + 1, np.nan), np.full(ZONES[1] + 1, np.nan)
+    lon[table["location_id"]], lat[table["location_id"]] = table["centroid_longitude"], table["centroid_latitude"]
+    return lon, lat
+
+
+def place(trips: Mapping[str, Any], end: str) -> tuple[np.ndarray, np.ndarray]:
+    """(longitude, latitude) of each trip's ``end`` ("pickup" or "dropoff"): its coordinates, or,
+    where it has none, its zone's centroid (NaN when it has neither)."""
+    lon = np.asarray(trips[f"{end}_longitude"], dtype=np.float64)
+    lat = np.asarray(trips[f"{end}_latitude"], dtype=np.float64)
+    zone = trips.get(f"{end}_location_id")
+    missing = np.isnan(lon) | np.isnan(lat)
+    if zone is None or not missing.any():
+        return lon, lat
+    zone = np.asarray(zone, dtype=np.int64)
+    known = missing & (zone >= ZONES[0]) & (zone <= ZONES[1])
+    zone_lon, zone_lat = centroids()
+    lon, lat = lon.copy(), lat.copy()
+    lon[known], lat[known] = zone_lon[zone[known]], zone_lat[zone[known]]
+    return lon, lat

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,11 @@ from periscope.speed_view import SpeedStatus, StatusLatency, StatusTotals
 ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE_CSV = ROOT / "data" / "nyc_taxi_trip_duration_sample.csv.gz"
+SHARED_DATA = Path(os.environ.get("PERISCOPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+"""The workspace's real data beside the project (``../shared/data``): the TLC files in every layout."""
+TLC_DIR = SHARED_DATA / "tlc"
+MASTER_BEFORE_TLC = ROOT / "tests" / "data" / "master_before_tlc"
+"""A master file written by the code before the TLC fields existed, and the 300 Kaggle rows it holds."""
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from streamlit.testing.v1 import AppTest
 from periscope import speed_view
 from periscope.dashboard import data
 from periscope.model import load_model, read_metadata
-from periscope.schema import FIELDS
+from periscope.schema import TRIP_FIELDS
 from tests.conftest import SPEED_FIRST, SPEED_LAST, WATERMARK, Demo, clean, heartbeat, status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ def test_quality_page_shows_dead_letters_over_time_and_cleaning_counts(demo):
     fresh = app.dataframe[2].value.set_index("layer")
     assert fresh.loc["batch view", "fresh"] and fresh.loc["speed view (last write)", "fresh"]
     schema = app.dataframe[3].value
-    assert list(schema["field"]) == list(FIELDS)
+    assert list(schema["field"]) == list(TRIP_FIELDS)
 
 
 def test_dead_letters_per_minute_add_up_over_processes(demo):

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from periscope.schema import (
+    SOURCE_FIELDS,
     AVRO_SCHEMA,
     FIELDS,
     RULE_NAMES,
@@ -64,8 +65,8 @@ def test_avro_round_trip():
     buffer = io.BytesIO()
     fastavro.writer(buffer, fastavro.parse_schema(AVRO_SCHEMA), [record])
     buffer.seek(0)
-    assert list(fastavro.reader(buffer)) == [record]
-    assert [f["name"] for f in AVRO_SCHEMA["fields"]] == list(FIELDS)
+    assert list(fastavro.reader(buffer)) == [{**record, **{name: None for name in SOURCE_FIELDS}}]
+    assert [f["name"] for f in AVRO_SCHEMA["fields"]] == list(FIELDS + SOURCE_FIELDS)
 
 
 @pytest.mark.parametrize(

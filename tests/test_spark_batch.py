@@ -136,3 +136,21 @@ def test_both_engines_keep_the_first_copy_in_source_order_when_copies_differ(spa
     assert manifest["rows"]["distinct"] == len(distinct) == 24_000
     assert_views_match_pandas(batch_processor.compute_views(master, workers=2, progress=False).views,
                               as_csv_rows(in_order))
+
+
+def test_engine_parity_on_tlc_files_and_master_data_written_before_them(spark, sample_csv, tmp_path):
+    """Zone-only trips, null vendors and passengers, coordinates of 2013/2015, green Parquet, and a
+    master file of the code before TLC fields: both engines count and reject the same trips."""
+    import shutil
+
+    from tests.conftest import MASTER_BEFORE_TLC, TLC_DIR
+
+    master = tmp_path / "master"
+    shutil.copytree(MASTER_BEFORE_TLC / "csv", master / "csv")
+    for name in ("yellow_tripdata_2013-01_head.csv", "yellow_tripdata_2015-01_head.csv",
+                 "yellow_tripdata_sample_2020-05.csv.gz", "yellow_tripdata_2020-04_1000rows.csv",
+                 "yellow_tripdata_sample_2020-04.csv.gz", "green_tripdata_2023-12.parquet"):
+        batch_processor.import_csv(TLC_DIR / name, master, part_rows=20_000)
+    manifest = assert_same_result(master, spark)
+    assert manifest["rows"]["duplicates"] == 45
+    assert manifest["cleaning"]["pickup_outside_nyc"] > 0 and manifest["cleaning"]["unknown_vendor"] > 0

@@ -27,7 +27,7 @@ import pandas as pd
 
 from periscope import serving, speed_view, storage, views
 from periscope.model import metrics
-from periscope.schema import AVRO_SCHEMA, RULES, format_time
+from periscope.schema import AVRO_SCHEMA, RULES, avro_type, format_time
 from periscope.speed_view import SpeedStatus
 
 LAYERS: tuple[str, ...] = ("batch", "speed")
@@ -419,8 +419,9 @@ def duplicates_removed(manifest: Mapping[str, Any]) -> int | None:
 
 def schema_fields() -> pd.DataFrame:
     """The trip schema (the Avro schema of the master dataset) as a table."""
-    return pd.DataFrame([{"field": f["name"], "type": f["type"], "meaning": f.get("doc", "")}
-                         for f in AVRO_SCHEMA["fields"]])
+    return pd.DataFrame([{"field": f["name"],
+                          "type": avro_type(f) + (" or null" if isinstance(f["type"], list) else ""),
+                          "meaning": f.get("doc", "")} for f in AVRO_SCHEMA["fields"]])
 
 
 def last_speed_write_ms(speed_dir: Path) -> int | None:
