@@ -335,10 +335,9 @@ def _configure(node: KraftNode, quorum: Sequence[KraftNode]) -> None:
     node.files.log4j.write_text(LOG4J2_PROPERTIES)
 
 
-def _launch(node: KraftNode, java: str, classpath: str, heap: str) -> int:
+def _launch(node: KraftNode, java: str, classpath: str, heap: str, name: str) -> int:
     files = node.files
-    log.info("Starting Kafka %s node %d at 127.0.0.1:%d (log: %s)", kafka_version(), node.node_id, node.port,
-             files.log_file)
+    log.info("Starting Kafka %s%s at 127.0.0.1:%d (log: %s)", kafka_version(), name, node.port, files.log_file)
     return daemons.launch(files.daemon, [
         java, f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
         f"-Dlog4j2.configurationFile={files.log4j}", "-cp", classpath, "kafka.Kafka", str(files.properties)],
@@ -369,7 +368,8 @@ def start_nodes(nodes: Sequence[KraftNode], *, heap: str = DEFAULT_HEAP, libs_di
             _configure(node, nodes)
         _format_storage(java, classpath, missing, _cluster_id(nodes))
         for node in missing:
-            started[node.node_id] = _launch(node, java, classpath, heap)
+            name = f" node {node.node_id}" if len(nodes) > 1 else ""
+            started[node.node_id] = _launch(node, java, classpath, heap, name)
     deadline = time.monotonic() + timeout
     try:
         infos = []

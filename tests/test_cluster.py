@@ -23,9 +23,9 @@ from kafka.admin import ConfigResource, ConfigResourceType
 
 import batch_processor
 from periscope import cluster, config, daemons, kafka_local, speed_view, storage, views
-from tests.conftest import assert_exactly_once, consumer_args, read_topic, wait_for
+from tests.conftest import assert_exactly_once, consumer_args, produce, read_topic, trip_messages, wait_for
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,3 +185,33 @@ def busy_workers(layout: cluster.Layout) -> list[dict]:
     ours = {f"http://127.0.0.1:{port}" for port in layout.worker_ui_ports}
     alive = [w for w in state.get("workers", []) if w["state"] == "ALIVE" and w["webuiaddress"] in ours]
     return alive if len(alive) == 2 else [{"coresused": 0}]
+
+
+def test_the_spark_streaming_driver_killed_on_the_cluster_resumes_from_its_checkpoint(
+        clusters, sample_trips, sample_raw, trained_model_dir, independent_clean_mask, tmp_path):
+    """`spark_streaming.py` on the workers, its driver `kill -9`ed mid-stream: run again, it resumes from its
+    checkpoint and the speed view holds each valid trip once."""
+    trips, raw = sample_trips.head(2000), sample_raw.head(2000)
+    assert list(trips["id"]) == list(raw["id"])
+    expected = set(raw.loc[independent_clean_mask(raw), "id"])
+    topics = fresh_topics(clusters.bootstrap)
+    produce(clusters.bootstrap, topics[0], trip_messages(trips))
+    speed_dir, checkpoint = tmp_path / "speed", tmp_path / "checkpoint"
+    argv = ["spark_streaming.py", "--topic", topics[0], "--dlq-topic", topics[1], "--speed-dir", str(speed_dir),
+            "--model-dir", str(trained_model_dir), "--checkpoint-dir", str(checkpoint), "--no-windows",
+            "--trigger", "100 milliseconds", "--max-offsets-per-trigger", "700"]
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clusters.env(), stdout=log,
+                                 stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(speed_view.batch_files(speed_dir)) >= 3, 240, "the first speed files", poll_s=0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert "on spark://127.0.0.1" in (tmp_path / "first.log").read_text()
+    assert 0 < len(speed_view.read_speed(speed_dir)) < len(expected), "killed mid-stream"
+
+    again = subprocess.run([sys.executable, *argv, "--stop-when-idle", "3"], cwd=ROOT, env=clusters.env(),
+                           capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert_exactly_once(speed_view.read_speed(speed_dir), expected)
