@@ -59,6 +59,10 @@ WORKER_CONF = "spark.worker.timeout 10\nspark.worker.cleanup.enabled true\n"
 """A worker sends its heartbeat every quarter of its own spark.worker.timeout: the master's 10 s."""
 
 
+class ClusterError(KafkaLocalError):
+    """Something the user can fix (a port in use, a part that would not start); the message says what."""
+
+
 @dataclass(frozen=True)
 class Layout:
     """The ports of one cluster: a broker and a controller port per Kafka node, the master's, a UI per worker."""
@@ -157,7 +161,7 @@ def wait_for_brokers(bootstrap: str, count: int, timeout: float) -> None:
         except KafkaError:
             pass
         if time.monotonic() > deadline:
-            raise KafkaLocalError(f"fewer than {count} brokers registered at {bootstrap} within {timeout:.0f} s")
+            raise ClusterError(f"fewer than {count} brokers registered at {bootstrap} within {timeout:.0f} s")
         time.sleep(0.5)
 
 
@@ -197,13 +201,14 @@ def start_spark(cluster: Cluster, timeout: float) -> list[int]:
     """Start the master and the workers that do not run; return once the master counts every worker alive."""
     layout = cluster.layout
     spark_daemons, commands = cluster.spark_daemons(), spark_commands(cluster)
-    missing = [(d, c) for d, c in zip(spark_daemons, commands) if daemons.running_pid(d) is None]
-    ports = [layout.spark_port, layout.spark_ui_port, *layout.worker_ui_ports]
-    for daemon, port in zip(spark_daemons, [layout.spark_port, *layout.worker_ui_ports]):
-        if daemons.running_pid(daemon) is None and not daemons.port_free(port):
-            raise KafkaLocalError(f"127.0.0.1:{port} is already in use by another program; stop it, or choose "
-                                  f"other ports (see --help). Ports of this cluster: {ports}")
-    for daemon, command in missing:
+    own_ports = [(layout.spark_port, layout.spark_ui_port), *((port,) for port in layout.worker_ui_ports)]
+    missing = [(d, c, p) for d, c, p in zip(spark_daemons, commands, own_ports) if daemons.running_pid(d) is None]
+    for daemon, _, ports in missing:
+        for port in ports:
+            if not daemons.port_free(port):
+                raise ClusterError(f"127.0.0.1:{port}, a port of the {daemon.name}, is already in use by another "
+                                   "program; stop it, or choose other ports (see --help)")
+    for daemon, command, _ in missing:
         home = daemon.pid_file.parent
         (home / "scratch").mkdir(parents=True, exist_ok=True)
         (home / "spark.conf").write_text(MASTER_CONF if daemon == cluster.master() else WORKER_CONF)
@@ -233,14 +238,14 @@ def wait_for_workers(cluster: Cluster, timeout: float) -> None:
     while time.monotonic() < deadline:
         for daemon in cluster.spark_daemons():
             if daemons.running_pid(daemon) is None:
-                raise KafkaLocalError(f"the {daemon.name} exited while starting. Last lines of {daemon.log_file}:"
+                raise ClusterError(f"the {daemon.name} exited while starting. Last lines of {daemon.log_file}:"
                                       f"\n{daemons.tail(daemon.log_file)}")
         state = master_state(cluster.layout)
         if state and state.get("status") == "ALIVE" and \
                 len(alive_workers(cluster.layout, state)) == len(cluster.layout.worker_ui_ports):
             return
         time.sleep(0.5)
-    raise KafkaLocalError(f"the Spark master at {cluster.layout.spark_ui} did not count every worker alive "
+    raise ClusterError(f"the Spark master at {cluster.layout.spark_ui} did not count every worker alive "
                           f"within {timeout:.0f} s, so what this call started was stopped. See "
                           f"{cluster.master().log_file} and the workers' logs")
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -215,3 +215,19 @@ def test_the_spark_streaming_driver_killed_on_the_cluster_resumes_from_its_check
                            capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert_exactly_once(speed_view.read_speed(speed_dir), expected)
+
+
+def test_a_taken_spark_port_is_reported_and_nothing_is_started(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        ports = daemons.free_ports(10)
+        layout = cluster.Layout(tuple(ports[0:3]), tuple(ports[3:6]), taken.getsockname()[1], ports[7],
+                                tuple(ports[8:10]))
+        with pytest.raises(cluster.ClusterError, match=f"127.0.0.1:{taken.getsockname()[1]}, a port of the Spark "
+                                                        "master, is already in use"):
+            cluster.start_spark(cluster.cluster_of(tmp_path, layout), timeout=10)
+    finally:
+        taken.close()
+    assert not any(d.pid_file.exists() for d in cluster.cluster_of(tmp_path).spark_daemons())
