@@ -10,10 +10,10 @@ COMPOSE_VENV := .venv-compose
 COMPOSE      := $(COMPOSE_VENV)/bin/docker-compose
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo down test test-fast walkthrough sql bench kafka-fetch kafka-up kafka-down kafka-status spark-fetch browser app airflow compose-check clean
+.PHONY: help setup demo down test test-fast walkthrough sql bench kafka-fetch kafka-up kafka-down kafka-status cluster-up cluster-down cluster-status spark-fetch browser app airflow compose-check clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: $(STAMP)  ## create .venv, install the pinned dependencies and the project itself (editable)
 
@@ -27,8 +27,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-demo: setup kafka-fetch  ## the whole pipeline: broker, model, batch, speed layer, replay, dashboard (Ctrl-C stops it)
-	$(PY) -m periscope.demo
+demo: setup kafka-fetch $(if $(CLUSTER),spark-fetch)  ## the whole pipeline: broker, model, batch, speed layer, replay, dashboard (Ctrl-C stops it; CLUSTER=1: on the clusters)
+	$(PY) -m periscope.demo $(if $(CLUSTER),--cluster)
 
 down:  ## stop what `make demo` started (from another terminal), and nothing else
 	-[ -x $(PY) ] && $(PY) -m periscope.demo down
@@ -65,6 +65,15 @@ kafka-down:  ## stop the local Kafka broker (only the one this project started)
 kafka-status:  ## is the broker up?
 	$(PY) -m periscope.kafka_local status
 
+cluster-up: setup kafka-fetch spark-fetch  ## start 3 Kafka brokers (RF 3) and a Spark master with 2 workers on 127.0.0.1, create the topics (CLUSTER_ARGS="--spark-port 7078")
+	$(PY) -m periscope.cluster up $(CLUSTER_ARGS)
+
+cluster-down:  ## stop the clusters (only what cluster-up started)
+	$(PY) -m periscope.cluster down
+
+cluster-status:  ## do every broker, the Spark master and its workers answer?
+	$(PY) -m periscope.cluster status
+
 spark-fetch: setup  ## fetch Spark's Kafka and Avro connectors for the installed pyspark with Maven, into var/spark/jars (once)
 	$(PY) -m periscope.spark_session fetch
 
@@ -91,6 +100,7 @@ $(COMPOSE): infra/compose/constraints.txt
 clean:  ## stop the demo and the broker, remove everything the pipeline made (model, data, state); keep .venv and the fetched jars
 	-[ -x $(PY) ] && $(PY) -m periscope.demo down
 	-[ -x $(PY) ] && $(PY) -m periscope.kafka_local stop
+	-[ -x $(PY) ] && $(PY) -m periscope.cluster down
 	rm -rf model data/master data/views data/speed data/generated test-artifacts artifacts
 	find var -mindepth 1 -maxdepth 2 -not -path var/kafka -not -path var/kafka/libs \
 	  -not -path var/spark -not -path var/spark/jars -exec rm -rf {} + 2>/dev/null || true

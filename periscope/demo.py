@@ -26,12 +26,19 @@ consumer continues from its committed offsets, and the producer skips the
 trips already on the topic (``resuming after ... trips``). Each trip is a fact
 with an identity (its id), so even a trip sent twice is counted once.
 
+With ``--cluster`` (``make demo CLUSTER=1``) the same pipeline runs on the
+clusters of ``periscope.cluster`` instead: three Kafka brokers (replication
+factor 3) and a Spark master with two workers, which the Spark speed layer
+(``--speed-layer spark``) runs on; Ctrl-C stops the clusters too if the demo
+started them.
+
 Ctrl-C works the same when the output goes through a pipe (``make demo | tee
 demo.log``): the terminal interrupts the reader too, and the demo keeps
 stopping its services after it can no longer print.
 
     python -m periscope.demo                   # up, in the foreground
     python -m periscope.demo --rate 20         # a calmer stream
+    python -m periscope.demo --cluster         # on three brokers and a Spark standalone cluster
     python -m periscope.demo down              # stop what a demo started
     python -m periscope.demo status            # what a demo runs right now
 """
@@ -50,7 +57,7 @@ from pathlib import Path
 
 import psutil
 
-from periscope import cli, config, kafka_local, model, serving, speed_view, storage
+from periscope import cli, cluster, config, kafka_local, model, serving, speed_view, storage
 
 DEMO_DIR = config.STATE_DIR / "demo"
 STATE_FILE = DEMO_DIR / "state.json"
@@ -180,6 +187,9 @@ def down() -> int:
     if state.get("broker_started"):
         pid = kafka_local.stop_broker(config.STATE_DIR)
         print(f"stopped the Kafka broker (pid {pid})" if pid else "the Kafka broker had already stopped", flush=True)
+    if state.get("cluster_started"):
+        stopped = cluster.down(config.STATE_DIR)
+        print(f"stopped the clusters ({', '.join(stopped) or 'they had already stopped'})", flush=True)
     STATE_FILE.unlink(missing_ok=True)
     return 0
 
@@ -206,6 +216,15 @@ def start_broker(port: int, controller_port: int) -> tuple[str, bool]:
     kafka_local.ensure_topics(info.bootstrap, {config.TRIPS_TOPIC: 3, config.DLQ_TOPIC: 1})
     print(f"   {'started' if info.started else 'already running'} (pid {info.pid}); log {info.log_file}", flush=True)
     return info.bootstrap, info.started
+
+
+def start_clusters() -> tuple[dict[str, str], bool]:
+    """The clusters of ``periscope.cluster`` (unless they run): the variables pointing the layers at them."""
+    print("== clusters: 3 Kafka brokers, a Spark master and 2 workers (python -m periscope.cluster up)", flush=True)
+    clusters, started = cluster.up(config.STATE_DIR)
+    print(f"   {'started' if started else 'already running'}; Spark UI {clusters.layout.spark_ui}; "
+          f"logs under {clusters.root}", flush=True)
+    return {"KAFKA_BOOTSTRAP_SERVERS": clusters.layout.bootstrap, "SPARK_MASTER": clusters.layout.spark_master}, started
 
 
 def wait_for_dashboard(port: int, entry: dict, timeout: float = DASHBOARD_START_TIMEOUT_S) -> None:
@@ -305,10 +324,16 @@ def up(args: argparse.Namespace) -> int:
              "watcher": {"pid": os.getpid(), "create_time": psutil.Process().create_time()}}
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        bootstrap, started = start_broker(args.kafka_port, args.controller_port)
-        state["broker_started"] = state["broker_started"] or started
+        if args.cluster:
+            addresses, started = start_clusters()
+            state["cluster_started"] = previous.get("cluster_started", False) or started
+            bootstrap = addresses["KAFKA_BOOTSTRAP_SERVERS"]
+        else:
+            bootstrap, started = start_broker(args.kafka_port, args.controller_port)
+            state["broker_started"] = state["broker_started"] or started
+            addresses = {"KAFKA_BOOTSTRAP_SERVERS": bootstrap}
         write_state(state)
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **addresses, "PYTHONUNBUFFERED": "1"}
         if model.current_version(args.model_dir) is None:
             run_step("train the model", python_command("train_model.py", "--model-dir", str(args.model_dir)), env)
         else:
@@ -343,6 +368,8 @@ def status() -> int:
     for entry in running:
         print(f"{entry['name']:<14} pid {entry['pid']:<8} log {entry['log']}")
     print(f"broker         {'started by the demo' if state.get('broker_started') else 'was already running'}")
+    if state.get("cluster_started"):
+        print("clusters       started by the demo")
     return 0
 
 
@@ -358,6 +385,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="how often to print the status line")
     parser.add_argument("--speed-layer", choices=("python", "spark"), default="python",
                         help="python: kafka_consumer.py; spark: spark_streaming.py (needs `make spark-fetch`)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run on the clusters of periscope.cluster (3 Kafka brokers, a Spark master and 2 "
+                             "workers; started unless they run) instead of the single broker and local Spark")
     parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
                         help="port of the dashboard on 127.0.0.1")
     parser.add_argument("--kafka-port", type=int, default=int(os.environ.get("KAFKA_PORT", kafka_local.DEFAULT_PORT)),

@@ -31,7 +31,13 @@ Choices worth knowing:
   leaves room on a shared 2-core machine.
 - Starting twice is harmless, and stop only signals the process whose command
   line names this state dir's server.properties: a stale pid file (after a
-  reboot its number may belong to anything) is removed, never acted on.
+  reboot its number may belong to anything) is removed, never acted on
+  (``periscope.daemons``).
+
+The same machinery (``start_nodes``, ``stop_nodes``) starts the three-node
+cluster of ``periscope.cluster``: each node is broker and controller, the
+quorum is all of them, and the replication factor is min(3, nodes) with
+min.insync.replicas one less (never below 1).
 """
 from __future__ import annotations
 
@@ -41,21 +47,20 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections import deque
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from periscope import cli
+from periscope import cli, daemons
+from periscope.daemons import free_ports, tail
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +73,8 @@ DEFAULT_HEAP = "512m"  # plenty for a teaching broker on a shared laptop-sized b
 SERVER_PROPERTIES = """\
 # Written by periscope.kafka_local on every start.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
+node.id={node_id}
+controller.quorum.voters={voters}
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
@@ -77,14 +82,15 @@ inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 log.dirs={data_dir}
 num.partitions=3
-default.replication.factor=1
+default.replication.factor={replicas}
+min.insync.replicas={min_isr}
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor={replicas}
 offsets.topic.num.partitions=3
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+transaction.state.log.replication.factor={replicas}
+transaction.state.log.min.isr={min_isr}
+share.coordinator.state.topic.replication.factor={replicas}
+share.coordinator.state.topic.min.isr={min_isr}
 group.initial.rebalance.delay.ms=0
 """
 
@@ -105,7 +111,7 @@ class KafkaLocalError(RuntimeError):
 
 @dataclass(frozen=True)
 class BrokerFiles:
-    """Where one broker keeps everything: <state dir>/kafka."""
+    """Where one broker keeps everything: <state dir>/kafka (a cluster's nodes: a directory each)."""
 
     root: Path
     libs: Path
@@ -117,10 +123,34 @@ class BrokerFiles:
 
     @classmethod
     def of(cls, state_dir: Path) -> BrokerFiles:
-        root = Path(state_dir).resolve() / "kafka"
-        return cls(root, libs=root / "libs", data=root / "data", log_file=root / "logs" / "broker.log",
+        """The single broker of state_dir."""
+        return cls.at(Path(state_dir).resolve() / "kafka")
+
+    @classmethod
+    def at(cls, root: Path, libs: Path | None = None) -> BrokerFiles:
+        """A broker kept in root; libs elsewhere lets several brokers share one copy of the jars."""
+        return cls(root, libs=libs or root / "libs", data=root / "data", log_file=root / "logs" / "broker.log",
                    properties=root / "server.properties", log4j=root / "log4j2.properties",
                    pid_file=root / "broker.pid")
+
+    @property
+    def daemon(self) -> daemons.Daemon:
+        return daemons.Daemon("Kafka broker", self.pid_file, f" kafka.Kafka {self.properties}", self.log_file)
+
+
+@dataclass(frozen=True)
+class KraftNode:
+    """One Kafka process, broker and KRaft controller in one: its files and its two ports."""
+
+    files: BrokerFiles
+    node_id: int
+    port: int
+    controller_port: int
+
+    @property
+    def bootstrap(self) -> str:
+        """Where it listens: as last configured if it runs, else on its port."""
+        return _configured_bootstrap(self.files) or f"127.0.0.1:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -199,43 +229,9 @@ def fetch(libs_dir: Path, pom: Path = POM) -> Path:
     return libs_dir
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child that exited
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def _command_line(pid: int) -> str:
-    """The process's arguments joined by spaces ("" if there is no such process)."""
-    try:
-        if Path("/proc/self/cmdline").exists():
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        result = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True)
-        return result.stdout.strip()
-    except OSError:
-        return ""
-
-
-def _is_our_broker(pid: int, files: BrokerFiles) -> bool:
-    return _alive(pid) and _command_line(pid).endswith(f" kafka.Kafka {files.properties}")
-
-
 def running_pid(state_dir: Path) -> int | None:
     """The pid of the broker started from state_dir, if it is still running."""
-    files = BrokerFiles.of(state_dir)
-    try:
-        pid = int(files.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if _is_our_broker(pid, files) else None
+    return daemons.running_pid(BrokerFiles.of(state_dir).daemon)
 
 
 def _configured_bootstrap(files: BrokerFiles) -> str | None:
@@ -248,22 +244,13 @@ def _configured_bootstrap(files: BrokerFiles) -> str | None:
     return next((line[len(prefix):] for line in lines if line.startswith(prefix)), None)
 
 
-def _port_open(address: str, timeout: float) -> bool:
-    host, _, port = address.strip().rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def is_reachable(bootstrap: str, timeout: float = 2.0) -> bool:
     """True when a Kafka broker answers a metadata request at bootstrap.
 
     An open port is checked first: it is cheap, and it spares kafka-python a
     background thread and a long timeout for every "not yet" while waiting.
     """
-    if not any(_port_open(address, timeout) for address in bootstrap.split(",")):
+    if not any(daemons.port_open(address, timeout) for address in bootstrap.split(",")):
         return False
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, bootstrap_timeout_ms=int(timeout * 1000),
@@ -284,7 +271,8 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0)
 
     Idempotent and broker-agnostic, so it serves the local broker, the Docker one
     and any cluster alike. The replication factor is the broker's default
-    (1 on a single node). Existing topics are left exactly as they are.
+    (1 on a single node, 3 on periscope.cluster's, with min.insync.replicas 2).
+    Existing topics are left exactly as they are.
     """
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, bootstrap_timeout_ms=int(timeout * 1000),
                              request_timeout_ms=int(timeout * 1000))
@@ -302,50 +290,97 @@ def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0)
         admin.close()
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on 127.0.0.1 right now (for tests and benchmarks)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the JVM binds
+def _cluster_id(nodes: Sequence[KraftNode]) -> str:
+    """The id the nodes' data dirs were formatted with, or a new one: every node of a cluster shares it."""
+    for node in nodes:
         try:
-            probe.bind(("127.0.0.1", port))
-            return True
+            lines = (node.files.data / "meta.properties").read_text().splitlines()
         except OSError:
-            return False
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    """The last ``lines`` lines of a log, read without loading the whole file: for error messages."""
-    try:
-        with open(path, errors="replace") as log:
-            return "".join(deque(log, maxlen=lines)).rstrip("\n")
-    except OSError:
-        return "(no log)"
-
-
-def _format_storage(java: str, classpath: str, files: BrokerFiles) -> None:
-    """Give the data dir its KRaft identity once; a formatted dir keeps its data and topics."""
-    if (files.data / "meta.properties").is_file():
-        return
+            continue
+        found = next((line.split("=", 1)[1] for line in lines if line.startswith("cluster.id=")), None)
+        if found:
+            return found
     cluster_id = "-"
     while cluster_id.startswith("-"):  # as Kafka's own Uuid.randomUuid: a leading '-' reads as an option
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
-    log.info("Formatting %s for KRaft (cluster id %s)", files.data, cluster_id)
-    result = subprocess.run([java, "-cp", classpath, "kafka.tools.StorageTool", "format",
-                             "--cluster-id", cluster_id, "--config", str(files.properties),
-                             "--ignore-formatted"], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise KafkaLocalError(f"formatting {files.data} failed:\n{result.stdout}{result.stderr}")
+    return cluster_id
+
+
+def _format_storage(java: str, classpath: str, nodes: Sequence[KraftNode], cluster_id: str) -> None:
+    """Give each data dir its KRaft identity once (all at the same time); a formatted dir keeps its data."""
+    formats = {}
+    for files in (node.files for node in nodes if not (node.files.data / "meta.properties").is_file()):
+        log.info("Formatting %s for KRaft (cluster id %s)", files.data, cluster_id)
+        formats[files.data] = subprocess.Popen(
+            [java, "-cp", classpath, "kafka.tools.StorageTool", "format", "--cluster-id", cluster_id,
+             "--config", str(files.properties), "--ignore-formatted"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    failed = [(data, run.communicate()[0]) for data, run in formats.items() if run.wait() != 0]
+    if failed:
+        raise KafkaLocalError("\n".join(f"formatting {data} failed:\n{said}" for data, said in failed))
+
+
+def server_properties(node: KraftNode, quorum: Sequence[KraftNode]) -> str:
+    """node's server.properties in a cluster of quorum (every node a voter): RF min(3, n), min ISR one less."""
+    replicas = min(3, len(quorum))
+    voters = ",".join(f"{voter.node_id}@127.0.0.1:{voter.controller_port}" for voter in quorum)
+    return SERVER_PROPERTIES.format(node_id=node.node_id, voters=voters, port=node.port,
+                                    controller_port=node.controller_port, data_dir=node.files.data,
+                                    replicas=replicas, min_isr=max(1, replicas - 1))
+
+
+def _configure(node: KraftNode, quorum: Sequence[KraftNode]) -> None:
+    node.files.log_file.parent.mkdir(parents=True, exist_ok=True)
+    node.files.properties.write_text(server_properties(node, quorum))
+    node.files.log4j.write_text(LOG4J2_PROPERTIES)
+
+
+def _launch(node: KraftNode, java: str, classpath: str, heap: str, name: str) -> int:
+    files = node.files
+    log.info("Starting Kafka %s%s at 127.0.0.1:%d (log: %s)", kafka_version(), name, node.port, files.log_file)
+    return daemons.launch(files.daemon, [
+        java, f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
+        f"-Dlog4j2.configurationFile={files.log4j}", "-cp", classpath, "kafka.Kafka", str(files.properties)],
+        cwd=files.root)
+
+
+def start_nodes(nodes: Sequence[KraftNode], *, heap: str = DEFAULT_HEAP, libs_dir: Path | None = None,
+                timeout: float = 60.0) -> list[BrokerInfo]:
+    """Start those of nodes (one KRaft quorum) that do not run, and return once every node answers.
+
+    Nodes already running are left as they are, so after one node died this
+    starts just that one, which rejoins the others. A port in use stops
+    everything before anything starts; a node that fails to come up stops the
+    nodes this call started, and the error points to its log.
+    """
+    pids = [daemons.running_pid(node.files.daemon) for node in nodes]
+    missing = [node for node, pid in zip(nodes, pids) if pid is None]
+    for node in missing:
+        for wanted in (node.port, node.controller_port):
+            if not daemons.port_free(wanted):
+                raise KafkaLocalError(f"127.0.0.1:{wanted} is already in use by another program (another "
+                                      "Kafka?). Stop it, or choose other ports (see --help).")
+    started: dict[int, int] = {}
+    if missing:
+        java = _java()
+        classpath = str(fetch(libs_dir or missing[0].files.libs) / "*")
+        for node in missing:
+            _configure(node, nodes)
+        _format_storage(java, classpath, missing, _cluster_id(nodes))
+        for node in missing:
+            name = f" node {node.node_id}" if len(nodes) > 1 else ""
+            started[node.node_id] = _launch(node, java, classpath, heap, name)
+    deadline = time.monotonic() + timeout
+    try:
+        infos = []
+        for node, pid in zip(nodes, pids):
+            pid = pid or started[node.node_id]
+            _wait_until_up(pid, node.bootstrap, node.files, max(deadline - time.monotonic(), 1.0), timeout)
+            infos.append(BrokerInfo(pid, node.bootstrap, node.files.log_file, started=node.node_id in started))
+        return infos
+    except KafkaLocalError:
+        stop_nodes(missing)
+        raise
 
 
 def start_broker(state_dir: Path, port: int = DEFAULT_PORT, controller_port: int = DEFAULT_CONTROLLER_PORT,
@@ -357,79 +392,36 @@ def start_broker(state_dir: Path, port: int = DEFAULT_PORT, controller_port: int
     copy of the (read-only) jars. Either a working broker comes back, or nothing
     is left running and the error points to the log.
     """
-    files = BrokerFiles.of(state_dir)
-    pid = running_pid(state_dir)
-    if pid is not None:
-        bootstrap = _configured_bootstrap(files) or f"127.0.0.1:{port}"
-        _wait_until_up(pid, bootstrap, files, timeout)
-        return BrokerInfo(pid, bootstrap, files.log_file, started=False)
-    for wanted in (port, controller_port):
-        if not _port_free(wanted):
-            raise KafkaLocalError(f"127.0.0.1:{wanted} is already in use by another program (another Kafka?). "
-                                  "Stop it, or choose other ports with --port / --controller-port.")
-    java = _java()
-    classpath = str(fetch(libs_dir or files.libs) / "*")
-    files.log_file.parent.mkdir(parents=True, exist_ok=True)
-    files.properties.write_text(SERVER_PROPERTIES.format(port=port, controller_port=controller_port,
-                                                         data_dir=files.data))
-    files.log4j.write_text(LOG4J2_PROPERTIES)
-    _format_storage(java, classpath, files)
-
-    bootstrap = f"127.0.0.1:{port}"
-    log.info("Starting Kafka %s at %s (log: %s)", kafka_version(), bootstrap, files.log_file)
-    with open(files.log_file, "ab") as log_out:
-        broker = subprocess.Popen(
-            [java, f"-Xmx{heap}", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20", "-Djava.awt.headless=true",
-             f"-Dlog4j2.configurationFile={files.log4j}", "-cp", classpath,
-             "kafka.Kafka", str(files.properties)],
-            stdin=subprocess.DEVNULL, stdout=log_out, stderr=subprocess.STDOUT,
-            cwd=files.root, start_new_session=True)  # a new session: Ctrl-C in this terminal leaves it alone
-    broker.returncode = 0  # tells Popen not to wait for (or warn about) a child meant to outlive us
-    files.pid_file.write_text(f"{broker.pid}\n")
-    try:
-        _wait_until_up(broker.pid, bootstrap, files, timeout)
-    except KafkaLocalError:
-        stop_broker(state_dir)
-        raise
-    return BrokerInfo(broker.pid, bootstrap, files.log_file, started=True)
+    node = KraftNode(BrokerFiles.of(state_dir), 1, port, controller_port)
+    return start_nodes([node], heap=heap, libs_dir=libs_dir, timeout=timeout)[0]
 
 
-def _wait_until_up(pid: int, bootstrap: str, files: BrokerFiles, timeout: float) -> None:
+def _wait_until_up(pid: int, bootstrap: str, files: BrokerFiles, timeout: float, allowed: float) -> None:
     began = time.monotonic()
     while time.monotonic() - began < timeout:
-        if not _alive(pid):
+        if not daemons.alive(pid):
             raise KafkaLocalError(f"the broker exited while starting. Last lines of {files.log_file}:\n"
                                   f"{tail(files.log_file)}\n(Kafka 4 needs Java 17 or newer.)")
         if is_reachable(bootstrap):
             log.info("Kafka answers at %s (pid %d) after %.1f s", bootstrap, pid, time.monotonic() - began)
             return
         time.sleep(0.5)
-    raise KafkaLocalError(f"the broker did not answer at {bootstrap} within {timeout:.0f} s, so it was "
+    raise KafkaLocalError(f"the broker did not answer at {bootstrap} within {allowed:.0f} s, so it was "
                           f"stopped again. See {files.log_file}")
 
 
-def stop_broker(state_dir: Path, timeout: float = 30.0) -> int | None:
-    """Stop the broker started from state_dir; return its pid, or None if none was running.
+def stop_nodes(nodes: Sequence[KraftNode], timeout: float = 30.0) -> list[int | None]:
+    """Stop the nodes that run (all at once); return their pids, None for those that did not run.
 
     SIGTERM first, which lets Kafka close its logs cleanly (a few seconds);
-    SIGKILL only if it is still running after timeout.
+    SIGKILL only if one still runs after timeout.
     """
-    files = BrokerFiles.of(state_dir)
-    pid = running_pid(state_dir)
-    if pid is None and files.pid_file.exists():
-        log.info("Removing %s: its pid is not a running broker of this state dir", files.pid_file)
-    if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _alive(pid):
-            log.warning("Kafka (pid %d) ignored SIGTERM for %.0f s; killing it", pid, timeout)
-            os.kill(pid, signal.SIGKILL)
-            while _alive(pid):
-                time.sleep(0.1)
-    files.pid_file.unlink(missing_ok=True)
-    return pid
+    return daemons.stop([node.files.daemon for node in nodes], timeout)
+
+
+def stop_broker(state_dir: Path, timeout: float = 30.0) -> int | None:
+    """Stop the broker started from state_dir; return its pid, or None if none was running."""
+    return daemons.stop([BrokerFiles.of(state_dir).daemon], timeout)[0]
 
 
 def broker_status(state_dir: Path, port: int = DEFAULT_PORT, timeout: float = 2.0) -> BrokerStatus:

@@ -276,7 +276,7 @@ def get_session(master: str | None = None, app_name: str = "periscope",
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))  # local mode: workers import periscope
     master = master or config.SPARK_MASTER
     builder = SparkSession.builder.master(master).appName(app_name).config("spark.jars", ",".join(map(str, jars)))
-    if master.startswith("local"):
+    if master.startswith(("local", "spark://127.0.0.1:", "spark://localhost:")):  # this machine only
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
     for key, value in {**SPARK_DEFAULTS, **(conf or {})}.items():

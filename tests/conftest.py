@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import batch_processor
-from periscope import kafka_local, speed_view
+from periscope import cluster, kafka_local, speed_view
 from periscope.dashboard import data
 from periscope.model import load_model
 from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule, parse_cutoff
@@ -106,6 +106,61 @@ class KafkaTestBroker(str):
         from periscope import kafka_local
 
         kafka_local.start_broker(self.state_dir, self.port, self.controller_port, libs_dir=self.libs)
+
+
+@pytest.fixture(scope="session")
+def unrelated_process():
+    """A process that is not ours (``sleep``), whose pid tests write into pid files: nothing may kill it."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    yield sleeper
+    sleeper.kill()
+    sleeper.wait()
+
+
+# --- the clusters of periscope.cluster, started once per session, shared by the tests that need them ---
+
+
+@dataclass(frozen=True)
+class SharedClusters:
+    """Three Kafka brokers and a Spark master with two workers, and how to bring back a part a test killed."""
+
+    state_dir: Path
+    layout: cluster.Layout
+    libs: Path
+
+    @property
+    def bootstrap(self) -> str:
+        return self.layout.bootstrap
+
+    def env(self) -> dict[str, str]:
+        """The environment that points every script at the clusters."""
+        import os
+
+        return {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap, "SPARK_MASTER": self.layout.spark_master,
+                "PYTHONUNBUFFERED": "1"}
+
+    def restart(self) -> None:
+        """``python -m periscope.cluster up`` again: starts the parts that died, waits until all answer."""
+
+        cluster.up(self.state_dir, libs_dir=self.libs)
+
+
+@pytest.fixture(scope="session")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> SharedClusters:
+    """The clusters, from a temporary state dir on free ports (never 9192 or 7077), sharing the Kafka jars.
+
+    One start per session (about 40 s on two cores): every cluster test shares
+    it, and a test that kills a part restarts it before it ends.
+    """
+    from periscope import daemons
+
+    state_dir = tmp_path_factory.mktemp("cluster-state")
+    ports = daemons.free_ports(10)
+    layout = cluster.Layout(tuple(ports[0:3]), tuple(ports[3:6]), ports[6], ports[7], tuple(ports[8:10]))
+    libs = kafka_local.BrokerFiles.of(kafka_local.default_state_dir()).libs
+    started, _ = cluster.up(state_dir, layout, libs_dir=libs)
+    yield SharedClusters(state_dir, started.layout, libs)
+    cluster.down(state_dir)
 
 
 @pytest.fixture

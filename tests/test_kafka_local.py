@@ -49,15 +49,6 @@ def process_exists(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def unrelated_process():
-    """A process that is not Kafka, whose pid ends up in pid files: nothing may kill it."""
-    sleeper = subprocess.Popen(["sleep", "600"])
-    yield sleeper
-    sleeper.kill()
-    sleeper.wait()
-
-
-@pytest.fixture(scope="module")
 def broker(tmp_path_factory, unrelated_process) -> LocalBroker:
     """A broker whose state dir begins with a stale pid file, as after a reboot."""
     state_dir = tmp_path_factory.mktemp("state")
