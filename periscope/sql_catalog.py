@@ -39,8 +39,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from periscope import config, storage
+from periscope.schema import AVRO_SCHEMA
 from periscope.spark_session import SparkSetupError, get_session
-from periscope.sql_prompt import sql_prompt
+from periscope.sql_prompt import quiet_query_errors, sql_prompt
 
 DATABASE = "periscope"
 CATALOG_DIR = config.STATE_DIR / "spark"
@@ -108,13 +109,15 @@ def view_statements(views_dir: Path, version: str) -> list[str]:
 
 def file_table_statements(sources: Sources) -> list[str]:
     """The master and speed tables, made anew each session: external tables over the files where they are
-    now (``--master-dir``, ``--speed-dir``), with the schema the files have now."""
+    now (``--master-dir``, ``--speed-dir``). Master files are read with the one trip schema as the reader
+    schema, as the Spark batch engine reads them: files written without the TLC fields read them as null."""
     statements = [f"CREATE DATABASE IF NOT EXISTS {DATABASE} COMMENT 'Periscope: master data and batch views'",
                   f"DROP TABLE IF EXISTS {DATABASE}.master", f"DROP TABLE IF EXISTS {DATABASE}.speed"]
     if storage.master_files(sources.master_dir):  # external tables: dropping one leaves its files alone
+        reader_schema = json.dumps(AVRO_SCHEMA).replace("'", "\\'")  # Kaggle files lack TLC fields
         statements.append(f"CREATE TABLE {DATABASE}.master USING avro OPTIONS "
                           f"(path '{_quoted(sources.master_dir)}', recursiveFileLookup 'true', "
-                          "pathGlobFilter '*.avro')")
+                          f"pathGlobFilter '*.avro', avroSchema '{reader_schema}')")
     if any(sources.speed_dir.glob("p*/*.parquet")):
         statements.append(f"CREATE TABLE {DATABASE}.speed USING parquet OPTIONS "
                           f"(path '{_quoted(sources.speed_dir)}', recursiveFileLookup 'true', "
@@ -156,6 +159,7 @@ def open_catalog(sources: Sources, master: str | None = None,
                           "(an embedded metastore admits one process): close that prompt first")
     spark = get_session(master, "periscope-sql", conf=catalog_conf(catalog_dir))
     spark.sparkContext.setLogLevel("ERROR")
+    quiet_query_errors()
     try:
         try:
             catalog = Catalog(spark, sources)

@@ -7,11 +7,20 @@ memory-sink view shows what the stream has produced so far.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
+from pyspark.logger import PySparkLogger
 from pyspark.sql import SparkSession
 
 QUIT_WORDS = ("quit", "exit")
+
+
+def quiet_query_errors() -> None:
+    """Keep pyspark from logging a failed statement as a JSON blob with the JVM's stack trace;
+    the prompt (or ``-e``) says what failed in one line."""
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        PySparkLogger.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def sql_prompt(spark: SparkSession, example: str, *, over: str = "the running streams",
@@ -24,6 +33,7 @@ def sql_prompt(spark: SparkSession, example: str, *, over: str = "the running st
     ERROR), so they do not mix into what is typed. ``before`` runs before each statement.
     """
     spark.sparkContext.setLogLevel("ERROR")
+    quiet_query_errors()
     print(f"SQL over {over}: e.g. {example} (quit, exit or Ctrl-D {ends})")
     while True:
         try:

@@ -17,7 +17,9 @@ import pytest
 
 import batch_processor
 from periscope import config, spark_session, sql_catalog
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SHARED_DATA
+
+GREEN = SHARED_DATA / "tlc" / "green_tripdata_2020-04_1000rows.csv"
 
 
 def test_view_statements_name_the_version_and_read_timestamps(tmp_path, sample_csv):
@@ -63,7 +65,8 @@ def published(tmp_path, sample_csv, sample_raw, independent_clean_mask):
                .rename("trips").reset_index().sort_values(["trips", "weekday", "hour"],
                                                           ascending=[False, True, True]))
     expected = {"master": int(history.sum() + history.head(500).sum()), "distinct": len(distinct),
-                "clean": len(clean), "busiest": [str(v) for v in by_hour.iloc[0][["weekday", "hour", "trips"]]]}
+                "clean": len(clean),
+                "busiest": [str(v) for v in by_hour.iloc[0][["weekday", "hour", "trips"]]]}
     env = {**os.environ, "PERISCOPE_STATE_DIR": str(dirs["state"]),
            "PERISCOPE_SPARK_JARS_DIR": str(spark_session.JARS_DIR), "PYTHONUNBUFFERED": "1"}
     return flags, dirs, expected, env
@@ -120,18 +123,26 @@ def test_prompt_follows_each_publish_and_holds_the_catalog(published):
 
 
 def test_execute_counts_every_copy_in_master_and_each_trip_once_in_the_views(published):
-    """``-e`` prints each result; master holds every copy; a failing statement ends with one line."""
+    """``-e`` prints each result; master holds every copy, in every layout; a failing statement ends
+    with one line."""
     flags, dirs, expected, env = published
+    assert batch_processor.main([*flags, "import", "--cutoff", "none", str(GREEN)]) == 0  # not in v000001
+    green = pd.read_csv(GREEN)
     result = subprocess.run(sql_command(
-        flags, "-e", "SELECT count(*) AS copies, count(DISTINCT id) AS trips FROM periscope.master",
+        flags, "-e", "SELECT count(*) AS copies, count(DISTINCT id) AS trips FROM periscope.master "
+                     "WHERE service IS NULL OR service <> 'green'",
+        "-e", "SELECT count(*) AS green, count(pickup_location_id) AS zoned FROM periscope.master "
+              "WHERE service = 'green'",
         "-e", "SELECT sum(trips) AS clean FROM periscope.daily_summary",
         "-e", "SELECT pickup_weekday, pickup_hour, trips FROM periscope.hour_of_week "
               "ORDER BY trips DESC, pickup_weekday, pickup_hour LIMIT 1",
         "-e", "SELECT * FROM periscope.no_such_view"), cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=300)
     assert _table(result.stdout, "|copies") == [[str(expected["master"]), str(expected["distinct"])]]
+    zoned = int(green["PULocationID"].notna().sum())
+    assert _table(result.stdout, "|green") == [[str(len(green)), str(zoned)]]
     assert _table(result.stdout, "|clean") == [[str(expected["clean"])]]
     assert _table(result.stdout, "|pickup_weekday") == [expected["busiest"]]
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "stacktrace" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 'SELECT * FROM periscope.no_such_view':") and "no_such_view" in last
