@@ -274,8 +274,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _stream_flags(run)
     imp = command("import", "append trip files (Kaggle or TLC, CSV or Parquet) to the master dataset (a file "
                             "already imported with the same cutoff adds nothing)")
-    imp.add_argument("files", type=Path, nargs="+", metavar="FILE", help="trip file: Kaggle-layout CSV, or TLC trip records (yellow/green, "
-                                                               "2009 on): CSV, plain or gzip, or Parquet")
+    imp.add_argument("files", type=Path, nargs="+", metavar="FILE",
+                     help="trip file: Kaggle-layout CSV, or TLC trip records (yellow/green, "
+                          "2009 on): CSV, plain or gzip, or Parquet")
     _cutoff_flag(imp)
     imp.add_argument("--part-rows", type=int, default=PART_ROWS, metavar="N", help="trips per master file")
     _stream_flags(command("ingest", "drain new Kafka events into master files, then commit offsets"))

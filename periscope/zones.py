@@ -41,7 +41,6 @@ from periscope.schema import ZONES
 
 ZONES_DIR = PROJECT_ROOT / "data" / "zones"
 CENTROIDS = "taxi_zone_centroids.csv"
-CENTROIDS_CSV = ZONES_DIR / CENTROIDS
 POLYGONS = "taxi_zones.geojson.gz"
 NO_ZONE = 0
 """``zone_of`` for a point in no zone (TLC ids start at 1)."""
@@ -57,9 +56,15 @@ class Zones:
 
 
 @lru_cache(maxsize=4)
+def zone_table(directory: Path = ZONES_DIR) -> pd.DataFrame:
+    """The shipped zone table, indexed by location_id (read once per process)."""
+    return pd.read_csv(directory / CENTROIDS).set_index("location_id").sort_index()
+
+
+@lru_cache(maxsize=4)
 def load_zones(directory: Path = ZONES_DIR) -> Zones:
-    """The shipped zones (read once per process)."""
-    table = pd.read_csv(directory / CENTROIDS).set_index("location_id").sort_index()
+    """The shipped zones with their polygons (read once per process)."""
+    table = zone_table(directory)
     with gzip.open(directory / POLYGONS, "rt", encoding="utf-8") as handle:
         features = json.load(handle)["features"]
     polygons = [shape(feature["geometry"]) for feature in features]
@@ -88,9 +93,9 @@ def zone_of(longitude: np.ndarray | pd.Series, latitude: np.ndarray | pd.Series,
 @lru_cache(maxsize=1)
 def centroids() -> tuple[np.ndarray, np.ndarray]:
     """(longitude, latitude) of each zone's centroid, indexed by zone id; NaN for no known zone."""
-    table = pd.read_csv(CENTROIDS_CSV)
+    table = zone_table()
     lon, lat = np.full(ZONES[1] + 1, np.nan), np.full(ZONES[1] + 1, np.nan)
-    lon[table["location_id"]], lat[table["location_id"]] = table["centroid_longitude"], table["centroid_latitude"]
+    lon[table.index], lat[table.index] = table["centroid_longitude"], table["centroid_latitude"]
     return lon, lat
 
 
