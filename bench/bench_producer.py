@@ -22,12 +22,16 @@ the JVM (Java) are left out.
 The benchmark starts a private broker of its own (``periscope.kafka_local``,
 in a temporary state dir on free ports) and stops it at the end, so it never
 touches a broker you are running; ``--bootstrap`` uses an existing broker
-instead (its benchmark topics are deleted afterwards).
+instead (its benchmark topics are deleted afterwards). ``--brokers 1,3`` starts
+the single broker and a three-broker cluster (``bench.brokers``: replication
+factor 3, ``min.insync.replicas=2``) and alternates every run between them,
+so their ratio is measured side by side.
 
 Run it (about 1-2 minutes)::
 
     python -m bench.bench_producer
     python -m bench.bench_producer --trips 500000 --repeats 5
+    python -m bench.bench_producer --brokers 1,3       # single broker vs three-broker cluster
 
 The machine, every run and the medians are printed and written to
 ``bench/results/producer.json``.
@@ -35,6 +39,7 @@ The machine, every run and the medians are printed and written to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
@@ -55,6 +60,7 @@ if __package__ in (None, ""):  # run as a file: python bench/bench_producer.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kafka_producer  # noqa: E402
+from bench import brokers  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from periscope import config, kafka_local  # noqa: E402
 from periscope.stream import PRODUCER_CONFIG, BrokerUnavailable, wait_for_broker  # noqa: E402
@@ -130,37 +136,53 @@ def delete_topics(bootstrap: str, names: list[str]) -> None:
         admin.close()
 
 
-def benchmark(bootstrap: str, args: argparse.Namespace, libs: Path) -> dict[str, Any]:
-    """Alternate ours and Java ``args.repeats`` times on ``bootstrap``; return every run and the medians."""
+TOOLS = ("kafka_producer.py", "java ProducerPerformance")
+
+
+def benchmark(targets: dict[str, str], args: argparse.Namespace, libs: Path) -> dict[str, Any]:
+    """Alternate ours and Java on each Kafka of targets (name -> bootstrap), ``args.repeats`` times.
+
+    Returns every run and, per Kafka, the medians and the ratio ours/Java; with
+    two Kafkas, also each tool's ratio of the second to the first (cluster/single).
+    """
     record_size = round(mean_message_bytes(args.input, args.trips))
     print(f"message size: {record_size} bytes on average (trip id key + JSON value); "
           f"{args.trips:,} trips per run, {args.repeats} runs each, alternating", flush=True)
     stem = uuid.uuid4().hex[:6]
     runs: list[dict[str, Any]] = []
-    topics: list[str] = []
+    topics: dict[str, list[str]] = {name: [] for name in targets}
     try:
         for repeat in range(1, args.repeats + 1):
-            for tool in ("kafka_producer.py", "java ProducerPerformance"):
-                topic = f"bench-{'python' if tool.startswith('kafka') else 'java'}-{stem}-{repeat}"
-                kafka_local.ensure_topics(bootstrap, {topic: PARTITIONS})
-                topics.append(topic)
-                load = os.getloadavg()[0]
-                if tool.startswith("kafka"):
-                    run = run_ours(bootstrap, topic, args.input, args.trips)
-                else:
-                    run = run_java(bootstrap, topic, args.trips, record_size, libs)
-                run.update(tool=tool, repeat=repeat, load_average_1min=round(load, 2))
-                runs.append(run)
-                print(f"  run {repeat}  {tool:<25} {run['trips_per_s']:>9,} trips/s  {run['mb_per_s']:6.1f} MB/s  "
-                      f"{run['elapsed_s']:6.2f} s  (load {load:.2f})", flush=True)
+            for name, bootstrap in targets.items():
+                for tool in TOOLS:
+                    topic = f"bench-{'python' if tool == TOOLS[0] else 'java'}-{stem}-{repeat}"
+                    kafka_local.ensure_topics(bootstrap, {topic: PARTITIONS})
+                    topics[name].append(topic)
+                    load = os.getloadavg()[0]
+                    if tool == TOOLS[0]:
+                        run = run_ours(bootstrap, topic, args.input, args.trips)
+                    else:
+                        run = run_java(bootstrap, topic, args.trips, record_size, libs)
+                    run.update(tool=tool, kafka=name, repeat=repeat, load_average_1min=round(load, 2))
+                    runs.append(run)
+                    print(f"  run {repeat}  {name:<38} {tool:<25} {run['trips_per_s']:>9,} trips/s  "
+                          f"{run['mb_per_s']:6.1f} MB/s  {run['elapsed_s']:6.2f} s  (load {load:.2f})", flush=True)
     finally:
-        if args.bootstrap and topics:
-            delete_topics(bootstrap, topics)
-    ours = statistics.median(r["trips_per_s"] for r in runs if r["tool"] == "kafka_producer.py")
-    java = statistics.median(r["trips_per_s"] for r in runs if r["tool"] != "kafka_producer.py")
-    return {"record_size_bytes": record_size, "runs": runs,
-            "median_trips_per_s": {"kafka_producer.py": ours, "java ProducerPerformance": java},
-            "ratio_ours_to_java": round(ours / java, 3)}
+        if args.bootstrap:
+            for name, bootstrap in targets.items():
+                delete_topics(bootstrap, topics[name])
+    by_kafka = {}
+    for name in targets:
+        medians = {tool: statistics.median(r["trips_per_s"] for r in runs if r["kafka"] == name and r["tool"] == tool)
+                   for tool in TOOLS}
+        by_kafka[name] = {"median_trips_per_s": medians,
+                          "ratio_ours_to_java": round(medians[TOOLS[0]] / medians[TOOLS[1]], 3)}
+    result: dict[str, Any] = {"record_size_bytes": record_size, "runs": runs, "by_kafka": by_kafka,
+                              **by_kafka[next(iter(targets))]}
+    if len(targets) == 2:
+        first, second = (by_kafka[name]["median_trips_per_s"] for name in targets)
+        result["ratio_second_to_first"] = {tool: round(second[tool] / first[tool], 3) for tool in TOOLS}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV, help="trips to replay (Kaggle layout)")
     parser.add_argument("--trips", type=int, default=200_000, help="trips (records) per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each producer, alternating")
+    parser.add_argument("--brokers", default="1",
+                        help="private Kafka to start: 1 (the single broker), 3 (a three-broker cluster, RF 3, "
+                             "min ISR 2) or 1,3 (both, alternated run by run)")
     parser.add_argument("--bootstrap", metavar="HOST:PORT",
                         help="use this running broker instead of starting a private one (default: private)")
     parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="where the JSON result is written")
@@ -180,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--trips must be at least 1000 for a meaningful rate; got {args.trips}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1; got {args.repeats}")
+    try:
+        args.brokers = brokers.parse_broker_counts(args.brokers)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.bootstrap and args.brokers != [1]:
+        parser.error("--bootstrap uses a running broker; it cannot be combined with --brokers")
     if not args.input.is_file():
         parser.error(f"--input {args.input}: no such file (the shipped sample is {config.SAMPLE_CSV})")
 
@@ -190,31 +221,34 @@ def main(argv: list[str] | None = None) -> int:
     print("  " + ", ".join(f"{name} {version}" for name, version in versions.items()), flush=True)
     libs = kafka_local.fetch(kafka_local.BrokerFiles.of(kafka_local.default_state_dir()).libs)
 
-    state_dir = None
+    work = Path(tempfile.mkdtemp(prefix="periscope-bench-kafka-"))
     try:
-        if args.bootstrap:
-            wait_for_broker(args.bootstrap, "benchmark the producer", timeout_s=10)
-            bootstrap, broker = args.bootstrap, f"existing broker at {args.bootstrap}"
-        else:
-            state_dir = Path(tempfile.mkdtemp(prefix="periscope-bench-kafka-"))
-            port, controller_port = kafka_local.free_ports(2)
-            info = kafka_local.start_broker(state_dir, port, controller_port, libs_dir=libs)
-            bootstrap = info.bootstrap
-            broker = f"private Kafka {kafka_local.kafka_version()} broker at {bootstrap}"
-        print(f"broker: {broker}", flush=True)
-        result = benchmark(bootstrap, args, libs)
+        with contextlib.ExitStack() as stack:
+            if args.bootstrap:
+                wait_for_broker(args.bootstrap, "benchmark the producer", timeout_s=10)
+                targets = {f"existing broker at {args.bootstrap}": args.bootstrap}
+            else:
+                targets = {brokers.label(nodes): stack.enter_context(
+                    brokers.private_kafka(nodes, work / f"kafka-{nodes}", libs)) for nodes in args.brokers}
+            for name, bootstrap in targets.items():
+                print(f"kafka: {name} at {bootstrap}", flush=True)
+            result = benchmark(targets, args, libs)
     except (BrokerUnavailable, kafka_local.KafkaLocalError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:
-        if state_dir is not None:
-            kafka_local.stop_broker(state_dir)
-            shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    broker = ", ".join(targets)
 
-    medians = result["median_trips_per_s"]
-    print(f"median: kafka_producer.py {medians['kafka_producer.py']:,} trips/s, "
-          f"Java ProducerPerformance {medians['java ProducerPerformance']:,} records/s "
-          f"-> ours/java = {result['ratio_ours_to_java']:.2f}")
+    for name, figures in result["by_kafka"].items():
+        medians = figures["median_trips_per_s"]
+        print(f"median on the {name}: kafka_producer.py {medians[TOOLS[0]]:,} trips/s, "
+              f"Java ProducerPerformance {medians[TOOLS[1]]:,} records/s "
+              f"-> ours/java = {figures['ratio_ours_to_java']:.2f}")
+    if "ratio_second_to_first" in result:
+        second, first = list(result["by_kafka"])[1], list(result["by_kafka"])[0]
+        print(f"{second} / {first}: " + ", ".join(f"{tool} {ratio:.2f}"
+                                                   for tool, ratio in result["ratio_second_to_first"].items()))
     report = {"benchmark": "producer", "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine, "versions": versions, "broker": broker, "input": str(args.input),
               "trips_per_run": args.trips, "repeats": args.repeats,

@@ -24,12 +24,18 @@ Run it (about four minutes; it needs a trained model: ``python train_model.py``)
 
     python -m bench.bench_speed_layer
     python -m bench.bench_speed_layer --trips 50000 --repeat 1 --duration 10    # a quick check
+    python -m bench.bench_speed_layer --brokers 1,3    # single broker vs three-broker cluster
+
+With ``--brokers 1,3`` both run (``bench.brokers``), the throughput runs
+alternate between them, and the ratios cluster/single are printed; the
+targets are checked on the first.
 
 Results are printed and written to ``bench/results/speed_layer.json``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -47,6 +53,7 @@ import pandas as pd
 if __package__ in (None, ""):  # run as a file: python bench/bench_speed_layer.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import brokers  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
 from periscope import config, kafka_local, speed_view  # noqa: E402
 from periscope import speed_tuning as tuning  # noqa: E402
@@ -58,7 +65,7 @@ TARGET_TRIPS_PER_S = 20_000
 TARGET_P99_MS = 1000.0
 TARGET_RATE = 5000
 DRAIN_IDLE_S = 2.0
-LATENCY_IDLE_S = 10.0
+LATENCY_IDLE_S = 30.0
 """A latency run's consumer waits this long for the producer to start (Python and the CSV load take seconds)."""
 
 
@@ -136,40 +143,43 @@ def latency_summary(rows: pd.DataFrame, warmup_s: float) -> dict[str, Any]:
 # --- the two parts ------------------------------------------------------------------------------------
 
 
-def bench_throughput(bootstrap: str, work: Path, model_dir: Path, trips: int, repeat: int) -> dict[str, Any]:
+def prepare_throughput(bootstrap: str, work: Path, model_dir: Path, trips: int) -> dict[str, Any]:
+    """Fill a fresh topic with ``trips`` trips, and measure a consumer's start-up CPU on an empty one."""
     topic = "bench-throughput"
     kafka_local.ensure_topics(bootstrap, {topic: 3, f"{topic}-dlq": 1, "bench-empty": 3, "bench-empty-dlq": 1})
     produce_s = produce(bootstrap, topic, trips, work / "producer.log")
     print(f"  produced {trips:,} trips in {produce_s:.1f} s ({trips / produce_s:,.0f} trips/s)")
-
     empty = start_consumer(bootstrap, "bench-empty", "empty", work / "speed-empty", model_dir, work / "empty.log")
     startup_cpu_s = wait_with_usage(empty, work / "empty.log")
     print(f"  start-up and idle wait on an empty topic: {startup_cpu_s:.1f} CPU s")
+    return {"topic": topic, "trips": trips, "produce_s": round(produce_s, 2), "startup_cpu_s": round(startup_cpu_s, 2),
+            "runs": []}
 
-    runs = []
-    for run in range(1, repeat + 1):
-        speed_dir, log = work / f"speed-{run}", work / f"consumer-{run}.log"
-        started = time.perf_counter()
-        cpu_s = wait_with_usage(start_consumer(bootstrap, topic, f"run-{run}", speed_dir, model_dir, log), log)
-        wall_s = time.perf_counter() - started
-        rows = speed_view.read_speed(speed_dir)
-        status = speed_view.read_statuses(speed_dir)[0]
-        consumed = status["totals"]["consumed"]
-        if consumed != trips or len(rows) != status["totals"]["valid"]:
-            raise RuntimeError(f"run {run}: consumed {consumed:,} of {trips:,} trips, {len(rows):,} rows")
-        result = {"run": run, "trips": consumed, "valid": len(rows), "dlq": status["totals"]["dlq"],
-                  "trips_per_s": round(drain_rate(rows, consumed)), "process_wall_s": round(wall_s, 2),
-                  "process_cpu_s": round(cpu_s, 2),
-                  "cpu_us_per_trip": round((cpu_s - startup_cpu_s) / consumed * 1e6, 1),
-                  "speed_files": len(speed_view.batch_files(speed_dir)),
-                  "load_average_1min": round(os.getloadavg()[0], 2)}
-        runs.append(result)
-        print(f"  run {run}: {result['trips_per_s']:,} trips/s from first to last file; process {wall_s:.1f} s "
-              f"wall, {cpu_s:.1f} CPU s ({result['cpu_us_per_trip']:.0f} CPU us per trip after start-up); "
-              f"{result['speed_files']} files; load {result['load_average_1min']}")
-    return {"trips": trips, "produce_s": round(produce_s, 2), "startup_cpu_s": round(startup_cpu_s, 2),
-            "runs": runs, "median_trips_per_s": round(statistics.median(r["trips_per_s"] for r in runs)),
-            "median_cpu_us_per_trip": statistics.median(r["cpu_us_per_trip"] for r in runs)}
+
+def throughput_run(bootstrap: str, work: Path, model_dir: Path, prepared: dict[str, Any], run: int) -> None:
+    """One consumer process drains the prepared topic in a new group; the run is appended to prepared."""
+    trips, topic = prepared["trips"], prepared["topic"]
+    speed_dir, log = work / f"speed-{run}", work / f"consumer-{run}.log"
+    started = time.perf_counter()
+    cpu_s = wait_with_usage(start_consumer(bootstrap, topic, f"run-{run}", speed_dir, model_dir, log), log)
+    wall_s = time.perf_counter() - started
+    rows = speed_view.read_speed(speed_dir)
+    status = speed_view.read_statuses(speed_dir)[0]
+    consumed = status["totals"]["consumed"]
+    if consumed != trips or len(rows) != status["totals"]["valid"]:
+        raise RuntimeError(f"run {run}: consumed {consumed:,} of {trips:,} trips, {len(rows):,} rows")
+    result = {"run": run, "trips": consumed, "valid": len(rows), "dlq": status["totals"]["dlq"],
+              "trips_per_s": round(drain_rate(rows, consumed)), "process_wall_s": round(wall_s, 2),
+              "process_cpu_s": round(cpu_s, 2),
+              "cpu_us_per_trip": round((cpu_s - prepared["startup_cpu_s"]) / consumed * 1e6, 1),
+              "speed_files": len(speed_view.batch_files(speed_dir)),
+              "load_average_1min": round(os.getloadavg()[0], 2)}
+    prepared["runs"].append(result)
+    prepared["median_trips_per_s"] = round(statistics.median(r["trips_per_s"] for r in prepared["runs"]))
+    prepared["median_cpu_us_per_trip"] = statistics.median(r["cpu_us_per_trip"] for r in prepared["runs"])
+    print(f"  run {run}: {result['trips_per_s']:,} trips/s from first to last file; process {wall_s:.1f} s "
+          f"wall, {cpu_s:.1f} CPU s ({result['cpu_us_per_trip']:.0f} CPU us per trip after start-up); "
+          f"{result['speed_files']} files; load {result['load_average_1min']}")
 
 
 def bench_latency(bootstrap: str, work: Path, model_dir: Path, rate: int, duration_s: float,
@@ -207,8 +217,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds at the start of a latency run not measured")
     parser.add_argument("--model-dir", type=Path, default=config.MODEL_DIR,
                         help="trained model the consumer uses (env PERISCOPE_MODEL_DIR)")
+    parser.add_argument("--brokers", default="1",
+                        help="private Kafka to run against: 1 (the single broker), 3 (a three-broker cluster, "
+                             "RF 3, min ISR 2) or 1,3 (both, throughput runs alternated between them)")
     parser.add_argument("--out", type=Path, default=RESULTS_FILE, help="JSON result file")
     args = parser.parse_args(argv)
+    try:
+        args.brokers = brokers.parse_broker_counts(args.brokers)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         args.rates = [int(part) for part in args.rates.split(",") if part.strip()]
     except ValueError:
@@ -226,24 +243,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = print_machine()
     work = Path(tempfile.mkdtemp(prefix="periscope-bench-speed-"))
-    port, controller_port = kafka_local.free_ports(2)
     libs = kafka_local.BrokerFiles.of(kafka_local.default_state_dir()).libs
-    broker = kafka_local.start_broker(work / "state", port, controller_port, libs_dir=libs)
-    print(f"private Kafka {kafka_local.kafka_version()} broker at {broker.bootstrap}; work dir {work}\n")
+    by_kafka: dict[str, dict[str, Any]] = {}
     try:
-        print(f"throughput: {args.trips:,} pre-produced trips, one consumer process, {args.repeat} run(s)")
-        throughput = bench_throughput(broker.bootstrap, work, args.model_dir, args.trips, args.repeat)
-        print("\nend-to-end latency (Kafka timestamp -> speed file visible)")
-        latency = [bench_latency(broker.bootstrap, work, args.model_dir, rate, args.duration, args.warmup)
-                   for rate in args.rates]
+        with contextlib.ExitStack() as stack:
+            targets = {brokers.label(nodes): (stack.enter_context(
+                brokers.private_kafka(nodes, work / f"state-{nodes}", libs)), work / f"kafka-{nodes}")
+                for nodes in args.brokers}
+            for name, (bootstrap, kafka_work) in targets.items():
+                kafka_work.mkdir()
+                print(f"private Kafka {kafka_local.kafka_version()}: {name} at {bootstrap}; work dir {kafka_work}")
+                print(f"throughput: {args.trips:,} pre-produced trips, one consumer process, {args.repeat} run(s)")
+                by_kafka[name] = {"throughput": prepare_throughput(bootstrap, kafka_work, args.model_dir, args.trips)}
+            for run in range(1, args.repeat + 1):
+                for name, (bootstrap, kafka_work) in targets.items():
+                    print(f"  on the {name}:")
+                    throughput_run(bootstrap, kafka_work, args.model_dir, by_kafka[name]["throughput"], run)
+            for name, (bootstrap, kafka_work) in targets.items():
+                print(f"\nend-to-end latency on the {name} (Kafka timestamp -> speed file visible)")
+                by_kafka[name]["latency"] = [bench_latency(bootstrap, kafka_work, args.model_dir, rate,
+                                                           args.duration, args.warmup) for rate in args.rates]
     except BaseException:
         print(f"\nthe benchmark failed; logs are kept in {work}", file=sys.stderr)
         raise
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    finally:
-        kafka_local.stop_broker(work / "state")
+    shutil.rmtree(work, ignore_errors=True)
 
+    throughput, latency = (by_kafka[brokers.label(args.brokers[0])][part] for part in ("throughput", "latency"))
+    if len(by_kafka) == 2:
+        (first, a), (second, b) = by_kafka.items()
+        print(f"\n{second} / {first}: throughput "
+              f"{b['throughput']['median_trips_per_s'] / a['throughput']['median_trips_per_s']:.2f}, p99 latency "
+              + ", ".join(f"{x['p99_ms'] / max(y['p99_ms'], 1):.2f} at {x['rate_per_s']:,}/s"
+                          for x, y in zip(b["latency"], a["latency"])))
     at_target = next((run for run in latency if run["rate_per_s"] == TARGET_RATE), None)
     targets = [{"target": f">= {TARGET_TRIPS_PER_S:,} trips/s per process",
                 "measured": f"{throughput['median_trips_per_s']:,} trips/s (median)",
@@ -259,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     document = {"benchmark": "speed_layer", "argv": sys.argv[1:] if argv is None else argv, "machine": machine,
                 "model_version": current_version(args.model_dir), "kafka": kafka_local.kafka_version(),
                 "consumer_settings": settings,
-                "throughput": throughput, "latency": latency, "targets": targets}
+                "throughput": throughput, "latency": latency, "by_kafka": by_kafka, "targets": targets}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"results written to {args.out}")
