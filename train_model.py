@@ -206,8 +206,6 @@ def evaluate(candidate: model.TripDurationModel, holdout: pd.DataFrame) -> dict[
           f"RMSLE {m['rmsle_clean']:.4f}  MAE {m['mae_clean']:.0f} s  RMSE {m['rmse_clean']:.0f} s")
     if len(m["by_group"]) > 1:
         print_eras(m["by_group"])
-    else:
-        del m["by_group"]
     return m
 
 

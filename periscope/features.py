@@ -144,7 +144,9 @@ def time_parts(pickup_ms: np.ndarray) -> dict[str, np.ndarray]:
 @lru_cache(maxsize=1)
 def zone_attributes() -> dict[str, np.ndarray]:
     """Per zone id (index 0..265; NaN or 0 for ``NO_ZONE`` and the unknown 264/265): centroid,
-    borough code, area, airport code."""
+    borough code, area, airport code; and per pair of zones (index ``pickup * 266 + dropoff``)
+    the centroid-to-centroid distance, grid distance and bearing, so a batch looks them up
+    instead of computing trigonometry per trip."""
     table = zone_table()
     size = ZONES[1] + 3
     columns = {name: np.full(size, np.nan) for name in ("longitude", "latitude", "borough", "area_km2")}
@@ -157,6 +159,11 @@ def zone_attributes() -> dict[str, np.ndarray]:
     columns["borough"][NO_ZONE] = 0
     for zone, code in AIRPORTS.items():
         columns["airport"][zone] = code
+    p_lon, d_lon = np.repeat(columns["longitude"], size), np.tile(columns["longitude"], size)
+    p_lat, d_lat = np.repeat(columns["latitude"], size), np.tile(columns["latitude"], size)
+    columns["pair_distance_km"] = haversine_km(p_lat, p_lon, d_lat, d_lon)
+    columns["pair_grid_distance_km"] = _grid_distance_km(p_lat, p_lon, d_lat, d_lon)
+    columns["pair_bearing_deg"] = _bearing_deg(p_lat, p_lon, d_lat, d_lon)
     return columns
 
 
@@ -189,6 +196,7 @@ def build_features(trips: Mapping[str, Any]) -> np.ndarray:
     p_zone, d_zone = trip_zones(trips, "pickup"), trip_zones(trips, "dropoff")
     pz_lon, pz_lat = zone["longitude"][p_zone], zone["latitude"][p_zone]
     dz_lon, dz_lat = zone["longitude"][d_zone], zone["latitude"][d_zone]
+    pair = p_zone * len(zone["longitude"]) + d_zone
     day = weather.on_days(when["days"])
     values = {
         "vendor_id": np.asarray(trips["vendor_id"]),
@@ -210,9 +218,9 @@ def build_features(trips: Mapping[str, Any]) -> np.ndarray:
         "pickup_zone_latitude": pz_lat,
         "dropoff_zone_longitude": dz_lon,
         "dropoff_zone_latitude": dz_lat,
-        "zone_distance_km": haversine_km(pz_lat, pz_lon, dz_lat, dz_lon),
-        "zone_grid_distance_km": _grid_distance_km(pz_lat, pz_lon, dz_lat, dz_lon),
-        "zone_bearing_deg": _bearing_deg(pz_lat, pz_lon, dz_lat, dz_lon),
+        "zone_distance_km": zone["pair_distance_km"][pair],
+        "zone_grid_distance_km": zone["pair_grid_distance_km"][pair],
+        "zone_bearing_deg": zone["pair_bearing_deg"][pair],
         "pickup_borough": zone["borough"][p_zone],
         "dropoff_borough": zone["borough"][d_zone],
         "pickup_airport": zone["airport"][p_zone],

@@ -7,6 +7,7 @@ the readers under test.
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -301,7 +302,7 @@ def test_views_over_kaggle_and_tlc_files_equal_pandas(sample_csv, tmp_path, inde
     np.testing.assert_array_equal(version.views["pickup_grid"]["trips"], grid.to_numpy())
 
 
-def test_evaluate_scores_a_tlc_file_with_coordinates_and_refuses_zone_only_ones(tmp_path, sample_csv, capsys):
+def test_evaluate_scores_tlc_files_with_coordinates_and_zone_only_ones(tmp_path, sample_csv, capsys):
     model_dir = tmp_path / "model"
     assert train_model.main(["--input", str(sample_csv), "--model-dir", str(model_dir), "--threads", "1",
                              "--no-save-holdout"]) == 0
@@ -309,10 +310,15 @@ def test_evaluate_scores_a_tlc_file_with_coordinates_and_refuses_zone_only_ones(
     assert train_model.main(["--model-dir", str(model_dir), "--json",
                              "--evaluate", str(TLC_DIR / "yellow_tripdata_2015-01_head.csv")]) == 0
     assert '"rows": 999' in capsys.readouterr().out
-    assert train_model.main(["--model-dir", str(model_dir),
-                             "--evaluate", str(TLC_DIR / "yellow_tripdata_2021-01_head.csv.gz")]) == 2
-    err = capsys.readouterr().err
-    assert "located by taxi zone only" in err and len(err.strip().splitlines()) == 1
+    zone_file = TLC_DIR / "yellow_tripdata_2021-01_head.csv.gz"
+    assert train_model.main(["--model-dir", str(model_dir), "--json", "--evaluate", str(zone_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    raw = pd.read_csv(zone_file, on_bad_lines="skip")
+    times = {end: pd.to_datetime(raw[f"tpep_{end}_datetime"], format="%Y-%m-%d %H:%M:%S", errors="coerce")
+             for end in ("pickup", "dropoff")}  # the cut last line has no dropoff time
+    seconds = (times["dropoff"] - times["pickup"]).dt.total_seconds()
+    assert result["rows"] == int((seconds >= 0).sum())
+    assert set(result["by_era"]) == {f"yellow {year} zones" for year in times["pickup"][seconds >= 0].dt.year}
 
 
 # --- bad files: one line, exit 2, nothing written, for every command that reads a file ------------
