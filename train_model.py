@@ -390,7 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --promote-if-better: RMSLE must drop by more than this "
                              "(default: 0, any drop)")
     parser.add_argument("--no-save-holdout", dest="save_holdout", action="store_false",
-                        help="do not write the held-out trips to holdout.csv.gz")
+                        help="do not write the held-out trips (holdout.csv.gz, holdout_*_zones.csv.gz)")
     parser.add_argument("--evaluate", type=Path, metavar="FILE",
                         help="instead of training, score the live model on this trip file (any "
                              "--input layout), overall and per service and era")
