@@ -13,8 +13,8 @@ coordinates (Kaggle, TLC until mid-2016), a taxi zone (TLC since), or both.
 * **Zone features**, for every trip: each end's zone, its centroid, borough,
   area and airport, the centroid-to-centroid distance and whether the trip
   stays in one zone. A trip with coordinates and no zone gets the zone that
-  holds its point (``periscope.zones.zone_of``), so Kaggle messages on the
-  stream have zone features too.
+  holds its point (``periscope.zones.zone_grid``: ``zone_of``'s answer by a
+  raster lookup), so Kaggle messages on the stream have zone features too.
 * **Coordinate features** (exact points, straight-line and grid distance,
   bearing, the points on Manhattan's grid axes) are NaN for a trip known by
   zones only; the gradient-boosting trees send NaN down a branch of its own.
