@@ -2,13 +2,21 @@
 
 The speed layers (``kafka_consumer.py``, ``spark_streaming.py``) predict the
 duration of every trip as it arrives with the model this script writes. It
-trains on the shipped 73k-trip Kaggle sample by default, with the features of
-``periscope.features`` (only what is known at pickup) and a log-duration
-target, so minimising squared error minimises RMSLE, the Kaggle metric.
+trains on the shipped 73k-trip Kaggle sample by default, or on any mix of trip
+files of every era (``--input`` several times, or a glob: Kaggle, TLC with
+coordinates 2009 to mid-2016, TLC by taxi zone since), with the features of
+``periscope.features`` (only what is known at pickup: zones, coordinates where
+a trip has them, time, weather) and a log-duration target, so minimising
+squared error minimises RMSLE, the Kaggle metric.
+
+So that a model trained on trips with coordinates also predicts trips known by
+their zones only, a share of the training trips with coordinates
+(``--zone-only-share``, 20 %) is learnt as if it had its zones only (the zones
+of its points): the model learns both ways of knowing a trip's place.
 
 The steps, each a function below, called in order by ``main``:
 
-    load -> split -> build features -> fit -> evaluate on the hold-out
+    load -> split -> build features -> fit -> evaluate on the hold-out (per era)
          -> save the version -> promote
 
 Hold-out: a seeded *random* 20 % of the trips. The stream replays trips from
@@ -37,16 +45,20 @@ waiting on each other took 8-86 s where one took 1-15 s: see docs/MODEL.md)::
 
     python train_model.py                          # train, save, make it live
     python train_model.py --model random-forest    # the reference model
-    python train_model.py --evaluate FILE --json   # score the live model on a trip file (Kaggle or TLC)
+    python train_model.py --input 'tlc/yellow_tripdata_sample_2020-*.csv.gz' --input data/kaggle.csv.gz
+    python train_model.py --evaluate FILE --json   # score the live model on a trip file (any era)
     python train_model.py --from-master data/master --split id --promote-if-better
 
 Output: ``model/versions/<version>/`` with ``model.joblib``, ``metadata.json``
-and ``holdout.csv.gz`` (the held-out real trips, to ``--evaluate`` on), and
-``model/current.json`` pointing at the live version (``periscope/model.py``).
+and ``holdout.csv.gz`` (the held-out real trips with coordinates, to
+``--evaluate`` on; those known by zones only go to ``holdout_yellow_zones.csv.gz``
+and ``holdout_green_zones.csv.gz``), and ``model/current.json`` pointing at the
+live version (``periscope/model.py``).
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 import time
@@ -61,42 +73,50 @@ from threadpoolctl import threadpool_limits
 
 from periscope import cli, config, features, model, promotion, training_data
 from periscope.schema import format_time
-from periscope.sources import LoadReport, TripFileError, apply_rules, read_trips
+from periscope.sources import TripFileError, apply_rules
 
 MODELS = ("hist-gradient-boosting", "random-forest")
 SPLITS = ("random", "time", "id")
 MIN_TRIPS = 100
 
 
-def read_trip_file(path: Path) -> tuple[pd.DataFrame, LoadReport]:
-    """A Kaggle or TLC trip file, if the model's features can take its trips: coordinates at both ends.
-
-    TLC files since mid-2016 locate trips by taxi zone only; until the
-    features include zones, such a file is refused with one line.
-    """
-    trips, report = read_trips(path, tlc_layouts=True)
-    by_zone = int(trips[list(training_data.COORDINATES)].isna().any(axis=1).sum())
-    if by_zone:
-        raise TripFileError(f"{path}: {by_zone:,} of its {len(trips):,} trips are located by taxi zone only "
-                            f"({report.layout} layout), and the model's features need coordinates: use a "
-                            "Kaggle file or a TLC file of 2009 to mid-2016 (zone features are not there yet)")
-    return trips, report
+def input_files(patterns: list[str]) -> list[Path]:
+    """The files ``--input`` names: each a path or a glob (sorted), each file once."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"--input {pattern}: no file matches; give a trip file or a glob "
+                                    "that matches some")
+        files += [Path(match) for match in matches if Path(match) not in files]
+    return files
 
 
 def load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The trips to learn from (a CSV or the master dataset), and the fingerprint naming them."""
+    """The trips to learn from (trip files or the master dataset), and the fingerprint naming them."""
     if args.from_master:
         print(f"loading the master dataset {args.from_master}")
         trips, source = training_data.read_master(args.from_master)
         print(f"{len(trips):,} trips in {source['master_files']} master files"
-              + (f" ({source['rows_without_coordinates']:,} more without coordinates left out)"
-                 if source["rows_without_coordinates"] else ""))
+              + (f" ({source['rows_by_zone_only']:,} of them known by zones only)"
+                 if source["rows_by_zone_only"] else ""))
     else:
-        print(f"loading {args.input}")
-        trips, report = read_trip_file(args.input)
-        for line in report.summary_lines():
-            print(line)
-        source = training_data.csv_fingerprint(args.input, report)
+        files = input_files(args.input)
+        trips, reports = training_data.read_trip_files(files)
+        for path, report in zip(files, reports):
+            print(f"loading {path}")
+            for line in report.summary_lines():
+                print(line)
+        prints = [training_data.csv_fingerprint(path, report) for path, report in zip(files, reports)]
+        source = prints[0] if len(prints) == 1 else {
+            "files": prints, "rows_read": sum(p["rows_read"] for p in prints),
+            "rows_malformed": sum(p["rows_malformed"] for p in prints)}
+        if len(files) > 1:
+            print(f"{len(trips):,} trips from {len(files)} files")
+    negative = int((trips["trip_duration"] < 0).sum())
+    if negative:  # TLC records where the dropoff precedes the pickup: no duration to learn
+        trips = trips[trips["trip_duration"] >= 0].reset_index(drop=True)
+        print(f"left out {negative:,} trips whose dropoff precedes their pickup")
     if args.train_on == "clean":
         trips = apply_rules(trips)
         print(f"training on the {len(trips):,} trips that pass every cleaning rule")
@@ -121,11 +141,18 @@ def split(trips: pd.DataFrame, how: str, fraction: float,
     return train_set, holdout
 
 
-def build_features(train_set: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """``X``, the features known at pickup (the speed layers' code), and ``y``, log(1 + seconds)."""
+def build_features(train_set: pd.DataFrame, zone_only_share: float,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``X``, the features known at pickup (the speed layers' code), and ``y``, log(1 + seconds).
+
+    ``zone_only_share`` of the trips with coordinates are shown to the model
+    as their zones only (``training_data.as_zone_only``).
+    """
     clock = time.perf_counter()
-    X = features.build_features(train_set)
-    print(f"built {X.shape[1]} features in {time.perf_counter() - clock:.2f} s")
+    learnt, masked = training_data.as_zone_only(train_set, zone_only_share, seed)
+    X = features.build_features(learnt)
+    print(f"built {X.shape[1]} features in {time.perf_counter() - clock:.2f} s"
+          + (f" ({masked:,} trips with coordinates learnt by their zones only)" if masked else ""))
     return X, features.target(train_set["trip_duration"])
 
 
@@ -169,21 +196,32 @@ def fit(kind: str, X: np.ndarray, y: np.ndarray, seed: int, threads: int) -> tup
     return estimator, seconds
 
 
-def evaluate(candidate: model.TripDurationModel, holdout: pd.DataFrame) -> dict[str, float]:
-    """The hold-out metrics: RMSLE, MAE, RMSE over every held-out trip, and over the clean ones."""
-    m = model.labelled_metrics(candidate, holdout)
+def evaluate(candidate: model.TripDurationModel, holdout: pd.DataFrame) -> dict[str, Any]:
+    """The hold-out metrics: RMSLE, MAE, RMSE over every held-out trip, and over the clean ones;
+    per service and era too when the hold-out spans more than one."""
+    m = model.labelled_metrics(candidate, holdout, training_data.era_labels(holdout))
     print(f"hold-out ({m['rows']:,} real trips not used in training): "
           f"RMSLE {m['rmsle']:.4f}  MAE {m['mae']:.0f} s  RMSE {m['rmse']:.0f} s")
     print(f"  on the {m['rows_clean']:,} that pass the cleaning rules: "
           f"RMSLE {m['rmsle_clean']:.4f}  MAE {m['mae_clean']:.0f} s  RMSE {m['rmse_clean']:.0f} s")
+    if len(m["by_group"]) > 1:
+        print_eras(m["by_group"])
     return m
+
+
+def print_eras(by_era: dict[str, dict[str, float]]) -> None:
+    """One line per service and era: trips and RMSLE, all and clean."""
+    print(f"  {'service and era':<28} {'trips':>7} {'RMSLE':>7} {'clean':>7} {'RMSLE':>7}")
+    for era, m in by_era.items():
+        print(f"  {era:<28} {m['rows']:>7,} {m['rmsle']:>7.4f} {m['rows_clean']:>7,} "
+              f"{m['rmsle_clean']:>7.4f}")
 
 
 def save(candidate: model.TripDurationModel, holdout: pd.DataFrame | None, model_dir: Path) -> Path:
     """A new version directory: the estimator, its metadata and (unless None) the hold-out trips."""
     directory = model.save_model(candidate.estimator, candidate.metadata, model_dir)
     if holdout is not None:
-        training_data.write_kaggle_csv(holdout, directory / "holdout.csv.gz")
+        training_data.write_holdout(holdout, directory)
     return directory
 
 
@@ -207,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         # Load the trips, with what identifies them (it goes into the model's metadata)
         trips, source = load(args)
         if len(trips) < MIN_TRIPS:
-            print(f"error: {args.from_master or args.input} has only {len(trips)} usable trips; "
+            print(f"error: {args.from_master or ', '.join(args.input)} has only {len(trips)} usable trips; "
                   f"need at least {MIN_TRIPS}", file=sys.stderr)
             return 2
         # Hold out trips the model never sees while it learns
         train_set, holdout = split(trips, args.split, args.holdout_fraction, args.seed)
         # Build the features (only what is known at pickup) and the target, log(1 + duration)
-        X, y = build_features(train_set)
+        X, y = build_features(train_set, args.zone_only_share, args.seed)
         # Fit: squared error on log(1 + duration) is RMSLE, the Kaggle metric
         estimator, fit_seconds = fit(args.model, X, y, args.seed, args.threads)
         candidate = model.TripDurationModel(estimator, describe(
@@ -254,6 +292,8 @@ def describe(args: argparse.Namespace, estimator: Any, fit_seconds: float, *,
         "training_data": {
             **source,
             "train_on": args.train_on,
+            "zone_only_share": args.zone_only_share,
+            "trips_by_era": training_data.era_labels(trips).value_counts().sort_index().to_dict(),
             "train_rows": len(train_set),
             "holdout_rows": len(holdout),
             "split": args.split,
@@ -285,35 +325,40 @@ def print_outcome(version: str, directory: Path, decision: dict[str, Any] | None
 
 
 def score_live_model(args: argparse.Namespace) -> int:
-    """``--evaluate FILE``: the live model's metrics on a labelled trip file, as text or one JSON line."""
-    trips, report = read_trip_file(args.evaluate)
+    """``--evaluate FILE``: the live model's metrics on a labelled trip file (any supported era),
+    overall and per service and era, as text or one JSON line."""
+    trips, reports = training_data.read_trip_files([args.evaluate])
     live = model.load_model(args.model_dir)
     result = {"file": str(args.evaluate), "model_version": live.version,
-              "rows_malformed": report.rows_malformed}
-    result.update(model.labelled_metrics(live, trips))
+              "rows_malformed": reports[0].rows_malformed}
+    result.update(model.labelled_metrics(live, trips, training_data.era_labels(trips)))
+    result["by_era"] = result.pop("by_group")
     if args.json:
         print(json.dumps(result))
         return 0
-    for line in report.summary_lines():
+    for line in reports[0].summary_lines():
         print(line)
     print(f"model {live.version} on {result['rows']:,} labelled trips: "
           f"RMSLE {result['rmsle']:.4f}  MAE {result['mae']:.0f} s  RMSE {result['rmse']:.0f} s")
     print(f"  on the {result['rows_clean']:,} that pass the cleaning rules: "
           f"RMSLE {result['rmsle_clean']:.4f}  MAE {result['mae_clean']:.0f} s  "
           f"RMSE {result['rmse_clean']:.0f} s")
+    print_eras(result["by_era"])
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Train the trip-duration model on a trip file (Kaggle layout, or TLC records "
-                    "with coordinates, 2009 to mid-2016) or the master dataset, or score the live model.",
+        description="Train the trip-duration model on trip files of any era (Kaggle layout, TLC "
+                    "records with coordinates or taxi zones, 2009 on) or the master dataset, or "
+                    "score the live model.",
         formatter_class=cli.HelpFormatter,
     )
-    parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV,
-                        help="training data: Kaggle NYC Taxi Trip Duration layout, or a TLC trip file "
-                             "with coordinates (2009 to mid-2016); CSV, plain or .gz, or Parquet "
-                             "(env PERISCOPE_SAMPLE_CSV)")
+    parser.add_argument("--input", action="append", metavar="FILE_OR_GLOB",
+                        help="training data, repeatable, a glob allowed: Kaggle NYC Taxi Trip "
+                             "Duration layout, or TLC trip records of any era (coordinates or "
+                             "zones; yellow or green); CSV, plain or .gz, or Parquet (default: "
+                             f"{config.SAMPLE_CSV}, env PERISCOPE_SAMPLE_CSV)")
     parser.add_argument("--model-dir", type=Path, default=config.MODEL_DIR,
                         help="where model versions live (env PERISCOPE_MODEL_DIR)")
     parser.add_argument("--model", choices=MODELS, default=MODELS[0],
@@ -328,6 +373,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="share of trips held out, in (0, 0.9]")
     parser.add_argument("--train-on", choices=("all", "clean"), default="all",
                         help="every well-formed trip, or only those passing the cleaning rules")
+    parser.add_argument("--zone-only-share", type=float, default=0.2,
+                        help="share of the training trips with coordinates learnt as if known by "
+                             "their zones only, so the model predicts zone-only trips, in [0, 1)")
     parser.add_argument("--seed", type=int, default=42, help="seed for the split and the estimator")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for fitting; more help only on idle cores (docs/MODEL.md)")
@@ -342,18 +390,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --promote-if-better: RMSLE must drop by more than this "
                              "(default: 0, any drop)")
     parser.add_argument("--no-save-holdout", dest="save_holdout", action="store_false",
-                        help="do not write the held-out trips to holdout.csv.gz")
+                        help="do not write the held-out trips (holdout.csv.gz, holdout_*_zones.csv.gz)")
     parser.add_argument("--evaluate", type=Path, metavar="FILE",
-                        help="instead of training, score the live model on this trip file (as --input "
-                             "takes; TLC files of zone-only trips are refused until zone features)")
+                        help="instead of training, score the live model on this trip file (any "
+                             "--input layout), overall and per service and era")
     parser.add_argument("--json", action="store_true",
                         help="with --evaluate: print one JSON line "
-                             "(rmsle, mae, rmse, rows, ..._clean)")
+                             "(rmsle, mae, rmse, rows, ..._clean, by_era)")
     args = parser.parse_args(argv)
     if not 0 < args.holdout_fraction <= 0.9:
         parser.error(f"--holdout-fraction must be in (0, 0.9], got {args.holdout_fraction}")
     if args.json and not args.evaluate:
         parser.error("--json only applies to --evaluate FILE")
+    if not 0 <= args.zone_only_share < 1:
+        parser.error(f"--zone-only-share must be in [0, 1), got {args.zone_only_share}")
+    if args.input and args.from_master:
+        parser.error("--input and --from-master name two sources of training data: choose one")
+    args.input = args.input or [str(config.SAMPLE_CSV)]
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.promote_if_better and not args.promote:

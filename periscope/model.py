@@ -28,6 +28,8 @@ from periscope.schema import FIELDS, first_broken_rule
 from periscope.storage import atomic_write_json, read_json
 
 POINTER = "current.json"
+ZONE_FIELDS = ("pickup_location_id", "dropoff_location_id")
+"""Where a trip has them, the cleaning rules place a trip without coordinates by its zones."""
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -72,13 +74,30 @@ def metrics(actual_s: np.ndarray, predicted_s: np.ndarray) -> dict[str, float]:
     }
 
 
-def labelled_metrics(model: TripDurationModel, trips: Any) -> dict[str, float]:
+def labelled_metrics(model: TripDurationModel, trips: Any,
+                     groups: Any = None) -> dict[str, Any]:
     """``metrics`` over every labelled trip (the Kaggle definition), and, suffixed ``_clean``, over
-    those passing the cleaning rules: a model's hold-out metrics and ``--evaluate``."""
-    labelled = trips[trips["trip_duration"] >= 0]
+    those passing the cleaning rules: a model's hold-out metrics and ``--evaluate``.
+
+    With ``groups`` (one label per trip, e.g. its service and era), the same
+    metrics per label come under ``"by_group"``, labels in sorted order.
+    """
+    keep = (trips["trip_duration"] >= 0).to_numpy()
+    labelled = trips[keep]
     actual, predicted = labelled["trip_duration"].to_numpy(), model.predict_seconds(labelled)
+    rule_inputs = [name for name in FIELDS[1:] + ZONE_FIELDS if name in labelled]
+    clean = first_broken_rule({name: labelled[name].to_numpy() for name in rule_inputs}) < 0
+    result: dict[str, Any] = _with_clean(actual, predicted, clean)
+    if groups is not None:
+        labels = np.asarray(groups, dtype=object)[keep]
+        result["by_group"] = {str(label): _with_clean(actual[labels == label], predicted[labels == label],
+                                                      clean[labels == label])
+                              for label in sorted(set(labels))}
+    return result
+
+
+def _with_clean(actual: np.ndarray, predicted: np.ndarray, clean: np.ndarray) -> dict[str, float]:
     result = metrics(actual, predicted)
-    clean = first_broken_rule({name: labelled[name].to_numpy() for name in FIELDS[1:]}) < 0
     for name, value in metrics(actual[clean], predicted[clean]).items():
         result[f"{name}_clean"] = value
     return result

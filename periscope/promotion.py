@@ -6,7 +6,7 @@ scores both models on the same trips, none of which either trained on:
 
 * a live model trained with the same ``--split id`` (same seed and fraction)
   held out the same trip ids, so the candidate's hold-out is fair as it is;
-* otherwise the live model's own ``holdout.csv.gz`` says which trips it did
+* otherwise the live model's own hold-out files (``holdout.csv.gz``...) say which trips it did
   not see, and only the trips of the candidate's hold-out that are also in it
   count (matched by base id: a replayed copy of a training trip is seen);
 * without that file the comparison still runs, and the decision says that the
@@ -26,9 +26,8 @@ import pandas as pd
 
 from periscope.model import (ModelMismatchError, current_version, labelled_metrics, load_model,
                              promote, read_metadata, version_dir)
-from periscope.sources import read_trips
 from periscope.storage import atomic_write_json
-from periscope.training_data import base_id
+from periscope.training_data import HOLDOUT_FILES, base_id, read_holdout
 
 DECISION = "decision.json"
 """The file in the candidate's version directory that records the decision."""
@@ -45,11 +44,11 @@ def unseen_by_both(model_dir: Path, live: str | None, candidate: str,
     same = ("split", "seed", "holdout_fraction")
     if cand.get("split") == "id" and all(seen.get(key) == cand.get(key) for key in same):
         return holdout, "the candidate's hold-out (the live model held out the same trip ids)"
-    live_holdout = version_dir(model_dir, live) / "holdout.csv.gz"
-    if not live_holdout.exists():
+    live_dir = version_dir(model_dir, live)
+    if not any((live_dir / name).exists() for name in HOLDOUT_FILES.values()):
         return holdout, (f"the candidate's hold-out; the live model's training trips are unknown "
-                         f"(no {live_holdout.name}), so it may have seen some of them")
-    unseen = {base_id(i) for i in read_trips(live_holdout)[0]["id"].tolist()}
+                         f"(no {HOLDOUT_FILES['coordinates']}), so it may have seen some of them")
+    unseen = {base_id(i) for i in read_holdout(live_dir)["id"].tolist()}
     keep = np.fromiter((base_id(i) in unseen for i in holdout["id"].tolist()), dtype=bool,
                        count=len(holdout))
     return holdout[keep], (f"the trips of the candidate's hold-out that are also in {live}'s "

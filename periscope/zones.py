@@ -114,3 +114,88 @@ def place(trips: Mapping[str, Any], end: str) -> tuple[np.ndarray, np.ndarray]:
     lon, lat = lon.copy(), lat.copy()
     lon[known], lat[known] = zone_lon[zone[known]], zone_lat[zone[known]]
     return lon, lat
+
+
+GRID_BOX = ((-74.3, -73.7), (40.5, 41.0))
+"""Where ``zone_grid`` precomputes zones: the NYC box of the cleaning rules (lon, lat)."""
+GRID_CELL_DEG = (0.01, 0.01 / 32)
+"""Coarsest and finest cell of ``zone_grid``: cells on a zone border are split down to the finest."""
+_UNRESOLVED = -1
+
+
+@dataclass(frozen=True)
+class ZoneGrid:
+    """``zone_of`` as a raster lookup, for hot paths (the model's features on the speed layers).
+
+    Each cell of a fine raster over ``GRID_BOX`` holds the one zone every
+    point of it is in, ``NO_ZONE`` if it touches none, or "unresolved" if it
+    touches a border; a point in an unresolved cell or outside the box is
+    looked up exactly (``zone_of``). So the answer is ``zone_of``'s, point for
+    point, at one array index for most points (the tests compare both).
+    """
+
+    zones: Zones
+    cells: np.ndarray
+    cell_deg: float
+
+    def zone_of(self, longitude: np.ndarray | pd.Series, latitude: np.ndarray | pd.Series) -> np.ndarray:
+        """The zone id (int64) of each point, as ``zone_of`` gives it."""
+        lon = np.asarray(longitude, dtype=np.float64)
+        lat = np.asarray(latitude, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            x = np.floor((lon - GRID_BOX[0][0]) / self.cell_deg)
+            y = np.floor((lat - GRID_BOX[1][0]) / self.cell_deg)
+            inside = (x >= 0) & (x < self.cells.shape[0]) & (y >= 0) & (y < self.cells.shape[1])
+        result = np.full(lon.shape, _UNRESOLVED, dtype=np.int64)
+        result[inside] = self.cells[x[inside].astype(np.int64), y[inside].astype(np.int64)]
+        exact = np.flatnonzero(result == _UNRESOLVED)
+        if len(exact):
+            result[exact] = zone_of(lon[exact], lat[exact], self.zones)
+        return result
+
+
+def _resolve_cells(zones: Zones, borders: shapely.STRtree, x: np.ndarray, y: np.ndarray,
+                   deg: float) -> np.ndarray:
+    """For cells (x, y) of size ``deg``: the zone of every point of each, or unresolved.
+
+    A cell that touches no zone border lies in the same zones all over, so the
+    zone of its centre is the zone of each of its points.
+    """
+    west, south = GRID_BOX[0][0] + x * deg, GRID_BOX[1][0] + y * deg
+    on_border = np.zeros(len(x), dtype=bool)
+    on_border[borders.query(shapely.box(west, south, west + deg, south + deg), predicate="intersects")[0]] = True
+    result = np.full(len(x), _UNRESOLVED, dtype=np.int64)
+    inner = np.flatnonzero(~on_border)
+    result[inner] = zone_of(west[inner] + deg / 2, south[inner] + deg / 2, zones)
+    return result
+
+
+@lru_cache(maxsize=2)
+def zone_grid(directory: Path = ZONES_DIR) -> ZoneGrid:
+    """The zones as a ``ZoneGrid`` (built once per process, in about a second).
+
+    Cells start at ``GRID_CELL_DEG[0]``; a cell on a border is split in four,
+    down to ``GRID_CELL_DEG[1]`` (about 30 m).
+    """
+    zones = load_zones(directory)
+    borders = shapely.STRtree(shapely.boundary(zones.tree.geometries))
+    coarse, fine = GRID_CELL_DEG
+    factor = int(round(coarse / fine))
+    shape = (int(round((GRID_BOX[0][1] - GRID_BOX[0][0]) / coarse)),
+             int(round((GRID_BOX[1][1] - GRID_BOX[1][0]) / coarse)))
+    cells = np.full((shape[0] * factor, shape[1] * factor), _UNRESOLVED, dtype=np.int16)
+    x, y = (axis.ravel() for axis in np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"))
+    deg, scale = coarse, factor
+    while True:
+        resolved = _resolve_cells(zones, borders, x, y, deg)
+        done = resolved != _UNRESOLVED
+        if scale == 1:
+            cells[x[done], y[done]] = resolved[done]
+            break
+        for cx, cy, zone in zip(x[done], y[done], resolved[done]):
+            cells[cx * scale:(cx + 1) * scale, cy * scale:(cy + 1) * scale] = zone
+        x, y = x[~done], y[~done]
+        x = np.concatenate([2 * x, 2 * x + 1, 2 * x, 2 * x + 1])
+        y = np.concatenate([2 * y, 2 * y, 2 * y + 1, 2 * y + 1])
+        deg, scale = deg / 2, scale // 2
+    return ZoneGrid(zones=zones, cells=cells, cell_deg=fine)

@@ -7,6 +7,7 @@ the readers under test.
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import kafka_producer
 import train_model
 from periscope import storage
 from periscope.master_reader import read_file, record_columns
+from periscope.model import read_metadata
 from periscope.sources import TripFileError, read_trips
 
 from tests.conftest import MASTER_BEFORE_TLC as BEFORE_TLC
@@ -301,7 +303,7 @@ def test_views_over_kaggle_and_tlc_files_equal_pandas(sample_csv, tmp_path, inde
     np.testing.assert_array_equal(version.views["pickup_grid"]["trips"], grid.to_numpy())
 
 
-def test_evaluate_scores_a_tlc_file_with_coordinates_and_refuses_zone_only_ones(tmp_path, sample_csv, capsys):
+def test_evaluate_scores_tlc_files_with_coordinates_and_zone_only_ones(tmp_path, sample_csv, capsys):
     model_dir = tmp_path / "model"
     assert train_model.main(["--input", str(sample_csv), "--model-dir", str(model_dir), "--threads", "1",
                              "--no-save-holdout"]) == 0
@@ -309,10 +311,15 @@ def test_evaluate_scores_a_tlc_file_with_coordinates_and_refuses_zone_only_ones(
     assert train_model.main(["--model-dir", str(model_dir), "--json",
                              "--evaluate", str(TLC_DIR / "yellow_tripdata_2015-01_head.csv")]) == 0
     assert '"rows": 999' in capsys.readouterr().out
-    assert train_model.main(["--model-dir", str(model_dir),
-                             "--evaluate", str(TLC_DIR / "yellow_tripdata_2021-01_head.csv.gz")]) == 2
-    err = capsys.readouterr().err
-    assert "located by taxi zone only" in err and len(err.strip().splitlines()) == 1
+    zone_file = TLC_DIR / "yellow_tripdata_2021-01_head.csv.gz"
+    assert train_model.main(["--model-dir", str(model_dir), "--json", "--evaluate", str(zone_file)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    raw = pd.read_csv(zone_file, on_bad_lines="skip")
+    times = {end: pd.to_datetime(raw[f"tpep_{end}_datetime"], format="%Y-%m-%d %H:%M:%S", errors="coerce")
+             for end in ("pickup", "dropoff")}  # the cut last line has no dropoff time
+    seconds = (times["dropoff"] - times["pickup"]).dt.total_seconds()
+    assert result["rows"] == int((seconds >= 0).sum())
+    assert set(result["by_era"]) == {f"yellow {year} zones" for year in times["pickup"][seconds >= 0].dt.year}
 
 
 # --- bad files: one line, exit 2, nothing written, for every command that reads a file ------------
@@ -380,13 +387,17 @@ def test_the_producer_refuses_a_tlc_file_naming_the_command_that_takes_it(capsys
     assert len(err) == 1 and "green_zones layout" in err[0] and "batch_processor.py import" in err[0]
 
 
-def test_retraining_on_master_data_with_tlc_trips_leaves_out_those_without_coordinates(tmp_path, capsys):
+def test_retraining_on_master_data_with_tlc_trips_learns_every_era(tmp_path, capsys):
     kaggle, coordinates = BEFORE_TLC / "source_300_trips.csv", TLC_DIR / "yellow_tripdata_2015-01_head.csv"
     zones = TLC_DIR / "green_tripdata_2020-04_1000rows.csv"
     assert batch_processor.main(["--master-dir", str(tmp_path / "m"), "import", "--cutoff", "none",
                                  *map(str, (kaggle, coordinates, zones))]) == 0
     assert train_model.main(["--from-master", str(tmp_path / "m"), "--split", "id", "--threads", "1",
                              "--model-dir", str(tmp_path / "model"), "--no-save-holdout"]) == 0
-    expected = len(pd.read_csv(kaggle)) + len(pd.read_csv(coordinates))
-    assert f"{expected:,} trips in 3 master files ({len(pd.read_csv(zones)):,} more without coordinates" \
+    expected = len(pd.read_csv(kaggle)) + len(pd.read_csv(coordinates)) + len(pd.read_csv(zones))
+    assert f"{expected:,} trips in 3 master files ({len(pd.read_csv(zones)):,} of them known by zones only)" \
         in capsys.readouterr().out
+    eras = read_metadata(tmp_path / "model")["training_data"]["trips_by_era"]
+    assert "green 2020 zones" in eras and "yellow 2015 coordinates" in eras
+
+

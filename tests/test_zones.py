@@ -66,3 +66,20 @@ def test_real_pickups_get_the_zone_a_plain_loop_finds(sample_raw):
     got = zones.zone_of(trips["pickup_longitude"], trips["pickup_latitude"])
     assert got.tolist() == expected
     assert pd.Series(expected).ne(zones.NO_ZONE).mean() > 0.98
+
+
+def test_the_zone_grid_answers_as_zone_of_for_every_point(sample_raw):
+    """The raster lookup of the model's hot path must give ``zone_of``'s zone, point for point:
+    real pickups and dropoffs, random points over the box, borders, outside the box, NaN."""
+    grid = zones.zone_grid()
+    rng = np.random.default_rng(3)
+    (west, east), (south, north) = zones.GRID_BOX
+    lon = np.concatenate([sample_raw["pickup_longitude"], sample_raw["dropoff_longitude"],
+                          rng.uniform(west - 0.1, east + 0.1, 200_000), [np.nan, -73.98, 0.0]])
+    lat = np.concatenate([sample_raw["pickup_latitude"], sample_raw["dropoff_latitude"],
+                          rng.uniform(south - 0.1, north + 0.1, 200_000), [40.75, np.nan, 0.0]])
+    border = np.concatenate([np.asarray(polygon.exterior.coords) for polygon in
+                             (shape(feature["geometry"]) for feature in _features()[:40])
+                             if polygon.geom_type == "Polygon"])
+    lon, lat = np.concatenate([lon, border[:, 0]]), np.concatenate([lat, border[:, 1]])
+    np.testing.assert_array_equal(grid.zone_of(lon, lat), zones.zone_of(lon, lat))

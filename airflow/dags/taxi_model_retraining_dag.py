@@ -70,15 +70,15 @@ def taxi_model_retraining():
         from periscope import config
         from periscope.model import version_dir
         from periscope.promotion import DECISION, compare_and_promote
-        from periscope.sources import read_trips
         from periscope.storage import read_json
+        from periscope.training_data import read_holdout
 
         directory = version_dir(config.MODEL_DIR, candidate)
         if (directory / DECISION).exists():
             decision = read_json(directory / DECISION)
             print(f"already decided by an earlier attempt: {decision['reason']}")
         else:
-            holdout, _ = read_trips(directory / "holdout.csv.gz")
+            holdout = read_holdout(directory)
             decision = compare_and_promote(config.MODEL_DIR, candidate, holdout,
                                            params["min_improvement"])
         verdict = "promoted" if decision["promoted"] else "not promoted"
