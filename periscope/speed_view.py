@@ -34,13 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from periscope.schema import FIELDS
+from periscope.schema import FIELDS, NOT_RECORDED, ZONE_FIELDS
 from periscope.sources import empty_trip_frame
 from periscope.storage import atomic_path, atomic_write_json
 
 META_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms", "visible_at_ms")
 RESULT_COLUMNS: tuple[str, ...] = ("predicted_duration_s", "model_version")
-COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + RESULT_COLUMNS
+COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + ZONE_FIELDS + RESULT_COLUMNS
+"""A speed row: where the trip was in Kafka, the trip (its zones ``NOT_RECORDED`` where its message had
+none), the prediction. Files written before the zones were kept read with them ``NOT_RECORDED``."""
 STATUS_DIR = "_status"
 HISTORY_MINUTES = 120
 """How many wall-clock minutes of per-minute counts a status file keeps (``MinuteCounts``)."""
@@ -112,13 +114,16 @@ def read_speed(speed_dir: Path, watermark: Mapping[Any, int] | None = None) -> p
     if not tables:
         return empty_speed_frame()
     table = pa.concat_tables(tables, promote_options="permissive")
-    return table.sort_by([("partition", "ascending"), ("offset", "ascending")]).to_pandas()
+    rows = table.sort_by([("partition", "ascending"), ("offset", "ascending")]).to_pandas()
+    for name in ZONE_FIELDS:  # files written before the zones were kept have none
+        rows[name] = rows[name].fillna(NOT_RECORDED).astype("int64") if name in rows else NOT_RECORDED
+    return rows
 
 
 def empty_speed_frame() -> pd.DataFrame:
     """A zero-row speed view with the right columns and dtypes."""
     frame = empty_trip_frame()
-    for name in META_COLUMNS:
+    for name in META_COLUMNS + ZONE_FIELDS:
         frame[name] = pd.Series(dtype="int64")
     frame["predicted_duration_s"] = pd.Series(dtype="float64")
     frame["model_version"] = pd.Series(dtype=object)

@@ -7,6 +7,7 @@ the readers under test.
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import shapely
+from shapely.geometry import shape
 
 import batch_processor
 import kafka_producer
@@ -201,7 +204,20 @@ def test_master_files_written_before_the_tlc_fields_still_read():
         np.testing.assert_array_equal(columns["pickup_longitude"], source["pickup_longitude"])
 
 
-def test_kaggle_trips_are_still_written_as_before_and_tlc_trips_with_every_field(tmp_path, capsys):
+def shapely_zones(lon: pd.Series, lat: pd.Series) -> list[int]:
+    """This test's own zone of each point: the lowest id of the shipped polygons holding it, 0 for none."""
+    with gzip.open(SHIPPED / "zones" / "taxi_zones.geojson.gz", "rt", encoding="utf-8") as handle:
+        features = json.load(handle)["features"]
+    polygons = [(shape(f["geometry"]), f["properties"]["location_id"]) for f in features]
+    found = []
+    for x, y in zip(lon, lat):
+        point = shapely.Point(x, y)
+        holding = [zone for polygon, zone in polygons if np.isfinite(x) and polygon.intersects(point)]
+        found.append(min(holding) if holding else 0)
+    return found
+
+
+def test_kaggle_trips_are_written_as_before_with_their_zones_and_tlc_trips_with_every_field(tmp_path, capsys):
     source = BEFORE_TLC / "source_300_trips.csv"
     tlc_file = TLC_DIR / "yellow_tripdata_sample_2020-05.csv.gz"
     assert batch_processor.main(["--master-dir", str(tmp_path), "import", "--cutoff", "none", str(source),
@@ -213,7 +229,13 @@ def test_kaggle_trips_are_still_written_as_before_and_tlc_trips_with_every_field
             reader = fastavro.reader(handle)
             fields = [(field["name"], field["type"]) for field in reader.writer_schema["fields"]]
             written.append((fields, list(reader)))
-    assert written[0] == written[1]  # the same fields, types and records as the code before TLC wrote
+    zones = [("pickup_location_id", "int"), ("dropoff_location_id", "int")]
+    assert written[0][0] == written[1][0] + zones  # the fields and types the code before TLC wrote, and the zones
+    assert [{k: v for k, v in r.items() if "location" not in k} for r in written[0][1]] == written[1][1]
+    raw = pd.read_csv(source)
+    for end in ("pickup", "dropoff"):
+        assert [r[f"{end}_location_id"] for r in written[0][1]] == shapely_zones(raw[f"{end}_longitude"],
+                                                                                   raw[f"{end}_latitude"])
     frame = read_file(tlc_part)
     raw = pd.read_csv(tlc_file)
     assert frame["vendor_id"].null_count() == int(raw["vendor_id"].isna().sum()) > 0
