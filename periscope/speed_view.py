@@ -56,10 +56,11 @@ def batch_path(speed_dir: Path, partition: int, first: int, last: int) -> Path:
 def write_batch(speed_dir: Path, partition: int, rows: pd.DataFrame) -> Path:
     """Atomically write one partition's results; the name is their offset range.
 
-    ``rows`` must hold ``COLUMNS`` and at least one row. Writing the same
-    range again replaces the file with the same trips and predictions (only
+    ``rows`` must hold ``COLUMNS`` (the zones may be missing: ``NOT_RECORDED``) and at least one row.
+    Writing the same range again replaces the file with the same trips and predictions (only
     ``visible_at_ms``, the wall clock of the write, differs): never a second copy.
     """
+    rows = rows.assign(**{name: NOT_RECORDED for name in ZONE_FIELDS if name not in rows})
     first, last = int(rows["offset"].min()), int(rows["offset"].max())
     path = batch_path(speed_dir, partition, first, last)
     with atomic_path(path) as tmp:
