@@ -9,7 +9,9 @@ nowhere else:
   distance and fares TLC records);
 * a **JSON message** on the ``taxi-trips`` topic: the same eleven fields with
   JSON types, times as ``"YYYY-MM-DD HH:MM:SS"`` (New York wall-clock time,
-  as in the Kaggle data), ``store_and_fwd_flag`` as ``"Y"``/``"N"``;
+  as in the Kaggle data), ``store_and_fwd_flag`` as ``"Y"``/``"N"``; a TLC
+  trip's message adds ``SOURCE_FIELDS``, null where its file recorded nothing
+  (``from_tlc_source``; docs/STREAMING.md, "Messages");
 * an **Avro record** in the master dataset, which is also the in-memory
   "record" form: times as integer milliseconds since 1970-01-01 00:00 of the
   same wall clock (no time zone is attached to the data, so none is invented),
