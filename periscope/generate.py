@@ -3,10 +3,10 @@
 The shipped 73k-trip Kaggle sample is too small to show how the batch layer
 behaves on a year of data. This tool makes bigger files that still look like
 the real thing, for scale tests and the benchmarks in ``bench/``. It is not a
-layer of the architecture: its output is an ordinary Kaggle-layout CSV (or,
-with ``--layout yellow_zones``, a TLC zone-era one) that
+layer of the architecture: its output is an ordinary Kaggle-layout CSV that
 ``batch_processor.py import``, ``kafka_producer.py`` or ``train_model.py``
-take like any other.
+take like any other (with ``--layout yellow_zones``, a TLC zone-era CSV: the
+import and the producer take it; training needs coordinates).
 
 Each generated trip is a real trip drawn at random (with replacement), then
 nudged so no two copies are identical:
