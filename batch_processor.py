@@ -24,11 +24,14 @@ The layer's steps, in the order of this file:
    line, and nothing is written then). History and
    stream meet at a cutoff (``--cutoff``, default ``config.CUTOFF``,
    2016-06-01): an import takes the trips picked up before it;
-   ``kafka_producer.py`` replays those from it on. An import is identified by
+   ``kafka_producer.py`` replays those from it on. Each trip is placed in its
+   taxi zones (``place_in_zones``: as recorded, else from its coordinates), so
+   every trip in master data has both zones. An import is identified by
    the file's content and the cutoff (``master/csv/<first 24 hex digits of
    its SHA-256>[-before-<cutoff>]/``): importing it twice adds nothing.
 2. **Ingest the stream** (``ingest_stream``): Kafka -> master data, a file per
-   partition and offset range; the offsets are committed after the files.
+   partition and offset range, each trip placed in its zones as on import;
+   the offsets are committed after the files.
 3. **Recompute** (``compute_views``): read master -> drop duplicates -> clean
    -> aggregate per file (the map) -> merge (the reduce). **Facts are
    identifiable**: master data may hold a trip twice (a file imported and
@@ -70,6 +73,7 @@ from periscope.master_reader import read_files, record_columns
 from periscope.schema import count_rules, first_broken_rule, format_time
 from periscope.sources import LoadReport, iter_trip_chunks
 from periscope.storage import BatchVersion, InputFile, locked
+from periscope.zones import assign_zones, assign_zones_to_records
 
 # --- 1. import the history: CSV -> master data, the trips picked up before the cutoff --------
 
@@ -89,6 +93,13 @@ class Cutoff:
                 self.left_for_stream += int((~before).sum())
                 chunk = chunk[before]
             yield chunk
+
+
+def place_in_zones(chunks: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Every trip with both taxi zones: those its source recorded, else the zones holding its
+    coordinates (``zones.assign_zones``, 0 outside every zone)."""
+    for chunk in chunks:
+        yield assign_zones(chunk)
 
 
 def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS,
@@ -119,7 +130,7 @@ def import_csv(path: Path, master_dir: Path, part_rows: int = PART_ROWS,
         split, report, rows = Cutoff(cutoff_ms), LoadReport(source=str(path)), 0
         with storage.staged_directory(target) as staging:  # every part appears at once, or none does
             history = split.history(iter_trip_chunks(path, report, chunk_rows=part_rows, tlc_layouts=True))
-            for part, trips in enumerate(storage.in_parts(history, part_rows)):
+            for part, trips in enumerate(storage.in_parts(place_in_zones(history), part_rows)):
                 header = {"kind": "csv", "source": path.name, "source_sha256": digest, "cutoff": cutoff,
                           "part": part, "rows": len(trips)}
                 part_file = staging / f"part-{part:05d}.avro"
@@ -148,16 +159,18 @@ def write_stream_file(master_dir: Path, topic: str, partition: int, batch: list[
 
     Malformed events cannot be stored as trips; they are counted in the file
     header (the speed layer sends them to the dead-letter topic), and the
-    offset range still covers them, so the watermark moves past them.
+    offset range still covers them, so the watermark moves past them. Each trip is placed in its
+    zones, as on import; Kaggle and TLC trips in one file are written with the TLC schema.
     """
     first, last = batch[0][0], batch[-1][0]
-    records = [record for _, record, _ in batch if record is not None]
+    records = assign_zones_to_records([record for _, record, _ in batch if record is not None])
     reasons = Counter(reason.split(":")[0] for _, _, reason in batch if reason)
     header = {"kind": "stream", "topic": topic, "kafka_partition": partition,
               "kafka_first_offset": first, "kafka_last_offset": last, "rows": len(records),
               "malformed": json.dumps(dict(reasons))}
     path = storage.stream_file(master_dir, topic, partition, first, last)
-    storage.write_avro_atomic(path, iter(records), header)
+    schema = storage.master_schema({name for record in records for name in record})
+    storage.write_avro_atomic(path, map(storage.record_to_avro, records), header, schema)
     return path
 
 

@@ -12,7 +12,8 @@ the consumer group ``periscope-speed`` and, for every poll batch:
    original key and value bytes, the reason and the source offset in its
    headers (``periscope.stream``);
 3. **predict** the duration of the valid trips in one call to the trained
-   model (``periscope.features``: the same code path as training);
+   model (``periscope.features``: the same code path as training; a TLC
+   trip known by its taxi zones only is placed by them);
 4. **write the speed files**, once the dead letters are acknowledged: one per
    partition (``periscope.speed_view``: atomic, named by offset range);
 5. **commit** the offsets.
@@ -85,7 +86,8 @@ from kafka.structs import MemberState
 from periscope import config, speed_core, speed_view
 from periscope import speed_tuning as tuning
 from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel
-from periscope.speed_core import ModelWatcher, SpeedStatistics, next_offsets, validate_batch, write_speed_files
+from periscope.speed_core import (ModelWatcher, SpeedStatistics, next_offsets, predict_seconds, validate_batch,
+                                  write_speed_files)
 from periscope.consumer_group import DeadLetterSender, Rebalances, Warnings, assigned_progress, committed_offsets
 from periscope.stream import BrokerUnavailable, wait_for_broker
 
@@ -184,7 +186,7 @@ class SpeedLayer:
         its batch, valid or not. Told to stop before they are delivered, the batch is neither
         written nor committed (``rows`` stays None) and is read again on restart.
         """
-        batch.predicted = batch.model.predict_seconds(batch.columns)
+        batch.predicted = predict_seconds(batch.model, batch.columns)
         if self.dead_letters.delivered(batch.dead_letters):
             batch.rows = write_speed_files(self.args.speed_dir, batch.columns, batch.predicted, batch.model.version)
         return batch

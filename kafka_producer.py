@@ -1,10 +1,13 @@
 """Ingestion: replay NYC taxi trips from a file into Kafka, as if they were happening.
 
-This is where the Lambda architecture's stream begins. Every trip of a
-Kaggle-layout file picked up at or after the cutoff (``--cutoff``, default
-``config.CUTOFF`` = 2016-06-01) becomes one message on the ``taxi-trips``
-topic: key = the trip id, value = the trip as UTF-8 JSON
-(``schema.record_to_json``). The trips before it are the batch layer's history
+This is where the Lambda architecture's stream begins. Every trip of a trip
+file (the Kaggle layout, or TLC trip records in any layout
+``batch_processor.py import`` takes) picked up at or after the cutoff
+(``--cutoff``, default ``config.CUTOFF`` = 2016-06-01) becomes one message on
+the ``taxi-trips`` topic: key = the trip id (a TLC trip's is derived from its
+content, the same as on import), value = the trip as UTF-8 JSON
+(``schema.record_to_json``; a TLC trip adds its zones, distance and fares, null
+where the file recorded nothing). The trips before it are the batch layer's history
 (``batch_processor.py import``), so each trip of the shipped sample reaches the
 system once: January-May 2016 as history, June 2016 as the stream. The speed
 layer (``kafka_consumer.py``, ``spark_streaming.py``) and the batch layer read
@@ -12,6 +15,7 @@ the topic back, each in its own consumer group. A broker must be up (``make kafk
 
     python kafka_producer.py                              # June 2016 of the shipped sample, at once
     python kafka_producer.py --rate 200 --retime --loop   # an endless live feed at 200 trips/s
+    python kafka_producer.py --input yellow_tripdata_2021-01.parquet --cutoff none   # TLC records
 
 The steps (``replay``): load the trips; order them by pickup (stable; a trip's
 partition comes from its key, so each partition is in pickup order too); cut at
@@ -69,7 +73,7 @@ from periscope.replay import (Chunk, Pacer, ReplayResult, chunk_plan, flag_probl
                               positions_on_topic, summary_lines)
 from periscope.schema import format_time, parse_cutoff
 from periscope.send_loop import Deliveries, send_chunks
-from periscope.sources import CsvLayoutError, LoadReport, read_trips, read_trips_parquet
+from periscope.sources import CsvLayoutError, LoadReport, read_trips
 from periscope.stream import (DELIVERY_TIMEOUT_MS, PRODUCER_CONFIG, BrokerUnavailable, read_topic_keys,
                               topic_exists, wait_for_broker)
 
@@ -81,12 +85,11 @@ EXIT_INTERRUPTED = 130
 
 
 def load_trips(path: Path, out: TextIO) -> tuple[pd.DataFrame, LoadReport]:
-    """Every well-formed trip of a Kaggle-layout CSV (plain or gzip) or Parquet file, saying what was
-    read and what was malformed; refused without any trip."""
+    """Every well-formed trip of a trip file (Kaggle or TLC layout; CSV, plain or gzip, or Parquet),
+    saying what was read and what was malformed; refused without any trip."""
     began = time.monotonic()
-    read = read_trips_parquet if path.suffix.lower() in (".parquet", ".pq") else read_trips
     try:
-        trips, report = read(path)
+        trips, report = read_trips(path, tlc_layouts=True)
     except (FileNotFoundError, CsvLayoutError) as error:
         raise Refused(str(error), code=2) from None
     for line in report.summary_lines():
@@ -255,13 +258,14 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Replay NYC taxi trips from a Kaggle-layout file into Kafka, in pickup-time order, from the "
-                    "cutoff on; restarted, it resumes after the trips already on the topic.",
+        description="Replay NYC taxi trips from a trip file (Kaggle or TLC) into Kafka, in pickup-time order, "
+                    "from the cutoff on; restarted, it resumes after the trips already on the topic.",
         formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV, metavar="FILE",
-                        help="trips in the Kaggle NYC Taxi Trip Duration layout: CSV (plain or .gz) or "
-                             ".parquet with the same columns (default: %(default)s, env PERISCOPE_SAMPLE_CSV)")
+                        help="trips in the Kaggle NYC Taxi Trip Duration layout, or NYC TLC trip records "
+                             "(yellow/green, 2009 on): CSV (plain or .gz) or Parquet "
+                             "(default: %(default)s, env PERISCOPE_SAMPLE_CSV)")
     parser.add_argument("--cutoff", type=cli.argument_type(parse_cutoff), default=config.CUTOFF, metavar="TIME",
                         help="replay only the trips picked up at or after this New York wall-clock time, "
                              "2016-06-01 or '2016-06-01 12:00:00'; the ones before it are the batch layer's "

@@ -74,7 +74,6 @@ from pyspark.sql import functions as F
 from periscope import cli, config, speed_core
 from periscope import speed_tuning as tuning
 from periscope.model import ModelMismatchError, ModelNotFoundError, load_model
-from periscope.schema import FIELDS
 from periscope.spark_session import SparkSetupError, get_session
 from periscope.spark_speed import VALIDATED_SCHEMA, BroadcastModel, SparkSpeedLayer, check_topics
 from periscope.speed_core import write_speed_files
@@ -132,7 +131,7 @@ def dead_letter(layer: SparkSpeedLayer, frame: pd.DataFrame, batch_id: int) -> t
 
 def predict(validated: DataFrame, models: BroadcastModel) -> DataFrame:
     """3. (executors) Predicted seconds per valid trip: a pandas UDF, the model broadcast to the executors."""
-    return validated.withColumn("predicted_duration_s", models.udf(F.struct(*FIELDS)))
+    return validated.withColumn("predicted_duration_s", models.udf(F.struct(*speed_core.TRIP_COLUMNS)))
 
 
 def write_speed_batch(layer: SparkSpeedLayer, messages: DataFrame, batch_id: int) -> None:
@@ -150,7 +149,7 @@ def write_speed_batch(layer: SparkSpeedLayer, messages: DataFrame, batch_id: int
     invalid, already_sent = dead_letter(layer, frame, batch_id)
     # 4. the speed files: one per Kafka partition of the batch
     valid = frame[frame["reason"].isna()].sort_values(["partition", "offset"])
-    columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + FIELDS)
+    columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + speed_core.TRIP_COLUMNS)
     rows = write_speed_files(layer.args.speed_dir, columns, valid["predicted_duration_s"].to_numpy(float),
                              model.version)
     layer.count(frame, rows, invalid, already_sent, time.perf_counter() - began, batch_id)

@@ -5,7 +5,8 @@ behaves on a year of data. This tool makes bigger files that still look like
 the real thing, for scale tests and the benchmarks in ``bench/``. It is not a
 layer of the architecture: its output is an ordinary Kaggle-layout CSV that
 ``batch_processor.py import``, ``kafka_producer.py`` or ``train_model.py``
-take like any other.
+take like any other (with ``--layout yellow_zones``, a TLC zone-era CSV: the
+import and the producer take it; training needs coordinates).
 
 Each generated trip is a real trip drawn at random (with replacement), then
 nudged so no two copies are identical:
@@ -25,6 +26,15 @@ ones included), so the cleaning rules reject about the same share of a
 generated file as of the real sample. Ids are fresh: ``g`` and a 9-digit
 number, unique in the file and never clashing with Kaggle's ``id...`` ids.
 
+With ``--layout yellow_zones`` the same trips are written as a TLC yellow-cab
+file of the zone era (``tpep_*`` times, ``PULocationID``/``DOLocationID``, no
+coordinates; ``periscope.tlc`` reads it as the ``yellow_zones`` layout): each
+point becomes the taxi zone holding it (``zones.zone_of``), 264 (TLC's
+"unknown") where none does; distance, payment and fares are left empty, as the
+Kaggle sample has none. Such a file has no ids: readers derive them from the
+content, as for every TLC file. It is what benchmarks of zone-only trips
+(placed at zone centroids, predicted there) run on.
+
 The same seed, row count and input give byte-identical output, plain or
 gzip (a different ``--rows`` gives different trips, not a longer prefix).
 Trips are made and written in chunks of 500,000, so ten million trips take the
@@ -34,6 +44,7 @@ Run it::
 
     python -m periscope.generate --rows 1500000 --seed 7
     python -m periscope.generate --rows 10000000 --out data/generated/trips-10m.csv.gz
+    python -m periscope.generate --rows 1500000 --layout yellow_zones   # TLC zone era
 """
 from __future__ import annotations
 
@@ -53,7 +64,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from periscope import cli, config
+from periscope import cli, config, zones
 from periscope.schema import FIELDS, FLOAT_FIELDS, count_rules, first_broken_rule, parse_time
 from periscope.sources import CsvLayoutError, read_trips
 
@@ -92,6 +103,17 @@ GZIP_LEVEL = 1
 
 OUT_TEMPLATE = str(config.DATA_DIR / "generated" / "trips-{rows}-seed{seed}.csv")
 """Default output; the benchmarks find (and reuse) generated files by this name."""
+ZONES_OUT_TEMPLATE = str(config.DATA_DIR / "generated" / "yellow-zones-{rows}-seed{seed}.csv")
+"""Default output with ``--layout yellow_zones``."""
+
+LAYOUTS: tuple[str, ...] = ("kaggle", "yellow_zones")
+ZONE_ERA_COLUMNS: tuple[str, ...] = (
+    "VendorID", "tpep_pickup_datetime", "tpep_dropoff_datetime", "passenger_count", "trip_distance",
+    "store_and_fwd_flag", "PULocationID", "DOLocationID", "payment_type", "fare_amount", "tip_amount",
+    "total_amount")
+"""The header of a ``yellow_zones`` file (TLC's 2017-2018 yellow layout, the columns Periscope reads)."""
+UNKNOWN_ZONE = 264
+"""What TLC records for a place in no zone."""
 
 
 def out_path(template: str, rows: int, seed: int) -> Path:
@@ -161,22 +183,52 @@ def to_kaggle_table(trips: pd.DataFrame) -> pa.Table:
     return pa.table(columns)
 
 
+def in_zones(trips: pd.DataFrame) -> pd.DataFrame:
+    """Record-form trips as a zone-era file holds them: the zone of each point as written (rounded,
+    ``UNKNOWN_ZONE`` for none), coordinates not recorded."""
+    placed = trips.copy()
+    for end in ("pickup", "dropoff"):
+        lon, lat = (np.round(trips[f"{end}_{axis}"].to_numpy(), COORDINATE_DECIMALS)
+                    for axis in ("longitude", "latitude"))
+        zone = zones.zone_of(lon, lat)
+        placed[f"{end}_location_id"] = np.where(zone == zones.NO_ZONE, UNKNOWN_ZONE, zone)
+        placed[f"{end}_longitude"] = placed[f"{end}_latitude"] = np.nan
+    return placed
+
+
+def to_zone_era_table(trips: pd.DataFrame) -> pa.Table:
+    """Record-form trips (``in_zones``) as an Arrow table whose CSV text is the ``yellow_zones`` layout."""
+    table = to_kaggle_table(trips)
+    given = {"VendorID": table["vendor_id"], "tpep_pickup_datetime": table["pickup_datetime"],
+             "tpep_dropoff_datetime": table["dropoff_datetime"], "passenger_count": table["passenger_count"],
+             "store_and_fwd_flag": table["store_and_fwd_flag"],
+             "PULocationID": pa.array(trips["pickup_location_id"].to_numpy()),
+             "DOLocationID": pa.array(trips["dropoff_location_id"].to_numpy())}
+    return pa.table({name: given.get(name, pa.nulls(len(trips), pa.float64())) for name in ZONE_ERA_COLUMNS})
+
+
 def rule_counts(trips: pd.DataFrame) -> Counter:
     """How many trips each cleaning rule would reject (first broken rule only)."""
-    return Counter(count_rules(first_broken_rule({name: trips[name].to_numpy() for name in FIELDS[1:]})))
+    columns = {name: trips[name].to_numpy() for name in trips.columns if name not in ("id", "store_and_fwd_flag")}
+    return Counter(count_rules(first_broken_rule(columns)))
 
 
-def write_csv(chunks: Iterator[pd.DataFrame], handle: BinaryIO, rows: int, progress: bool = True) -> tuple[int, Counter]:
+def write_csv(chunks: Iterator[pd.DataFrame], handle: BinaryIO, rows: int, progress: bool = True,
+              layout: str = "kaggle") -> tuple[int, Counter]:
     """Write the header and every chunk to ``handle``; returns rows written and rule counts.
 
     The rule counts let the summary show that the generated file is as dirty
     as the real sample.
     """
-    handle.write((",".join(FIELDS) + "\n").encode())
+    header = FIELDS if layout == "kaggle" else ZONE_ERA_COLUMNS
+    handle.write((",".join(header) + "\n").encode())
     written, rejected = 0, Counter()
     started = last_print = time.monotonic()
     for trips in chunks:
-        pa_csv.write_csv(to_kaggle_table(trips), handle, CSV_OPTIONS)
+        if layout != "kaggle":
+            trips = in_zones(trips)
+        pa_csv.write_csv(to_kaggle_table(trips) if layout == "kaggle" else to_zone_era_table(trips), handle,
+                         CSV_OPTIONS)
         written += len(trips)
         rejected.update(rule_counts(trips))
         now = time.monotonic()
@@ -186,7 +238,8 @@ def write_csv(chunks: Iterator[pd.DataFrame], handle: BinaryIO, rows: int, progr
     return written, rejected
 
 
-def write_file(chunks: Iterator[pd.DataFrame], out: Path, rows: int, progress: bool = True) -> tuple[int, Counter]:
+def write_file(chunks: Iterator[pd.DataFrame], out: Path, rows: int, progress: bool = True,
+               layout: str = "kaggle") -> tuple[int, Counter]:
     """Write to a temporary name beside ``out``, then rename: a file at ``out`` is always complete.
 
     A ``.gz`` name is gzip-compressed with a blank name and time in the gzip
@@ -198,9 +251,9 @@ def write_file(chunks: Iterator[pd.DataFrame], out: Path, rows: int, progress: b
         with open(partial, "wb") as raw:
             if out.suffix == ".gz":
                 with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL) as handle:
-                    result = write_csv(chunks, handle, rows, progress)
+                    result = write_csv(chunks, handle, rows, progress, layout)
             else:
-                result = write_csv(chunks, raw, rows, progress)
+                result = write_csv(chunks, raw, rows, progress, layout)
         os.replace(partial, out)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -211,7 +264,8 @@ def write_file(chunks: Iterator[pd.DataFrame], out: Path, rows: int, progress: b
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m periscope.generate",
-        description="Generate realistic NYC taxi trips in the Kaggle CSV layout by resampling the real sample.",
+        description="Generate realistic NYC taxi trips in the Kaggle CSV layout (or a TLC zone-era one) by "
+                    "resampling the real sample.",
         formatter_class=cli.HelpFormatter,
     )
     parser.add_argument("--rows", type=int, default=1_500_000,
@@ -220,14 +274,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="random seed; the same seed, --rows and input give byte-identical output")
     parser.add_argument("--input", type=Path, default=config.SAMPLE_CSV,
                         help="real trips to resample, Kaggle layout, plain or .gz (env PERISCOPE_SAMPLE_CSV)")
-    parser.add_argument("--out", default=OUT_TEMPLATE,
-                        help="output CSV, gzip-compressed if it ends in .gz; {rows} and {seed} are filled in")
+    parser.add_argument("--out", default=None,
+                        help="output CSV, gzip-compressed if it ends in .gz; {rows} and {seed} are filled in "
+                             f"(default: {OUT_TEMPLATE}; with --layout yellow_zones: {ZONES_OUT_TEMPLATE})")
+    parser.add_argument("--layout", choices=LAYOUTS, default="kaggle",
+                        help="kaggle: the Kaggle CSV layout; yellow_zones: a TLC yellow-cab file of the zone era "
+                             "(taxi zones instead of coordinates, no ids, empty fares)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line, no progress")
     args = parser.parse_args(argv)
     if not 1 <= args.rows <= MAX_ROWS:
         parser.error(f"--rows must be between 1 and {MAX_ROWS:,} ({ID_DIGITS}-digit ids), got {args.rows:,}")
     if args.seed < 0:
         parser.error(f"--seed must be zero or positive, got {args.seed}")
+    if args.out is None:
+        args.out = OUT_TEMPLATE if args.layout == "kaggle" else ZONES_OUT_TEMPLATE
     try:
         args.out = out_path(args.out, args.rows, args.seed)
     except (KeyError, IndexError, ValueError):
@@ -253,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resampling {len(source):,} well-formed trips from {args.input} "
               f"({report.rows_malformed:,} malformed rows skipped); seed {args.seed}", flush=True)
 
-    written, rejected = write_file(generate(source, args.rows, args.seed), args.out, args.rows, not args.quiet)
+    written, rejected = write_file(generate(source, args.rows, args.seed), args.out, args.rows, not args.quiet,
+                                   args.layout)
     seconds = time.perf_counter() - started
     size_mb = args.out.stat().st_size / 1e6
     print(f"wrote {written:,} trips to {args.out} ({size_mb:,.1f} MB) in {seconds:.1f} s "

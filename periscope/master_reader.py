@@ -9,8 +9,9 @@ reference the fast one is compared with, in the tests and in
 ``bench/bench_batch.py``.
 
 Every frame has the trip columns its file was written with (the eleven
-Kaggle fields of ``schema.KAGGLE_AVRO_SCHEMA``, or every field of
-``schema.AVRO_SCHEMA`` for TLC trips) with the Avro types (``int`` fields as
+Kaggle fields of ``schema.KAGGLE_AVRO_SCHEMA``, with the zones since
+``schema.ZONED_KAGGLE_AVRO_SCHEMA``, or every field of ``schema.AVRO_SCHEMA``
+for TLC trips) with the Avro types (``int`` fields as
 Int32, ``long`` as Int64), rows in file order. Frames are not widened to
 ``AVRO_SCHEMA``: nine columns of nulls per Kaggle trip would cost memory and
 time for nothing. ``record_columns`` widens them to the record-form numpy
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from periscope.schema import AVRO_SCHEMA, FIELDS, NOT_RECORDED, NULLABLE_FIELDS, SOURCE_FIELDS, avro_type
+from periscope.schema import AVRO_SCHEMA, FIELDS, NOT_RECORDED, NULLABLE_FIELDS, avro_type
 
 DECODERS: tuple[str, ...] = ("polars", "fastavro")
 _AVRO_TYPES = {"string": pl.String, "int": pl.Int32, "long": pl.Int64, "double": pl.Float64, "boolean": pl.Boolean}
@@ -48,7 +49,7 @@ def _read_fastavro(path: Path) -> pl.DataFrame:
         return pl.DataFrame(schema={name: TRIP_SCHEMA[name] for name in FIELDS})
     trips = pl.concat(chunks)
     present = [name for name in TRIP_SCHEMA if name in trips.columns]
-    if any(name in trips.columns for name in SOURCE_FIELDS):  # record form back to the nulls polars reads
+    if "source_layout" in trips.columns:  # TLC trips: record form back to the nulls polars reads
         trips = trips.with_columns(
             [pl.when(pl.col(name) == NOT_RECORDED).then(None).otherwise(pl.col(name)).alias(name)
              if TRIP_SCHEMA[name] == pl.Int32 else pl.col(name).fill_nan(None)

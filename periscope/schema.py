@@ -9,7 +9,9 @@ nowhere else:
   distance and fares TLC records);
 * a **JSON message** on the ``taxi-trips`` topic: the same eleven fields with
   JSON types, times as ``"YYYY-MM-DD HH:MM:SS"`` (New York wall-clock time,
-  as in the Kaggle data), ``store_and_fwd_flag`` as ``"Y"``/``"N"``;
+  as in the Kaggle data), ``store_and_fwd_flag`` as ``"Y"``/``"N"``; a TLC
+  trip's message adds ``SOURCE_FIELDS``, null where its file recorded nothing
+  (``from_tlc_source``; docs/STREAMING.md, "Messages");
 * an **Avro record** in the master dataset, which is also the in-memory
   "record" form: times as integer milliseconds since 1970-01-01 00:00 of the
   same wall clock (no time zone is attached to the data, so none is invented),
@@ -87,7 +89,11 @@ SOURCE_FIELDS: tuple[str, ...] = (
     "total_amount",
     "payment_type",
 )
-"""What TLC files add to the Kaggle fields, all nullable (a Kaggle import writes only service and layout)."""
+"""What TLC files add to the Kaggle fields, all nullable (a Kaggle trip has only its zones, from its coordinates)."""
+
+ZONE_FIELDS: tuple[str, ...] = ("pickup_location_id", "dropoff_location_id")
+"""The taxi zone of each end: recorded by zone-era TLC files, given from the coordinates to every other
+trip when it enters master data (``periscope.zones.assign_zones``)."""
 
 TRIP_FIELDS: tuple[str, ...] = FIELDS + SOURCE_FIELDS
 """Every field of a trip in master data: the Kaggle fields, then ``SOURCE_FIELDS``."""
@@ -140,7 +146,18 @@ KAGGLE_AVRO_SCHEMA: dict[str, Any] = {
     "doc": "One NYC yellow-cab trip, as in the Kaggle NYC Taxi Trip Duration data.",
     "fields": _KAGGLE_AVRO_FIELDS,
 }
-"""The schema master files had before TLC trips; files of Kaggle-field trips are still written with it."""
+"""The schema master files of Kaggle-field trips had before every trip got its zones."""
+
+ZONED_KAGGLE_AVRO_SCHEMA: dict[str, Any] = {
+    **KAGGLE_AVRO_SCHEMA,
+    "fields": _KAGGLE_AVRO_FIELDS + [
+        {"name": "pickup_location_id", "type": "int",
+         "doc": "TLC taxi zone holding the pickup point, 0 for none (periscope.zones.zone_of)."},
+        {"name": "dropoff_location_id", "type": "int", "doc": "The same for the dropoff point."}],
+}
+"""What master files of Kaggle-field trips are written with since every trip gets its zones: the
+Kaggle fields and the two zones, none nullable (every Kaggle trip has coordinates, so a zone, 0 for
+none). Schema resolution reads it, like ``KAGGLE_AVRO_SCHEMA``, as ``AVRO_SCHEMA``."""
 
 AVRO_SCHEMA: dict[str, Any] = {
     "type": "record",
@@ -152,8 +169,8 @@ AVRO_SCHEMA: dict[str, Any] = {
 }
 """The master dataset's schema, evolved compatibly from ``KAGGLE_AVRO_SCHEMA``: the fields added
 are nullable with default null, and the Kaggle fields TLC files may lack became unions with null,
-so every master file written before (and every Kaggle file written now) reads with this schema
-(Avro schema resolution; ``tests/test_tlc.py`` checks it)."""
+so every master file written before, and every one written now with ``ZONED_KAGGLE_AVRO_SCHEMA``,
+reads with this schema (Avro schema resolution; ``tests/test_tlc.py`` checks it)."""
 
 
 def avro_type(field: Mapping[str, Any]) -> str:
@@ -350,12 +367,44 @@ def _flag(value: Any) -> bool:
     raise InvalidTrip("wrong_type", f"store_and_fwd_flag: {value!r} is not 'Y' or 'N'")
 
 
+SOURCE_INT_FIELDS = ("pickup_location_id", "dropoff_location_id", "payment_type")
+SOURCE_FLOAT_FIELDS = ("trip_distance", "fare_amount", "tip_amount", "total_amount")
+
+
+def from_tlc_source(fields: Mapping[str, Any]) -> bool:
+    """Does a message or record come from a TLC file (a ``source_layout`` other than kaggle)?"""
+    layout = fields.get("source_layout")
+    return isinstance(layout, str) and layout not in ("", "kaggle")
+
+
+def _not_recorded(name: str) -> Any:
+    """A field's value in record form when the source recorded nothing."""
+    if name in INT_FIELDS or name in SOURCE_INT_FIELDS:
+        return NOT_RECORDED
+    return math.nan if name in FLOAT_FIELDS or name in SOURCE_FLOAT_FIELDS else None
+
+
+def _source_value(value: Any, name: str) -> Any:
+    if value is None:
+        return _not_recorded(name)
+    if name in SOURCE_INT_FIELDS:
+        return _number(value, name, int)
+    if name in SOURCE_FLOAT_FIELDS:
+        return _number(value, name, float)
+    if not isinstance(value, str):
+        raise InvalidTrip("wrong_type", f"{name}: expected text, got {type(value).__name__}")
+    return value
+
+
 def parse_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     """A mapping of the eleven fields (CSV text or JSON types) to a record.
 
     Raises ``InvalidTrip`` naming the first field that is missing or malformed.
-    Extra keys (for example the original times a retimed replay carries) are
-    ignored here.
+    ``SOURCE_FIELDS`` given (null or absent: not recorded) are parsed too. A
+    trip from a TLC file (``from_tlc_source``) may have null in the Kaggle
+    fields TLC files lack (``NULLABLE_FIELDS``), but needs at each end
+    coordinates or a zone; a Kaggle message is parsed as it always was. Other
+    keys (for example the original times a retimed replay carries) are ignored.
     """
     missing = [name for name in FIELDS if name not in fields]
     if missing:
@@ -364,9 +413,12 @@ def parse_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(trip_id, str) or not trip_id.strip():
         raise InvalidTrip("missing_value", "id must be non-empty text")
     record: dict[str, Any] = {"id": trip_id.strip()}
+    tlc_trip = from_tlc_source(fields)
     for name in FIELDS[1:]:
         value = fields[name]
-        if name in TIME_FIELDS:
+        if value is None and tlc_trip and name in NULLABLE_FIELDS:
+            record[name] = _not_recorded(name)
+        elif name in TIME_FIELDS:
             record[name] = parse_time(value, name)
         elif name in INT_FIELDS:
             record[name] = _number(value, name, int)
@@ -374,9 +426,15 @@ def parse_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
             record[name] = _number(value, name, float)
         else:
             record[name] = _flag(value)
-    for name in INT_FIELDS:
-        if not -(2**31) <= record[name] < 2**31:
+    record.update({name: _source_value(fields[name], name) for name in SOURCE_FIELDS if name in fields})
+    for name in INT_FIELDS + SOURCE_INT_FIELDS:
+        if name in record and not -(2**31) <= record[name] < 2**31:
             raise InvalidTrip("wrong_type", f"{name} does not fit a 32-bit integer")
+    if tlc_trip:
+        for end in ("pickup", "dropoff"):
+            if (math.isnan(record[f"{end}_longitude"]) or math.isnan(record[f"{end}_latitude"])) and \
+                    record.get(f"{end}_location_id", NOT_RECORDED) == NOT_RECORDED:
+                raise InvalidTrip("missing_value", f"{end}: neither coordinates nor a zone")
     return record
 
 
@@ -407,12 +465,26 @@ def validate(value: bytes | None) -> tuple[dict[str, Any] | None, str | None]:
     return (None, broken) if broken else (record, None)
 
 
+def _recorded(value: Any) -> bool:
+    """Not ``NOT_RECORDED``, NaN or NA: what a TLC record holds where its source recorded nothing."""
+    if value is None or value is pd.NA:
+        return False
+    if isinstance(value, float):
+        return not math.isnan(value)
+    return not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value == NOT_RECORDED)
+
+
 def record_to_message(record: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """A record as the JSON-ready dict sent to Kafka (Kaggle field types)."""
-    message = {name: record[name] for name in FIELDS}
+    """A record as the JSON-ready dict sent to Kafka (Kaggle field types), then the ``SOURCE_FIELDS``
+    it has; a TLC record's values not recorded are null (docs/STREAMING.md, "Messages")."""
+    names = FIELDS + tuple(name for name in SOURCE_FIELDS if name in record)
+    nullable = NULLABLE_FIELDS if from_tlc_source(record) else SOURCE_FIELDS
+    message = {name: record[name] if name not in nullable or _recorded(record[name]) else None
+               for name in names}
     message["pickup_datetime"] = format_time(record["pickup_datetime"])
     message["dropoff_datetime"] = format_time(record["dropoff_datetime"])
-    message["store_and_fwd_flag"] = "Y" if record["store_and_fwd_flag"] else "N"
+    if message["store_and_fwd_flag"] is not None:
+        message["store_and_fwd_flag"] = "Y" if record["store_and_fwd_flag"] else "N"
     message.update(extra)
     return message
 
@@ -451,8 +523,11 @@ def trips_to_messages(trips: pd.DataFrame, id_suffix: str = "") -> tuple[list[by
     """Kafka keys and JSON values of a whole trip frame: the bytes ``record_to_json`` gives, 4x faster.
 
     ``id_suffix`` is appended to every id (``kafka_producer.py --loop`` keeps ids unique that way).
+    TLC trips (a ``source_layout`` column) have nulls, so each is a dict through ``json.dumps``.
     """
     ids = [trip_id + id_suffix for trip_id in trips["id"].tolist()]
+    if "source_layout" in trips:
+        return [trip_id.encode() for trip_id in ids], _tlc_values(trips, ids)
     columns = (
         [json.dumps(trip_id) for trip_id in ids],
         trips["vendor_id"].tolist(),
@@ -468,3 +543,29 @@ def trips_to_messages(trips: pd.DataFrame, id_suffix: str = "") -> tuple[list[by
     )
     values = [(_JSON_TEMPLATE % row).encode() for row in zip(*columns)]
     return [trip_id.encode() for trip_id in ids], values
+
+
+def _tlc_values(trips: pd.DataFrame, ids: list[str]) -> list[bytes]:
+    """``record_to_json`` of each TLC trip of a frame, a column at a time: what was not recorded as null."""
+    names = FIELDS + tuple(name for name in SOURCE_FIELDS if name in trips)
+    columns: list[list[Any]] = []
+    for name in names:
+        values = trips[name]
+        if name == "id":
+            columns.append(ids)
+        elif name in TIME_FIELDS:
+            columns.append(format_times(values.to_numpy()))
+        elif name == "store_and_fwd_flag":
+            flag = values.astype("boolean")
+            text = np.where(flag.fillna(False).to_numpy(dtype=bool), "Y", "N").astype(object)
+            text[flag.isna().to_numpy()] = None
+            columns.append(text.tolist())
+        elif name in NULLABLE_FIELDS and pd.api.types.is_numeric_dtype(values.dtype):
+            number = values.to_numpy()
+            absent = np.isnan(number) if number.dtype.kind == "f" else number == NOT_RECORDED
+            column = values.astype(object).to_numpy()
+            column[absent] = None
+            columns.append(column.tolist())
+        else:
+            columns.append(values.tolist())
+    return [json.dumps(dict(zip(names, row)), separators=(",", ":")).encode() for row in zip(*columns)]

@@ -22,7 +22,7 @@ and Parquet by their magic bytes), not from the file name. Parsing is
 vectorised (pandas) so a 10-million-row file streams through in chunks; the
 Kaggle reasons match ``schema.parse_fields`` field by field, which the tests
 check row by row. Commands that take only the Kaggle layout (``read_trips``
-by default: the producer, the DAGs) refuse a TLC file by name.
+by default: the DAGs) refuse a TLC file by name.
 """
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ def open_source(path: Path, tlc_layouts: bool = True) -> Source:
     if layout.name != tlc.KAGGLE and not tlc_layouts:
         raise TripFileError(f"{path} is a TLC trip file ({layout.name} layout, {layout.era}); this command "
                             "takes the Kaggle layout only for now: `python batch_processor.py import` "
-                            "takes TLC files")
+                            "and `python kafka_producer.py` take TLC files")
     return Source(path, parquet, compression, header, layout)
 
 

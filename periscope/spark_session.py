@@ -45,7 +45,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql.types import BooleanType, DataType, DoubleType, LongType, StringType, StructField, StructType
 
 from periscope import cli, config
-from periscope.schema import FIELDS, FLOAT_FIELDS, INT_FIELDS, TIME_FIELDS
+from periscope.schema import FIELDS, FLOAT_FIELDS, INT_FIELDS, TIME_FIELDS, ZONE_FIELDS
 
 PROJECT_ROOT = config.PROJECT_ROOT
 
@@ -86,7 +86,7 @@ class SparkSetupError(RuntimeError):
 
 def spark_type(field: str) -> DataType:
     """Spark type of a trip field in record form, read off ``periscope.schema``'s field groups."""
-    if field in INT_FIELDS or field in TIME_FIELDS:
+    if field in INT_FIELDS or field in TIME_FIELDS or field in ZONE_FIELDS:
         return LongType()
     if field in FLOAT_FIELDS:
         return DoubleType()

@@ -57,7 +57,7 @@ VALIDATED_SCHEMA = StructType([
     StructField("partition", LongType()), StructField("offset", LongType()),
     StructField("kafka_timestamp_ms", LongType()), StructField("key", BinaryType()),
     StructField("value", BinaryType()), StructField("reason", StringType()),
-    *trip_struct().fields,
+    *trip_struct(speed_core.TRIP_COLUMNS).fields,
 ])
 """``speed_core.VALIDATED_COLUMNS`` in Spark types: the trip if valid, else the raw bytes and the reason."""
 

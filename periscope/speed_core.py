@@ -24,6 +24,11 @@ status:
 Spark's executors run the frame forms of the steps (``validate_frames``,
 ``predict_frame``), so they import ``periscope`` only: the Spark session ships
 this package, never a script.
+
+TLC trips (docs/STREAMING.md, "Messages") go through the same steps: a trip
+carries its taxi zones (``TRIP_COLUMNS``) and the cleaning rules judge a trip
+without coordinates by its zones, and the model's zone features place it
+(``periscope.features``: the zones a trip records, or those of its coordinates).
 """
 from __future__ import annotations
 
@@ -43,13 +48,16 @@ import pandas as pd
 
 from periscope import config, speed_view
 from periscope.model import TripDurationModel, current_version, load_model
-from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, RULE_NAMES, TIME_FIELDS, InvalidTrip,
-                              first_broken_rule, parse_json)
+from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, NOT_RECORDED, RULE_NAMES, TIME_FIELDS, ZONE_FIELDS,
+                              InvalidTrip, first_broken_rule, parse_json)
 from periscope.speed_view import SpeedStatus, StatusLatency, StatusLiveError, StatusTotals
 
 log = logging.getLogger(__name__)
 
-INT_COLUMNS = INT_FIELDS + TIME_FIELDS
+INT_COLUMNS = INT_FIELDS + TIME_FIELDS + ZONE_FIELDS
+TRIP_COLUMNS: tuple[str, ...] = FIELDS + ZONE_FIELDS
+"""The trip as the speed layer holds it: the Kaggle fields and the zones (``NOT_RECORDED`` where a
+message has none: a Kaggle trip, or a TLC trip of the coordinates era)."""
 POSITION_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms")
 STATUS_INTERVAL_S = 1.0
 MODEL_CHECK_INTERVAL_S = 10.0
@@ -101,10 +109,12 @@ def to_columns(records: list[dict[str, Any]], messages: list[Any]) -> dict[str, 
         "offset": np.fromiter((m.offset for m in messages), np.int64, n),
         "kafka_timestamp_ms": np.fromiter((m.timestamp for m in messages), np.int64, n),
         "id": np.array([r["id"] for r in records], dtype=object),
-        "store_and_fwd_flag": np.fromiter((r["store_and_fwd_flag"] for r in records), bool, n),
+        "store_and_fwd_flag": np.fromiter((bool(r["store_and_fwd_flag"]) for r in records), bool, n),
     }
-    for name in INT_COLUMNS:
+    for name in INT_FIELDS + TIME_FIELDS:
         columns[name] = np.fromiter((r[name] for r in records), np.int64, n)
+    for name in ZONE_FIELDS:
+        columns[name] = np.fromiter((r.get(name, NOT_RECORDED) for r in records), np.int64, n)
     for name in FLOAT_FIELDS:
         columns[name] = np.fromiter((r[name] for r in records), np.float64, n)
     return columns
@@ -128,7 +138,7 @@ def next_offsets(positions: Iterable[tuple[int, int]]) -> dict[int, int]:
 
 def speed_rows(columns: dict[str, np.ndarray], predicted_s: np.ndarray, model_version: str) -> pd.DataFrame:
     """Speed-view rows (``speed_view.COLUMNS``); ``visible_at_ms`` is -1 until the writer stamps it."""
-    rows = {name: columns[name] for name in POSITION_COLUMNS + FIELDS}
+    rows = {name: columns[name] for name in POSITION_COLUMNS + TRIP_COLUMNS}
     rows["visible_at_ms"] = np.full(len(predicted_s), -1, dtype=np.int64)
     rows["predicted_duration_s"] = np.asarray(predicted_s, dtype=np.float64)
     rows["model_version"] = np.full(len(predicted_s), model_version, dtype=object)
@@ -154,7 +164,7 @@ def write_speed_files(speed_dir: Path, columns: dict[str, np.ndarray], predicted
 # --- the same steps over pandas frames: what Spark's executors run ----------------------------------
 
 
-VALIDATED_COLUMNS: tuple[str, ...] = POSITION_COLUMNS + ("key", "value", "reason") + FIELDS
+VALIDATED_COLUMNS: tuple[str, ...] = POSITION_COLUMNS + ("key", "value", "reason") + TRIP_COLUMNS
 """A validated message: its Kafka position; the trip (record form) if valid, else the raw bytes and the reason."""
 
 
@@ -167,7 +177,7 @@ def validate_frame(messages: pd.DataFrame) -> pd.DataFrame:
     columns, invalid = validate_batch(batch)
     nothing = np.full(len(columns["id"]), None, dtype=object)
     valid = pd.DataFrame({**{name: columns[name] for name in POSITION_COLUMNS}, "key": nothing, "value": nothing,
-                          "reason": nothing, **{name: columns[name] for name in FIELDS}})
+                          "reason": nothing, **{name: columns[name] for name in TRIP_COLUMNS}})
     rejected = pd.DataFrame({"partition": [m.partition for m, _ in invalid], "offset": [m.offset for m, _ in invalid],
                              "kafka_timestamp_ms": [m.timestamp for m, _ in invalid],
                              "key": [m.key for m, _ in invalid], "value": [m.value for m, _ in invalid],
@@ -197,12 +207,17 @@ def frame_columns(frame: pd.DataFrame, names: Sequence[str]) -> dict[str, np.nda
     return columns
 
 
+def predict_seconds(model: TripDurationModel, columns: dict[str, np.ndarray]) -> np.ndarray:
+    """The model's predicted seconds for valid trips, coordinates or zones (``features.trip_zones``)."""
+    return model.predict_seconds(columns)
+
+
 def predict_frame(model: TripDurationModel, trips: pd.DataFrame) -> pd.Series:
     """Predicted seconds for the valid rows of ``trips`` (NaN for invalid rows, whose fields are null)."""
     predicted = np.full(len(trips), np.nan)
     known = trips["trip_duration"].notna().to_numpy()
     if known.any():
-        predicted[known] = model.predict_seconds(frame_columns(trips[known], list(trips.columns)))
+        predicted[known] = predict_seconds(model, frame_columns(trips[known], list(trips.columns)))
     return pd.Series(predicted)
 
 

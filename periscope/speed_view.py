@@ -34,13 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from periscope.schema import FIELDS
+from periscope.schema import FIELDS, NOT_RECORDED, ZONE_FIELDS
 from periscope.sources import empty_trip_frame
 from periscope.storage import atomic_path, atomic_write_json
 
 META_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms", "visible_at_ms")
 RESULT_COLUMNS: tuple[str, ...] = ("predicted_duration_s", "model_version")
-COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + RESULT_COLUMNS
+COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + ZONE_FIELDS + RESULT_COLUMNS
+"""A speed row: where the trip was in Kafka, the trip (its zones ``NOT_RECORDED`` where its message had
+none), the prediction. Files written before the zones were kept read with them ``NOT_RECORDED``."""
 STATUS_DIR = "_status"
 HISTORY_MINUTES = 120
 """How many wall-clock minutes of per-minute counts a status file keeps (``MinuteCounts``)."""
@@ -54,10 +56,11 @@ def batch_path(speed_dir: Path, partition: int, first: int, last: int) -> Path:
 def write_batch(speed_dir: Path, partition: int, rows: pd.DataFrame) -> Path:
     """Atomically write one partition's results; the name is their offset range.
 
-    ``rows`` must hold ``COLUMNS`` and at least one row. Writing the same
-    range again replaces the file with the same trips and predictions (only
+    ``rows`` must hold ``COLUMNS`` (the zones may be missing: ``NOT_RECORDED``) and at least one row.
+    Writing the same range again replaces the file with the same trips and predictions (only
     ``visible_at_ms``, the wall clock of the write, differs): never a second copy.
     """
+    rows = rows.assign(**{name: NOT_RECORDED for name in ZONE_FIELDS if name not in rows})
     first, last = int(rows["offset"].min()), int(rows["offset"].max())
     path = batch_path(speed_dir, partition, first, last)
     with atomic_path(path) as tmp:
@@ -112,13 +115,16 @@ def read_speed(speed_dir: Path, watermark: Mapping[Any, int] | None = None) -> p
     if not tables:
         return empty_speed_frame()
     table = pa.concat_tables(tables, promote_options="permissive")
-    return table.sort_by([("partition", "ascending"), ("offset", "ascending")]).to_pandas()
+    rows = table.sort_by([("partition", "ascending"), ("offset", "ascending")]).to_pandas()
+    for name in ZONE_FIELDS:  # files written before the zones were kept have none
+        rows[name] = rows[name].fillna(NOT_RECORDED).astype("int64") if name in rows else NOT_RECORDED
+    return rows
 
 
 def empty_speed_frame() -> pd.DataFrame:
     """A zero-row speed view with the right columns and dtypes."""
     frame = empty_trip_frame()
-    for name in META_COLUMNS:
+    for name in META_COLUMNS + ZONE_FIELDS:
         frame[name] = pd.Series(dtype="int64")
     frame["predicted_duration_s"] = pd.Series(dtype="float64")
     frame["model_version"] = pd.Series(dtype=object)

@@ -16,6 +16,11 @@ the polygons whose bounding box holds each point, then tests containment.
 A point on the border of two zones gets the lower id; a point in no zone
 (the sea, New Jersey, a GPS glitch at 0, 0) or without coordinates gets 0.
 
+``assign_zones`` gives every trip entering master data its zones: the zone
+its source recorded, else the zone of its coordinates (``NO_ZONE`` outside
+every zone). The batch layer calls it on every import and every drain of the
+stream, so every trip in master data has both zones.
+
 ``place`` gives a trip known only by its zones a point for the views that need
 one (the pickup grid, the straight-line distance): its zone's centroid. That is
 an estimate, and docs/DATA.md says what it means for the views: a trip inside
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +42,7 @@ import shapely
 from shapely.geometry import shape
 
 from periscope.config import PROJECT_ROOT
-from periscope.schema import ZONES
+from periscope.schema import NOT_RECORDED, ZONE_FIELDS, ZONES
 
 ZONES_DIR = PROJECT_ROOT / "data" / "zones"
 CENTROIDS = "taxi_zone_centroids.csv"
@@ -88,6 +93,37 @@ def zone_of(longitude: np.ndarray | pd.Series, latitude: np.ndarray | pd.Series,
     first = np.unique(point[order], return_index=True)[1]
     result[located[point[order][first]]] = found[order][first]
     return result
+
+
+def zones_at(trips: Mapping[str, Any], end: str, zones: Zones | None = None) -> np.ndarray:
+    """The zone of each trip's ``end`` ("pickup" or "dropoff"): as recorded if it was, else the zone of
+    its coordinates (``zone_of``; ``NO_ZONE`` outside every zone)."""
+    lon = np.asarray(trips[f"{end}_longitude"], dtype=np.float64)
+    recorded = trips.get(f"{end}_location_id")
+    result = np.full(lon.shape, NOT_RECORDED, np.int64) if recorded is None else \
+        np.array(recorded, dtype=np.int64)
+    unknown = np.flatnonzero(result == NOT_RECORDED)
+    if len(unknown):
+        lat = np.asarray(trips[f"{end}_latitude"], dtype=np.float64)
+        result[unknown] = zone_of(lon[unknown], lat[unknown], zones)
+    return result
+
+
+def assign_zones(trips: pd.DataFrame, zones: Zones | None = None) -> pd.DataFrame:
+    """A trip frame with both zones of every trip (``zones_at``), int64, after its other columns."""
+    return trips.assign(**{f"{end}_location_id": zones_at(trips, end, zones) for end in ("pickup", "dropoff")})
+
+
+def assign_zones_to_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``assign_zones`` for records (dicts in record form), vectorised over them all."""
+    if not records:
+        return []
+    columns = {name: [record.get(name, NOT_RECORDED) for record in records] for name in ZONE_FIELDS}
+    for end in ("pickup", "dropoff"):
+        for axis in ("longitude", "latitude"):
+            columns[f"{end}_{axis}"] = [record[f"{end}_{axis}"] for record in records]
+    found = {name: zones_at(columns, name.split("_")[0]).tolist() for name in ZONE_FIELDS}
+    return [{**record, **{name: found[name][row] for name in ZONE_FIELDS}} for row, record in enumerate(records)]
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 """Shared fixtures: the real shipped sample, a model trained once per session."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import shapely
+from shapely.geometry import shape
 
 import batch_processor
 from periscope import cluster, kafka_local, speed_view
@@ -33,6 +36,8 @@ SHARED_DATA = Path(os.environ.get("PERISCOPE_SHARED_DATA", ROOT.parent / "shared
 TLC_DIR = SHARED_DATA / "tlc"
 MASTER_BEFORE_TLC = ROOT / "tests" / "data" / "master_before_tlc"
 """A master file written by the code before the TLC fields existed, and the 300 Kaggle rows it holds."""
+CAB_FILES = sorted(p for p in TLC_DIR.glob("*") if not p.name.startswith("fhv"))
+"""The shipped TLC yellow- and green-cab files (the for-hire ones are refused)."""
 
 
 @pytest.fixture(scope="session")
@@ -534,3 +539,80 @@ def build_demo(root: Path, sample_csv: Path, sample_trips: pd.DataFrame, model_d
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory, sample_csv, sample_trips, trained_model_dir) -> Demo:
     return build_demo(tmp_path_factory.mktemp("dashboard"), sample_csv, sample_trips, trained_model_dir)
+
+
+# --- TLC files read without Periscope code (tests/test_tlc.py, tests/test_tlc_stream.py) --------------
+
+TLC_MEANING = {
+    "vendor_name": "vendor", "vendor_id": "vendor", "vendorid": "vendor",
+    "trip_pickup_datetime": "pickup", "pickup_datetime": "pickup", "tpep_pickup_datetime": "pickup",
+    "lpep_pickup_datetime": "pickup",
+    "trip_dropoff_datetime": "dropoff", "dropoff_datetime": "dropoff", "tpep_dropoff_datetime": "dropoff",
+    "lpep_dropoff_datetime": "dropoff",
+    "passenger_count": "passengers",
+    "start_lon": "plon", "pickup_longitude": "plon", "start_lat": "plat", "pickup_latitude": "plat",
+    "end_lon": "dlon", "dropoff_longitude": "dlon", "end_lat": "dlat", "dropoff_latitude": "dlat",
+    "pulocationid": "pzone", "pickup_location_id": "pzone", "dolocationid": "dzone", "dropoff_location_id": "dzone",
+    "fare_amt": "fare", "fare_amount": "fare", "tip_amt": "tip", "tip_amount": "tip",
+    "total_amt": "total", "total_amount": "total", "trip_distance": "distance",
+}
+RULE_ORDER = ("unknown_vendor", "duration_too_short", "duration_too_long", "duration_mismatch",
+              "passenger_count_out_of_range", "pickup_outside_nyc", "dropoff_outside_nyc", "implausible_speed")
+
+
+def file_text(path: Path) -> bytes:
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+def independent_tlc(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """(every row of a TLC file as pandas reads it, with the tests' own names; which rows are trips)."""
+    raw = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, low_memory=False)
+    raw.columns = [c.strip().lower() for c in raw.columns]
+    raw = raw[[c for c in raw.columns if c in TLC_MEANING]].rename(columns=TLC_MEANING)
+    for end in ("pickup", "dropoff"):
+        raw[end] = pd.to_datetime(raw[end], format="ISO8601", errors="coerce")
+    for name in ("plon", "plat", "dlon", "dlat", "pzone", "dzone"):
+        if name not in raw:
+            raw[name] = np.nan
+    raw["vendor"] = pd.to_numeric(raw["vendor"].map(lambda v: {"CMT": 1, "VTS": 2, "DDS": 3}.get(v, v)))
+    placed = [(raw[f"{e}lon"].notna() & raw[f"{e}lat"].notna()) | raw[f"{e}zone"].notna() for e in "pd"]
+    ok = (raw["pickup"].notna() & raw["dropoff"].notna() & placed[0] & placed[1]).to_numpy()
+    if path.suffix != ".parquet":
+        lines = file_text(path).split(b"\n")
+        if lines[-1] and lines[-1].count(b",") < lines[0].count(b","):
+            ok[-1] = False  # the last line is cut part-way
+    return raw, ok
+
+
+def independent_tlc_rules(trips: pd.DataFrame) -> pd.Series:
+    """Name of the first cleaning rule each trip breaks ('' if none), by plain pandas."""
+    duration = (trips["dropoff"] - trips["pickup"]).dt.total_seconds() // 1
+    lat1, lon1, lat2, lon2 = (np.radians(trips[c]) for c in ("plat", "plon", "dlat", "dlon"))
+    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    km = 2 * 6371.0088 * np.arcsin(np.sqrt(h))
+
+    def where(end: str) -> pd.Series:
+        box = trips[f"{end}lon"].between(-74.3, -73.7) & trips[f"{end}lat"].between(40.5, 41.0)
+        no_coordinates = trips[f"{end}lon"].isna() | trips[f"{end}lat"].isna()
+        return box | (no_coordinates & trips[f"{end}zone"].between(1, 263))
+
+    keeps = [trips["vendor"].isin([1, 2]), duration >= 60, duration <= 6 * 3600, pd.Series(True, trips.index),
+             trips["passengers"].between(1, 6), where("p"), where("d"), ~(km / (duration.clip(lower=1) / 3600) > 120)]
+    broken = pd.Series("", index=trips.index)
+    for name, keep in zip(RULE_ORDER, keeps):
+        broken[(broken == "") & ~keep.to_numpy()] = name
+    return broken
+
+
+def shapely_zones(lon: pd.Series, lat: pd.Series) -> list[int]:
+    """The tests' own zone of each point: the lowest id of the shipped polygons holding it, 0 for none
+    (a point-by-point loop over the polygons with shapely)."""
+    with gzip.open(SHARED_DATA / "zones" / "taxi_zones.geojson.gz", "rt", encoding="utf-8") as handle:
+        features = json.load(handle)["features"]
+    polygons = [(shape(f["geometry"]), f["properties"]["location_id"]) for f in features]
+    found = []
+    for x, y in zip(lon, lat):
+        point = shapely.Point(x, y)
+        holding = [zone for polygon, zone in polygons if np.isfinite(x) and polygon.intersects(point)]
+        found.append(min(holding) if holding else 0)
+    return found

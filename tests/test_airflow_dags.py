@@ -24,6 +24,7 @@ import kafka_producer
 import train_model
 from periscope import airflow_local, config, simulation, speed_view, storage, views
 from periscope.model import current_version, list_versions
+from periscope.schema import NOT_RECORDED
 from periscope.storage import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,7 +202,8 @@ def test_simulation_dag_publishes_exactly_the_intervals_trips_once(airflow_home,
 def speed_file(speed_dir: Path, trips, partition: int, first: int) -> Path:
     rows = trips.head(3).assign(partition=partition, offset=range(first, first + 3), kafka_timestamp_ms=0,
                                 visible_at_ms=0, predicted_duration_s=600.0, model_version="v")
-    return speed_view.write_batch(speed_dir, partition, rows[list(speed_view.COLUMNS)])
+    return speed_view.write_batch(speed_dir, partition, rows.reindex(columns=list(speed_view.COLUMNS),
+                                                                     fill_value=NOT_RECORDED))
 
 
 def master_snapshot(master: Path) -> dict[str, bytes]:

@@ -17,6 +17,7 @@ import pytest
 from periscope import config, generate
 from periscope.schema import FIELDS, RULE_NAMES, haversine_km
 from periscope.sources import read_trips
+from tests.conftest import shapely_zones
 
 ROWS = 60_000
 
@@ -153,3 +154,29 @@ def test_a_missing_input_is_reported_not_raised(tmp_path: Path, capsys: pytest.C
     assert code == 2
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
+
+
+# --- the TLC zone era: the same trips in taxi zones ------------------------------------------------
+
+
+def test_the_zone_era_layout_holds_the_same_trips_in_the_zones_shapely_finds(tmp_path: Path,
+                                                                             generated_file: Path) -> None:
+    out = tmp_path / "zones.csv.gz"
+    assert generate.main(["--rows", str(ROWS), "--seed", "7", "--out", str(out), "--quiet",
+                          "--layout", "yellow_zones"]) == 0
+    raw = pd.read_csv(out)
+    assert list(raw.columns) == list(generate.ZONE_ERA_COLUMNS) and len(raw) == ROWS
+    assert raw[["trip_distance", "fare_amount", "payment_type"]].isna().all().all()
+    twin = pd.read_csv(generated_file)  # the same seed and rows in the Kaggle layout: the same trips
+    assert (raw["tpep_pickup_datetime"] == twin["pickup_datetime"]).all()
+    assert (raw["VendorID"] == twin["vendor_id"]).all() and (raw["passenger_count"] == twin["passenger_count"]).all()
+    rows = twin.sample(200, random_state=5).index
+    for end, column in (("pickup", "PULocationID"), ("dropoff", "DOLocationID")):
+        expected = [zone or generate.UNKNOWN_ZONE for zone in shapely_zones(twin.loc[rows, f"{end}_longitude"],
+                                                                              twin.loc[rows, f"{end}_latitude"])]
+        assert raw.loc[rows, column].tolist() == expected
+    trips, report = read_trips(out, tlc_layouts=True)
+    assert report.layout == "yellow_zones" and report.rows_malformed == 0 and len(trips) == ROWS
+    assert trips["pickup_longitude"].isna().all() and trips["id"].str.startswith("tlc_").all()
+    outside = (raw["PULocationID"] == generate.UNKNOWN_ZONE).mean()
+    assert 0 < outside < 0.02  # as few as the sample's pickups outside every zone (0.7 %)

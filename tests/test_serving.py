@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import batch_processor
 from periscope import serving, speed_view, storage, views
 from periscope.dashboard import data
-from periscope.schema import FIELDS, first_broken_rule
+from periscope.schema import FIELDS, NOT_RECORDED, first_broken_rule
 
 TOPIC = "taxi-trips"
 PARTITIONS = 3
@@ -44,7 +44,7 @@ def with_speed_columns(trips: pd.DataFrame) -> pd.DataFrame:
     rows["visible_at_ms"] = rows["kafka_timestamp_ms"] + 100
     rows["predicted_duration_s"] = 600.0
     rows["model_version"] = "test"
-    return rows[list(speed_view.COLUMNS)]
+    return rows.reindex(columns=list(speed_view.COLUMNS), fill_value=NOT_RECORDED)  # no zones: Kaggle trips
 
 
 def distinct_facts(copies: pd.DataFrame) -> pd.DataFrame:

@@ -111,7 +111,8 @@ def test_the_spark_schema_is_derived_from_the_trip_schema():
     assert {kinds[name] for name in schema.FLOAT_FIELDS} == {"double"}
     assert kinds["id"] == "string" and kinds["store_and_fwd_flag"] == "boolean"
     assert spark_speed.VALIDATED_SCHEMA.fieldNames() == list(speed_core.VALIDATED_COLUMNS)
-    assert spark_speed.VALIDATED_SCHEMA.fieldNames()[-len(FIELDS):] == list(FIELDS)
+    trip = speed_core.TRIP_COLUMNS
+    assert spark_speed.VALIDATED_SCHEMA.fieldNames()[-len(trip):] == list(trip) and trip[:len(FIELDS)] == FIELDS
 
 
 def test_validation_gives_the_plain_consumers_verdicts(sample_trips):

@@ -77,13 +77,13 @@ def test_the_frame_form_gives_the_same_verdicts_columns_and_predictions(sample_t
     rejected = validated[validated["reason"].notna()]
     assert sorted(zip(rejected["offset"], rejected["reason"])) == sorted((m.offset, r) for m, r in invalid)
     valid = validated[validated["reason"].isna()].sort_values("offset")
-    typed = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + schema.FIELDS)
+    typed = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + speed_core.TRIP_COLUMNS)
     for name, values in columns.items():
         np.testing.assert_array_equal(typed[name], values)
         assert typed[name].dtype == values.dtype, name
 
     model = load_model(trained_model_dir)
-    predicted = speed_core.predict_frame(model, validated[list(schema.FIELDS)])
+    predicted = speed_core.predict_frame(model, validated[list(speed_core.TRIP_COLUMNS)])
     assert predicted[validated["reason"].notna().to_numpy()].isna().all()
     order = np.argsort(validated["offset"].to_numpy()[validated["reason"].isna().to_numpy()])
     np.testing.assert_allclose(predicted.dropna().to_numpy()[order], model.predict_seconds(columns), rtol=1e-12)

@@ -6,7 +6,6 @@ the readers under test.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -28,71 +27,11 @@ from periscope.sources import TripFileError, read_trips
 
 from tests.conftest import MASTER_BEFORE_TLC as BEFORE_TLC
 from tests.conftest import SHARED_DATA as SHIPPED
-from tests.conftest import TLC_DIR
+from tests.conftest import CAB_FILES, TLC_DIR, shapely_zones
+from tests.conftest import independent_tlc as independent
+from tests.conftest import independent_tlc_rules as independent_rules
 
-CAB_FILES = sorted(p for p in TLC_DIR.glob("*") if not p.name.startswith("fhv"))
 assert len(CAB_FILES) == 23, f"expected the 23 shipped TLC cab files in {TLC_DIR} (PERISCOPE_SHARED_DATA)"
-
-# This test's own reading of the TLC columns: lower-case source name -> meaning.
-MEANING = {
-    "vendor_name": "vendor", "vendor_id": "vendor", "vendorid": "vendor",
-    "trip_pickup_datetime": "pickup", "pickup_datetime": "pickup", "tpep_pickup_datetime": "pickup",
-    "lpep_pickup_datetime": "pickup",
-    "trip_dropoff_datetime": "dropoff", "dropoff_datetime": "dropoff", "tpep_dropoff_datetime": "dropoff",
-    "lpep_dropoff_datetime": "dropoff",
-    "passenger_count": "passengers",
-    "start_lon": "plon", "pickup_longitude": "plon", "start_lat": "plat", "pickup_latitude": "plat",
-    "end_lon": "dlon", "dropoff_longitude": "dlon", "end_lat": "dlat", "dropoff_latitude": "dlat",
-    "pulocationid": "pzone", "pickup_location_id": "pzone", "dolocationid": "dzone", "dropoff_location_id": "dzone",
-    "fare_amt": "fare", "fare_amount": "fare", "tip_amt": "tip", "tip_amount": "tip",
-    "total_amt": "total", "total_amount": "total", "trip_distance": "distance",
-}
-RULE_ORDER = ("unknown_vendor", "duration_too_short", "duration_too_long", "duration_mismatch",
-              "passenger_count_out_of_range", "pickup_outside_nyc", "dropoff_outside_nyc", "implausible_speed")
-
-
-def file_text(path: Path) -> bytes:
-    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-
-
-def independent(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    """(every row as pandas reads it, with this test's names; which rows are trips)."""
-    raw = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, low_memory=False)
-    raw.columns = [c.strip().lower() for c in raw.columns]
-    raw = raw[[c for c in raw.columns if c in MEANING]].rename(columns=MEANING)
-    for end in ("pickup", "dropoff"):
-        raw[end] = pd.to_datetime(raw[end], format="ISO8601", errors="coerce")
-    for name in ("plon", "plat", "dlon", "dlat", "pzone", "dzone"):
-        if name not in raw:
-            raw[name] = np.nan
-    raw["vendor"] = pd.to_numeric(raw["vendor"].map(lambda v: {"CMT": 1, "VTS": 2, "DDS": 3}.get(v, v)))
-    placed = [(raw[f"{e}lon"].notna() & raw[f"{e}lat"].notna()) | raw[f"{e}zone"].notna() for e in "pd"]
-    ok = (raw["pickup"].notna() & raw["dropoff"].notna() & placed[0] & placed[1]).to_numpy()
-    if path.suffix != ".parquet":
-        lines = file_text(path).split(b"\n")
-        if lines[-1] and lines[-1].count(b",") < lines[0].count(b","):
-            ok[-1] = False  # the last line is cut part-way
-    return raw, ok
-
-
-def independent_rules(trips: pd.DataFrame) -> pd.Series:
-    """Name of the first cleaning rule each trip breaks ('' if none), by plain pandas."""
-    duration = (trips["dropoff"] - trips["pickup"]).dt.total_seconds() // 1
-    lat1, lon1, lat2, lon2 = (np.radians(trips[c]) for c in ("plat", "plon", "dlat", "dlon"))
-    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    km = 2 * 6371.0088 * np.arcsin(np.sqrt(h))
-
-    def where(end: str) -> pd.Series:
-        box = trips[f"{end}lon"].between(-74.3, -73.7) & trips[f"{end}lat"].between(40.5, 41.0)
-        no_coordinates = trips[f"{end}lon"].isna() | trips[f"{end}lat"].isna()
-        return box | (no_coordinates & trips[f"{end}zone"].between(1, 263))
-
-    keeps = [trips["vendor"].isin([1, 2]), duration >= 60, duration <= 6 * 3600, pd.Series(True, trips.index),
-             trips["passengers"].between(1, 6), where("p"), where("d"), ~(km / (duration.clip(lower=1) / 3600) > 120)]
-    broken = pd.Series("", index=trips.index)
-    for name, keep in zip(RULE_ORDER, keeps):
-        broken[(broken == "") & ~keep.to_numpy()] = name
-    return broken
 
 
 @pytest.mark.parametrize("path", CAB_FILES, ids=lambda p: p.name)
@@ -203,7 +142,7 @@ def test_master_files_written_before_the_tlc_fields_still_read():
         np.testing.assert_array_equal(columns["pickup_longitude"], source["pickup_longitude"])
 
 
-def test_kaggle_trips_are_still_written_as_before_and_tlc_trips_with_every_field(tmp_path, capsys):
+def test_kaggle_trips_are_written_as_before_with_their_zones_and_tlc_trips_with_every_field(tmp_path, capsys):
     source = BEFORE_TLC / "source_300_trips.csv"
     tlc_file = TLC_DIR / "yellow_tripdata_sample_2020-05.csv.gz"
     assert batch_processor.main(["--master-dir", str(tmp_path), "import", "--cutoff", "none", str(source),
@@ -215,7 +154,13 @@ def test_kaggle_trips_are_still_written_as_before_and_tlc_trips_with_every_field
             reader = fastavro.reader(handle)
             fields = [(field["name"], field["type"]) for field in reader.writer_schema["fields"]]
             written.append((fields, list(reader)))
-    assert written[0] == written[1]  # the same fields, types and records as the code before TLC wrote
+    zones = [("pickup_location_id", "int"), ("dropoff_location_id", "int")]
+    assert written[0][0] == written[1][0] + zones  # the fields and types the code before TLC wrote, and the zones
+    assert [{k: v for k, v in r.items() if "location" not in k} for r in written[0][1]] == written[1][1]
+    raw = pd.read_csv(source)
+    for end in ("pickup", "dropoff"):
+        assert [r[f"{end}_location_id"] for r in written[0][1]] == shapely_zones(raw[f"{end}_longitude"],
+                                                                                   raw[f"{end}_latitude"])
     frame = read_file(tlc_part)
     raw = pd.read_csv(tlc_file)
     assert frame["vendor_id"].null_count() == int(raw["vendor_id"].isna().sum()) > 0
@@ -378,13 +323,6 @@ def test_a_bad_file_is_one_line_exit_2_and_nothing_written(case, command, tmp_pa
     assert "Traceback" not in captured.err + captured.out
     assert not list((tmp_path / "m").rglob("*.avro")) and not (tmp_path / "model" / "versions").exists()
     assert storage.master_files(tmp_path / "m") == []
-
-
-def test_the_producer_refuses_a_tlc_file_naming_the_command_that_takes_it(capsys):
-    path = TLC_DIR / "green_tripdata_2023-12.parquet"
-    assert kafka_producer.main(["--input", str(path), "--bootstrap", "127.0.0.1:9", "--topic", "none"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "green_zones layout" in err[0] and "batch_processor.py import" in err[0]
 
 
 def test_retraining_on_master_data_with_tlc_trips_learns_every_era(tmp_path, capsys):
