@@ -33,8 +33,9 @@ demo: setup kafka-fetch $(if $(CLUSTER),spark-fetch)  ## the whole pipeline: bro
 down:  ## stop what `make demo` started (from another terminal), and nothing else
 	-[ -x $(PY) ] && $(PY) -m periscope.demo down
 
-test: setup kafka-fetch spark-fetch browser $(COMPOSE)  ## run every test: unit, property and integration against real services
-	$(PY) -m pytest
+TEST_WORKERS ?= 2
+test: setup kafka-fetch spark-fetch browser $(COMPOSE)  ## run every test: unit, property and integration against real services (TEST_WORKERS=2 pytest processes)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations 15
 
 test-fast: setup $(COMPOSE)  ## only the quick tests that need no broker
 	$(PY) -m pytest -m "not kafka and not slow"

@@ -39,6 +39,16 @@ MASTER_BEFORE_TLC = ROOT / "tests" / "data" / "master_before_tlc"
 CAB_FILES = sorted(p for p in TLC_DIR.glob("*") if not p.name.startswith("fhv"))
 """The shipped TLC yellow- and green-cab files (the for-hire ones are refused)."""
 
+LONGEST_FIRST = ("test_walkthrough.py", "test_cluster.py", "test_airflow_dags.py", "test_spark_streaming.py",
+                 "test_sql_catalog.py", "test_tlc_stream.py", "test_kafka_consumer.py", "test_spark_batch.py")
+"""The test files that take longest, started first: with `make test`'s two pytest processes
+(pytest-xdist, a file at a time), the long files run beside the many short ones, not last."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
 
 @pytest.fixture(scope="session")
 def sample_csv() -> Path:
