@@ -56,7 +56,6 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812
 
@@ -170,7 +169,8 @@ def aggregate(classified: DataFrame, name: str) -> DataFrame:
     """One view of the clean trips: per key, ``views.AGGREGATES``, keys as the python engine's types."""
     keys = views.VIEWS[name]
     measures = [aggregate for measure in views.MEASURES for aggregate in (
-        F.sum(measure).alias(f"{measure}_sum"), F.sum(F.col(measure) * F.col(measure)).alias(f"{measure}_sumsq"),
+        F.sum(measure).alias(f"{measure}_sum"),
+        F.sum(F.col(measure) * F.col(measure)).alias(f"{measure}_sumsq"),
         F.min(measure).alias(f"{measure}_min"), F.max(measure).alias(f"{measure}_max"))]
     grouped = classified.where(F.col("broken") == -1).groupBy(*keys).agg(
         F.count(F.lit(1)).alias("trips"), *measures)
@@ -185,7 +185,8 @@ def write_one_file(frame: DataFrame, sort_by: tuple[str, ...], target: Path) -> 
     frame.repartition(1).sortWithinPartitions(*sort_by).write.mode("overwrite").parquet(str(spark_dir))
     parts = sorted(spark_dir.glob("part-*.parquet"))
     if len(parts) != 1:
-        raise RuntimeError(f"Spark wrote {len(parts)} Parquet files for {target.name} in {spark_dir}, not one")
+        raise RuntimeError(f"Spark wrote {len(parts)} Parquet files for {target.name} in {spark_dir}, "
+                           "not one")
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(parts[0], target)
     shutil.rmtree(spark_dir)
@@ -205,8 +206,8 @@ def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession |
         out_dir = Path(tempfile.mkdtemp(prefix="views-", dir=SCRATCH_DIR))
     out_dir.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"recomputing batch views from {len(files)} master files with Spark on {spark.sparkContext.master} "
-              f"(session ready in {time.perf_counter() - began:.1f} s)", flush=True)
+        print(f"recomputing batch views from {len(files)} master files with Spark on "
+              f"{spark.sparkContext.master} (session ready in {time.perf_counter() - began:.1f} s)", flush=True)
     started = time.perf_counter()
     metadata = [avro_metadata(path) for path in files]
     if files:
@@ -217,7 +218,9 @@ def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession |
         ranked, file_rows = no_trips(spark), Counter()
     counted = time.perf_counter()
 
-    classified = clean(drop_duplicates(ranked)).persist(StorageLevel.MEMORY_AND_DISK)
+    # Kept on the executors (memory, then disk) and cut from its plan: the jobs below read it,
+    # and each would otherwise plan, and compile, the whole read, dedupe and rules again.
+    classified = clean(drop_duplicates(ranked)).localCheckpoint(eager=False)
     distinct_per_file, rules = Counter(), Counter()
     for row in classified.groupBy("file_rank", "broken").count().collect():
         distinct_per_file[row["file_rank"]] += row["count"]
@@ -227,7 +230,6 @@ def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession |
     for name, keys in views.VIEWS.items():
         write_one_file(aggregate(classified, name), keys, out_dir / f"{name}.parquet")
     write_one_file(classified.select("id"), ("id",), out_dir / TRIP_INDEX)
-    classified.unpersist()
     written = time.perf_counter()
 
     batch_views = {name: read_view(out_dir / f"{name}.parquet") for name in views.VIEWS}

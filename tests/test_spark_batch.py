@@ -211,10 +211,10 @@ def test_spark_engine_on_kaggle_era_and_tlc_files_with_copies_matches_pandas(spa
     for name in ("yellow_tripdata_2015-01_head.csv", "yellow_tripdata_2020-04_1000rows.csv"):
         batch_processor.import_csv(TLC_DIR / name, master, part_rows=20_000)
     kaggle = sample_trips.iloc[:6_000].reset_index(drop=True)
-    kaggle.loc[:39, "trip_duration"] = 30  # duration_too_short (and a mismatch, counted under the first)
-    kaggle.loc[40:69, "dropoff_latitude"] = 42.0  # dropoff_outside_nyc
-    kaggle.loc[70:89, "passenger_count"] = 0
-    kaggle.loc[90:99, "vendor_id"] = 3
+    kaggle.loc[1000:1039, "trip_duration"] = 30  # duration_too_short (and a mismatch, counted under the first)
+    kaggle.loc[1040:1069, "dropoff_latitude"] = 42.0  # dropoff_outside_nyc
+    kaggle.loc[1070:1089, "passenger_count"] = 0
+    kaggle.loc[1090:1099, "vendor_id"] = 3
     as_csv_rows(kaggle).to_csv(tmp_path / "kaggle.csv", index=False)
     batch_processor.import_csv(tmp_path / "kaggle.csv", master, part_rows=2_500)
 
