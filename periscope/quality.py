@@ -21,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 import polars as pl
-import pyarrow.parquet as pq
 
 from periscope import views as view_defs
 from periscope.storage import (
