@@ -271,7 +271,9 @@ def compute_views(master_dir: Path, workers: int, progress: bool = True, engine:
 
     Nothing is published: ``publish`` does that, so a caller (the Airflow DAG)
     can check the result first. ``engine="spark"`` computes the same views,
-    with the same duplicates removed, with Spark (``periscope.spark_batch``).
+    with the same duplicates removed, with Spark SQL (``periscope.spark_batch``),
+    which writes the views and the trip index as files (``BatchVersion.written``)
+    that ``publish`` links into the version.
     """
     if engine == "spark":
         from periscope import spark_batch  # pyspark is heavy; only this engine needs it
@@ -330,8 +332,11 @@ def publish(views_dir: Path, version: BatchVersion, keep: int, speed_dir: Path |
         name = storage.next_version(views_dir)
         with storage.staged_directory(views_dir / name) as staging:  # renamed to `name` when complete
             started = time.perf_counter()
-            storage.write_views(staging, version.views)
-            storage.write_trip_index(staging, version.trip_ids)
+            if version.written is not None:  # the Spark engine wrote its files already
+                storage.link_version_files(version.written, staging)
+            else:
+                storage.write_views(staging, version.views)
+                storage.write_trip_index(staging, version.trip_ids)
             write_s = round(time.perf_counter() - started, 3)
             timings = {**version.manifest.get("timings_s", {}), "write": write_s}
             manifest = {**version.manifest, "version": name, "timings_s": timings}
@@ -347,7 +352,10 @@ def recompute(master_dir: Path, views_dir: Path, workers: int, keep: int, progre
               speed_dir: Path | None = None, engine: str = "python", decoder: str = DECODER) -> dict:
     """Recompute every view from the whole master dataset and publish it as a new version."""
     version = compute_views(master_dir, workers, progress, engine, decoder)
-    return publish(views_dir, version, keep, speed_dir)
+    try:
+        return publish(views_dir, version, keep, speed_dir)
+    finally:
+        storage.discard_written(version)
 
 
 # --- the command line -----------------------------------------------------------------------
@@ -380,9 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             print_ingest(ingested, args.topic)
         # Recompute every view from all master data, publish them, prune the speed view below them
         if args.command in ("run", "recompute"):
-            version = compute_views(args.master_dir, args.workers, engine=args.engine,
-                                    decoder=args.decoder)
-            print_manifest(publish(args.views_dir, version, args.keep, args.speed_dir))
+            print_manifest(recompute(args.master_dir, args.views_dir, args.workers, args.keep,
+                                     speed_dir=args.speed_dir, engine=args.engine, decoder=args.decoder))
     except explained_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -156,6 +156,8 @@ def bench_batch_size(rows: int, repeat: int, workers: int, seed: int, work: Path
                 result = run_measured(command, scratch / f"{engine}-{run}.log")
                 published[engine] = storage.read_version(scratch / "views")
                 result.update({f"{step}_s": s for step, s in published[engine][1]["timings_s"].items()})
+                result["compute_s"] = sum(s for step, s in published[engine][1]["timings_s"].items()
+                                          if step != "write")
                 runs[engine].append(result)
                 print(f"  {engine:>6} run {run}/{repeat}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.0f} CPU s, "
                       f"peak RSS {result['peak_rss_total_mb']:,.0f} MB over {result['processes']} processes; "
@@ -172,13 +174,13 @@ def bench_batch_size(rows: int, repeat: int, workers: int, seed: int, work: Path
 
 
 def batch_table(results: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'trips':>11} {'engine':>7} {'wall s':>7} {'CPU s':>6} {'read+agg s':>10} {'peak RSS MB':>11} "
+    lines = [f"{'trips':>11} {'engine':>7} {'wall s':>7} {'CPU s':>6} {'compute s':>10} {'peak RSS MB':>11} "
              f"{'procs':>5}"]
     for result in results:
         for engine in ENGINES:
             m = result["median"][engine]
             lines.append(f"{result['rows']:>11,} {engine:>7} {m['wall_s']:>7.1f} {m['cpu_s']:>6.0f} "
-                         f"{m['read_and_aggregate_s']:>10.1f} {m['peak_rss_total_mb']:>11,.0f} {m['processes']:>5.0f}")
+                         f"{m['compute_s']:>10.1f} {m['peak_rss_total_mb']:>11,.0f} {m['processes']:>5.0f}")
     return lines
 
 

@@ -198,8 +198,9 @@ def _recompute_flags(parser: argparse.ArgumentParser) -> None:
                         help="master files cleaned and aggregated at a time (threads)")
     parser.add_argument("--keep", type=int, default=KEEP_VERSIONS, metavar="N", help="published versions to keep")
     parser.add_argument("--engine", choices=ENGINES, default="python",
-                        help="python: polars on this machine; spark: Spark on SPARK_MASTER (local[*] unless "
-                             "set), for data that outgrew one machine")
+                        help="python: polars on this machine; spark: Spark SQL on SPARK_MASTER (local[*] "
+                             "unless set), for data that outgrew one machine: the same rules and views, "
+                             "computed and written as Parquet by Spark")
     parser.add_argument("--decoder", choices=DECODERS, default=DECODER,
                         help="python engine: how master files are decoded; fastavro is the slower reference "
                              "decoder, kept to compare with")

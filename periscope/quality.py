@@ -21,7 +21,6 @@ from typing import Any
 
 import pandas as pd
 import polars as pl
-import pyarrow.parquet as pq
 
 from periscope import views as view_defs
 from periscope.storage import (
@@ -30,7 +29,10 @@ from periscope.storage import (
     BatchVersion,
     atomic_write_json,
     avro_metadata,
+    discard_written,
+    link_version_files,
     read_json,
+    read_view,
     write_trip_index,
     write_views,
 )
@@ -50,11 +52,16 @@ class Thresholds:
 
 def stage(staging_dir: Path, version: BatchVersion) -> Path:
     """Write computed views, their manifest and trip index to ``staging_dir`` (replacing an earlier
-    attempt's); the manifest last, so that its presence means the rest is there."""
+    attempt's); the manifest last, so that its presence means the rest is there. Files the engine
+    already wrote (the Spark engine's, ``version.written``) are moved there."""
     shutil.rmtree(staging_dir, ignore_errors=True)
     staging_dir.mkdir(parents=True)
-    write_views(staging_dir, version.views)
-    write_trip_index(staging_dir, version.trip_ids)
+    if version.written is not None:
+        link_version_files(version.written, staging_dir)
+        discard_written(version)
+    else:
+        write_views(staging_dir, version.views)
+        write_trip_index(staging_dir, version.trip_ids)
     atomic_write_json(staging_dir / MANIFEST, version.manifest)
     return staging_dir
 
@@ -62,9 +69,9 @@ def stage(staging_dir: Path, version: BatchVersion) -> Path:
 def read_staged(staging_dir: Path) -> BatchVersion:
     if not (staging_dir / MANIFEST).exists():
         raise FileNotFoundError(f"nothing staged in {staging_dir}: the compute_views task did not finish")
-    batch_views = {path.stem: pq.read_table(path).to_pandas() for path in sorted(staging_dir.glob("*.parquet"))}
+    batch_views = {path.stem: read_view(path) for path in sorted(staging_dir.glob("*.parquet"))}
     trip_ids = pl.read_parquet(staging_dir / TRIP_INDEX)["id"]
-    return BatchVersion(batch_views, read_json(staging_dir / MANIFEST), trip_ids)
+    return BatchVersion(batch_views, read_json(staging_dir / MANIFEST), trip_ids, written=staging_dir)
 
 
 # --- the checks ---------------------------------------------------------------------------

@@ -41,13 +41,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from periscope.expressions import (Expr, arcsin, cos, evaluate, field, isnan, maximum, radians, sin, sqrt,
+                                   square, where)
 
 FIELDS: tuple[str, ...] = (
     "id",
@@ -193,69 +196,80 @@ ZONES = (1, 263)
 EARTH_RADIUS_KM = 6371.0088
 
 
+def great_circle_km(lat1: Expr, lon1: Expr, lat2: Expr, lon2: Expr) -> Expr:
+    """Great-circle distance in km (haversine), as an expression (``periscope.expressions``)."""
+    lat1, lon1, lat2, lon2 = (radians(v) for v in (lat1, lon1, lat2, lon2))
+    a = square(sin((lat2 - lat1) / 2)) + cos(lat1) * cos(lat2) * square(sin((lon2 - lon1) / 2))
+    return 2 * EARTH_RADIUS_KM * arcsin(sqrt(a))
+
+
+_HAVERSINE = great_circle_km(field("lat1"), field("lon1"), field("lat2"), field("lon2"))
+
+
 def haversine_km(lat1: Any, lon1: Any, lat2: Any, lon2: Any) -> Any:
-    """Great-circle distance in km; works on scalars and numpy arrays."""
-    lat1, lon1, lat2, lon2 = (np.radians(v) for v in (lat1, lon1, lat2, lon2))
-    a = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(a))
+    """Great-circle distance in km; works on scalars and numpy arrays (``great_circle_km``, evaluated)."""
+    return evaluate(_HAVERSINE, {"lat1": lat1, "lon1": lon1, "lat2": lat2, "lon2": lon2})
 
 
-def _inside(value: Any, bounds: tuple[float, float]) -> Any:
+def _inside(value: Expr, bounds: tuple[float, float]) -> Expr:
     return (value >= bounds[0]) & (value <= bounds[1])
 
 
-def _in_nyc(lon: Any, lat: Any) -> Any:
+def _in_nyc(lon: Expr, lat: Expr) -> Expr:
     return _inside(lon, NYC_LONGITUDE) & _inside(lat, NYC_LATITUDE)
 
 
-def _placed_in_nyc(t: Mapping[str, Any], end: str) -> Any:
+def _placed_in_nyc(end: str) -> Expr:
     """Coordinates inside the NYC box; a trip without coordinates (NaN) needs a known zone instead.
 
     Records without zone fields (the Kaggle fields only, as the speed layers
-    hold them) are judged by their coordinates alone.
+    hold them) have no known zone (``NOT_RECORDED``), so they are judged by
+    their coordinates alone.
     """
-    lon, lat = t[f"{end}_longitude"], t[f"{end}_latitude"]
-    zone = t.get(f"{end}_location_id")
-    if zone is None:
-        return _in_nyc(lon, lat)
-    return np.where(np.isnan(lon) | np.isnan(lat), _inside(zone, ZONES), _in_nyc(lon, lat))
+    lon, lat = field(f"{end}_longitude"), field(f"{end}_latitude")
+    zone = field(f"{end}_location_id", missing=NOT_RECORDED)
+    return where(isnan(lon) | isnan(lat), _inside(zone, ZONES), _in_nyc(lon, lat))
 
 
-def _speed_ok(t: Mapping[str, Any]) -> Any:
+def _speed_ok() -> Expr:
     """Straight-line speed within bounds; a trip without coordinates has none to judge, and passes."""
-    km = haversine_km(t["pickup_latitude"], t["pickup_longitude"], t["dropoff_latitude"], t["dropoff_longitude"])
-    hours = np.maximum(t["trip_duration"], 1) / 3600.0
-    return np.logical_not(km / hours > MAX_SPEED_KMH)
+    km = great_circle_km(field("pickup_latitude"), field("pickup_longitude"),
+                         field("dropoff_latitude"), field("dropoff_longitude"))
+    hours = maximum(field("trip_duration"), 1) / 3600.0
+    return ~(km / hours > MAX_SPEED_KMH)
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A cleaning rule: ``keep(t)`` is True for trips that pass."""
+    """A cleaning rule: ``keep`` is True for trips that pass, an expression over the record's fields
+    that numpy (``first_broken_rule``, ``check_rules``) and Spark (``periscope.spark_batch``) evaluate."""
 
     name: str
     description: str
-    keep: Callable[[Mapping[str, Any]], Any]
+    keep: Expr
 
 
+_VENDOR, _DURATION = field("vendor_id"), field("trip_duration")
 RULES: tuple[Rule, ...] = (
     Rule("unknown_vendor", f"vendor_id is not one of {VENDORS}",
-         lambda t: (t["vendor_id"] == VENDORS[0]) | (t["vendor_id"] == VENDORS[1])),
+         (_VENDOR == VENDORS[0]) | (_VENDOR == VENDORS[1])),
     Rule("duration_too_short", f"trip_duration below {MIN_DURATION_S} s (meter glitch or cancelled trip)",
-         lambda t: t["trip_duration"] >= MIN_DURATION_S),
+         _DURATION >= MIN_DURATION_S),
     Rule("duration_too_long", f"trip_duration above {MAX_DURATION_S // 3600} h (meter left running)",
-         lambda t: t["trip_duration"] <= MAX_DURATION_S),
+         _DURATION <= MAX_DURATION_S),
     Rule("duration_mismatch", "trip_duration differs from dropoff minus pickup by more than 1 s",
-         lambda t: abs(t["dropoff_datetime"] - t["pickup_datetime"] - t["trip_duration"] * 1000) <= 1000),
+         abs(field("dropoff_datetime") - field("pickup_datetime") - _DURATION * 1000) <= 1000),
     Rule("passenger_count_out_of_range", f"passenger_count outside {PASSENGERS[0]}..{PASSENGERS[1]}",
-         lambda t: _inside(t["passenger_count"], PASSENGERS)),
+         _inside(field("passenger_count"), PASSENGERS)),
     Rule("pickup_outside_nyc", f"pickup outside lon {NYC_LONGITUDE}, lat {NYC_LATITUDE}, or, without "
                                f"coordinates, in no known zone {ZONES[0]}..{ZONES[1]}",
-         lambda t: _placed_in_nyc(t, "pickup")),
+         _placed_in_nyc("pickup")),
     Rule("dropoff_outside_nyc", f"dropoff outside the same box, or, without coordinates, in no known zone",
-         lambda t: _placed_in_nyc(t, "dropoff")),
+         _placed_in_nyc("dropoff")),
     Rule("implausible_speed", f"straight-line speed above {MAX_SPEED_KMH:.0f} km/h (GPS error)",
-         _speed_ok),
+         _speed_ok()),
 )
+"""The cleaning rules, in the order a rejection is attributed (the first broken rule counts)."""
 RULE_NAMES: tuple[str, ...] = tuple(rule.name for rule in RULES)
 
 
@@ -268,17 +282,18 @@ def first_broken_rule(columns: Mapping[str, np.ndarray]) -> np.ndarray:
     """
     n = len(columns["trip_duration"])
     broken = np.full(n, -1, dtype=np.int8)
-    with np.errstate(invalid="ignore"):
-        for index, rule in enumerate(RULES):
-            fails = ~np.asarray(rule.keep(columns), dtype=bool) & (broken < 0)
-            broken[fails] = index
+    cache: dict[int, Any] = {}
+    for index, rule in enumerate(RULES):
+        fails = ~np.asarray(evaluate(rule.keep, columns, cache), dtype=bool) & (broken < 0)
+        broken[fails] = index
     return broken
 
 
 def check_rules(record: Mapping[str, Any]) -> str | None:
     """Name of the first cleaning rule a single record breaks, or None."""
+    cache: dict[int, Any] = {}
     for rule in RULES:
-        if not bool(rule.keep(record)):
+        if not bool(evaluate(rule.keep, record, cache)):
             return rule.name
     return None
 

@@ -1,136 +1,115 @@
-"""The batch layer's Spark engine: the same batch views as the python engine, computed by Spark.
+"""The batch layer's Spark engine: the python engine's batch views, computed by Spark SQL in the JVM.
 
 ``python batch_processor.py recompute --engine spark`` calls ``compute_views``
-here instead of its own pipeline. The plan is the python engine's, with
-Spark as the cluster:
+here instead of its own pipeline. Every step is a Spark DataFrame operation;
+no Python code runs on the executors and no trip reaches the driver:
 
-* **read**: ``spark.read.format("avro")`` (Spark's ``spark-avro`` connector,
-  ``periscope.spark_session``) of the master files, with the trip schema
-  ``schema.AVRO_SCHEMA`` given as the reader schema (so files written before
-  the TLC fields existed read them as null); each column the views need is
-  cast to the dtype the python engine computes with (``int`` fields and the
-  taxi zones to 64-bit, ``long`` times stay ms, the flag a boolean; a null as
-  the python engine's record form has it, ``record_form``). Each row carries its place in
-  *source order*: the rank of its file in ``storage.master_files``, the start
-  of the file split it was read from (``_metadata.file_block_start``) and
-  ``monotonically_increasing_id()``, which grows with the row order inside a
-  Spark partition; a split is read in file order by one task, so the three
-  together order the rows exactly as the python engine reads them;
+* **read**: ``spark.read.format("avro")`` (Spark's ``spark-avro`` connector)
+  of the master files, with the trip schema as the reader schema
+  (``spark_session.MASTER_AVRO_OPTIONS``, as the SQL catalog's master table),
+  so Kaggle-era files of eleven fields and TLC files with nullable fields read
+  alike. The fields the rules and the facts read are put in the python
+  engine's record form (``record_column``: a null integer is ``NOT_RECORDED``,
+  a null double stays null, which the expressions treat as NaN). Each row
+  carries its place in *source order*: the rank of its file in
+  ``storage.master_files``, the start of the file split it was read from
+  (``_metadata.file_block_start``) and ``monotonically_increasing_id()``,
+  which grows with the row order inside a Spark partition; a split is read in
+  file order by one task, so the three together order the rows exactly as the
+  python engine reads them. A first, light job counts the rows of each file;
 * **drop duplicates**: ``groupBy("id")`` keeps the row with the smallest
   place (``min`` of a struct that starts with it), so the first copy in
-  source order counts, whatever the copies hold: the python engine's rule;
-* **clean and aggregate** (``mapInPandas``, on the executors): each Arrow batch
-  of distinct trips goes through ``schema.first_broken_rule`` and
-  ``views.aggregate``, exactly the functions the python engine runs; a Spark
-  partition's partial views, counts and trip ids are merged as they come and
-  leave as one small row, pickled (no master row is collected to the driver);
-* **merge** (on the driver): ``views.merge`` of the partials, which is exact
-  because every aggregate is an integer count, sum, min or max.
+  source order counts, whatever the copies hold: the python engine's rule
+  (``periscope.dedupe``);
+* **clean**: the first broken rule of each distinct trip, a Spark column
+  generated from ``schema.RULES`` (``expressions.to_spark``), the very
+  definitions numpy evaluates in the python engine; then the facts of each
+  clean trip, generated the same way from ``views.fact_expressions``. The
+  result (id, file, broken rule, facts) is cached;
+* **aggregate and write**: every view a ``groupBy`` of the clean trips with
+  count, sum, sum of squares, min and max, written by Spark as one Parquet
+  file per view, rows sorted by key, with the columns and types of the
+  python engine's (``pickup_date`` a timestamp without time zone, the rest
+  64-bit integers); the trip index likewise (the sorted distinct ids). Only
+  the views, read back from their files, and two small counts (rows per
+  file; distinct trips per file and broken rule) reach the driver.
 
-The rows each file holds are counted by a first, light Spark job. So the
-cleaning rules, the aggregates and the duplicate rule have one definition, and
-the result equals the python engine's, view for view and duplicate for
-duplicate (``tests/test_spark_batch.py``). The manifest has the same keys, with
+The files land in a scratch directory (``out_dir``) in the version's layout;
+``batch_processor.publish`` links them into the version it publishes. So the
+cleaning rules, the facts and the duplicate rule have one definition, and the
+result equals the python engine's, view for view and duplicate for duplicate
+(``tests/test_spark_batch.py``). The manifest has the same keys, with
 ``"engine": "spark"``; the watermark and the input files come from the Avro
 file headers (``storage.avro_metadata``), read on the driver.
 
 It runs on ``config.SPARK_MASTER`` (``local[*]`` by default). On a cluster
-the master directory must be on storage every executor can read (NFS, a
-mounted bucket), as it would be for any Spark file source.
+the master directory and the scratch directory must be on storage every
+executor can reach (NFS, a mounted bucket), as for any Spark file source.
 """
 from __future__ import annotations
 
-import json
-import pickle
+import os
+import shutil
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import numpy as np
-import pandas as pd
-import polars as pl
-import pyarrow as pa
-from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
-from pyspark.sql.types import BinaryType, StructField, StructType
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F  # noqa: N812
 
-from periscope import views
-from periscope.schema import AVRO_SCHEMA, NOT_RECORDED, RULE_NAMES, first_broken_rule
-from periscope.spark_session import AVRO_COLUMNS, get_session, spark_type
-from periscope.storage import BatchVersion, InputFile, avro_metadata, master_files, views_manifest
+from periscope import config, views
+from periscope.expressions import fields, to_spark
+from periscope.schema import AVRO_SCHEMA, NOT_RECORDED, RULE_NAMES, RULES, avro_type
+from periscope.spark_session import MASTER_AVRO_OPTIONS, get_session
+from periscope.storage import (TRIP_INDEX, BatchVersion, InputFile, avro_metadata, master_files, read_view,
+                               views_manifest)
 
-PARTIAL_SCHEMA = StructType([StructField("partial", BinaryType())])
 FILE_COLUMN = "file_path"
-ZONE_COLUMNS = ("pickup_location_id", "dropoff_location_id")
-VIEW_COLUMNS = AVRO_COLUMNS + ZONE_COLUMNS
-"""What the rules and the views read: the Kaggle fields and the taxi zones (a TLC trip may have
-zones instead of coordinates)."""
-INTEGER_COLUMNS = tuple(name for name in VIEW_COLUMNS
-                        if name in ZONE_COLUMNS or spark_type(name).typeName() == "long")
-"""The 64-bit integer columns: fields the schema groups as integers or times, and the zones."""
 SOURCE_ORDER = ("file_rank", "file_block_start", "row_in_split")
 """A row's place in source order: its file's rank, the split it was read from, its place in the split."""
+SCRATCH_DIR = config.STATE_DIR / "spark" / "batch-views"
+"""Where ``compute_views`` makes its output directory unless given one."""
+_SPARK_TYPES = {"int": "long", "long": "long", "double": "double", "boolean": "boolean", "string": "string"}
+_FIELD_TYPES = {field["name"]: avro_type(field) for field in AVRO_SCHEMA["fields"]}
+
+
+def rule_and_fact_fields() -> list[str]:
+    """The trip fields the cleaning rules and the view facts read."""
+    return fields(*(rule.keep for rule in RULES), *views.fact_expressions().values())
+
+
+def record_column(name: str) -> Column:
+    """A master field in the python engine's record form (``master_reader.record_columns``):
+    integers 64-bit with a null as ``NOT_RECORDED``, a null flag False, doubles as read."""
+    kind = _FIELD_TYPES[name]
+    column = F.col(name).cast(_SPARK_TYPES[kind])
+    if kind in ("int", "long"):
+        column = F.coalesce(column, F.lit(NOT_RECORDED).cast("long"))
+    elif kind == "boolean":
+        column = F.coalesce(column, F.lit(False))
+    return column.alias(name)
+
+
+# --- read ---------------------------------------------------------------------------------------------
 
 
 def read_master(spark: SparkSession, files: list[Path]) -> DataFrame:
-    """The master files through spark-avro, as the python engine sees them: its columns and dtypes,
-    and where each row comes from (the file, the split, the row's place in it)."""
-    trips = spark.read.format("avro").option("avroSchema", json.dumps(AVRO_SCHEMA)).load([str(p) for p in files])
-    return trips.select(F.col("id"), *(F.col(name).cast(spark_type(name)) for name in AVRO_COLUMNS),
-                        *(F.col(name).cast("long") for name in ZONE_COLUMNS),
+    """The master files through spark-avro: the id, the fields the rules and facts read (record
+    form), and where each row comes from (the file, the split, the row's place in it)."""
+    trips = spark.read.format("avro").options(**MASTER_AVRO_OPTIONS).load([str(p) for p in files])
+    return trips.select(F.col("id"), *(record_column(name) for name in rule_and_fact_fields()),
                         F.col("_metadata.file_path").alias(FILE_COLUMN),
                         F.col("_metadata.file_block_start").alias("file_block_start"),
                         F.monotonically_increasing_id().alias("row_in_split"))
 
 
-def rank_files(spark: SparkSession, trips: DataFrame, ranks: dict[str, int]) -> DataFrame:
-    """Each row with its file's rank in source order (``ranks``: Spark's file URI -> rank)."""
-    table = spark.createDataFrame(list(ranks.items()), f"{FILE_COLUMN} string, file_rank int")
-    return trips.join(F.broadcast(table), FILE_COLUMN)
-
-
-def drop_duplicates(trips: DataFrame) -> DataFrame:
-    """One row per trip id: the first copy in source order (the smallest ``SOURCE_ORDER``)."""
-    first = F.min(F.struct(*SOURCE_ORDER, *VIEW_COLUMNS)).alias("first")
-    return trips.groupBy("id").agg(first).select("id", "first.file_rank", *(f"first.{c}" for c in VIEW_COLUMNS))
-
-
-def record_form(column: pd.Series, name: str) -> np.ndarray:
-    """A column of an Arrow batch as the python engine's record form (``master_reader.record_columns``):
-    a null integer (NaN once Arrow made the column float) as ``NOT_RECORDED``, a null flag as False."""
-    if name == "store_and_fwd_flag":
-        return column.fillna(False).to_numpy(dtype=np.bool_)
-    if name in INTEGER_COLUMNS:
-        return column.fillna(NOT_RECORDED).to_numpy(dtype=np.int64)
-    return column.to_numpy(dtype=np.float64)
-
-
-def summarise_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """``mapInPandas`` function: one row per Spark partition of distinct trips, its partial views,
-    counts and trip ids (pickled).
-
-    The views of the partition's Arrow batches are merged here (the merge is
-    exact), so the driver collects one small row per partition. Distinct
-    trips are counted per file (by rank), so the manifest can say how many
-    duplicates each file held, as the python engine's does.
-    """
-    parts, ids = [], []
-    partial = {"distinct_per_file": Counter(), "clean": 0, "broken": Counter()}
-    for trips in batches:
-        columns = {name: record_form(trips[name], name) for name in VIEW_COLUMNS}
-        broken = first_broken_rule(columns)
-        keep = broken < 0
-        parts.append(views.aggregate({name: values[keep] for name, values in columns.items()}))
-        ids.append(pa.array(trips["id"], type=pa.string()))
-        partial["distinct_per_file"].update(trips["file_rank"].value_counts().to_dict())
-        partial["clean"] += int(keep.sum())
-        partial["broken"].update({RULE_NAMES[index]: int(count) for index, count in
-                                  zip(*np.unique(broken[~keep], return_counts=True))})
-    partial["views"] = views.merge(*parts)
-    partial["ids"] = pa.chunked_array(ids, type=pa.string()).combine_chunks()
-    yield pd.DataFrame({"partial": [pickle.dumps(partial, protocol=pickle.HIGHEST_PROTOCOL)]})
+def no_trips(spark: SparkSession) -> DataFrame:
+    """An empty master dataset, with the columns ``read_master`` and ``rank_files`` give."""
+    columns = ", ".join(f"{name} {_SPARK_TYPES[_FIELD_TYPES[name]]}" for name in rule_and_fact_fields())
+    return spark.createDataFrame([], f"id string, {columns}, file_block_start long, row_in_split long, "
+                                     "file_rank int")
 
 
 def local_path(uri: str) -> Path:
@@ -139,54 +118,134 @@ def local_path(uri: str) -> Path:
     return Path(unquote(parsed.path) if parsed.scheme in ("file", "") else uri).resolve()
 
 
-def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession | None = None) -> BatchVersion:
-    """Every batch view from the whole master dataset, with Spark, its manifest and trip index
-    (nothing published)."""
+def rows_per_file(trips: DataFrame, files: list[Path], master_dir: Path) -> tuple[dict[str, int], Counter]:
+    """A light Spark job: the rows of each file. Returns Spark's file URI -> rank in source order,
+    and rank -> rows."""
+    counted = {row[FILE_COLUMN]: row["count"] for row in trips.groupBy(FILE_COLUMN).count().collect()}
+    index_of = {path.resolve(): index for index, path in enumerate(files)}
+    strangers = sorted(str(local_path(uri)) for uri in counted if local_path(uri) not in index_of)
+    if strangers:
+        raise RuntimeError(f"Spark read files that are not master files of {master_dir}: {strangers[:3]}")
+    ranks = {uri: index_of[local_path(uri)] for uri in counted}
+    return ranks, Counter({ranks[uri]: rows for uri, rows in counted.items()})
+
+
+def rank_files(spark: SparkSession, trips: DataFrame, ranks: dict[str, int]) -> DataFrame:
+    """Each row with its file's rank in source order (``ranks``: Spark's file URI -> rank)."""
+    table = spark.createDataFrame(list(ranks.items()), f"{FILE_COLUMN} string, file_rank int")
+    return trips.join(F.broadcast(table), FILE_COLUMN).drop(FILE_COLUMN)
+
+
+# --- drop duplicates, clean --------------------------------------------------------------------------
+
+
+def drop_duplicates(trips: DataFrame) -> DataFrame:
+    """One row per trip id: the first copy in source order (the smallest ``SOURCE_ORDER``)."""
+    carried = ("file_rank", *rule_and_fact_fields())
+    first = F.min(F.struct(*SOURCE_ORDER, *carried[1:])).alias("first")
+    return trips.groupBy("id").agg(first).select("id", *(f"first.{name}" for name in carried))
+
+
+def clean(distinct: DataFrame) -> DataFrame:
+    """Each distinct trip's first broken rule (``broken``, an index into ``RULE_NAMES``, -1 for a clean
+    trip) and its facts: Spark columns generated from ``schema.RULES`` and ``views.fact_expressions``
+    (a broken trip's facts may be anything; only clean trips are aggregated)."""
+    names = rule_and_fact_fields()
+    columns = {name: F.col(name) for name in names}
+    floats = frozenset(name for name in names if _FIELD_TYPES[name] == "double")
+    broken = F.lit(-1)
+    for index in reversed(range(len(RULES))):  # the first rule broken wins
+        broken = F.when(~to_spark(RULES[index].keep, columns, floats), F.lit(index)).otherwise(broken)
+    shared: dict[int, Column] = {}
+    facts = [to_spark(expr, columns, floats, shared).cast("long").alias(name)
+             for name, expr in views.fact_expressions().items()]
+    return distinct.select("id", "file_rank", broken.alias("broken"), *facts)
+
+
+# --- aggregate and write ------------------------------------------------------------------------------
+
+
+def aggregate(classified: DataFrame, name: str) -> DataFrame:
+    """One view of the clean trips: per key, ``views.AGGREGATES``, keys as the python engine's types."""
+    keys = views.VIEWS[name]
+    measures = [aggregate for measure in views.MEASURES for aggregate in (
+        F.sum(measure).alias(f"{measure}_sum"),
+        F.sum(F.col(measure) * F.col(measure)).alias(f"{measure}_sumsq"),
+        F.min(measure).alias(f"{measure}_min"), F.max(measure).alias(f"{measure}_max"))]
+    grouped = classified.where(F.col("broken") == -1).groupBy(*keys).agg(
+        F.count(F.lit(1)).alias("trips"), *measures)
+    key_columns = [F.date_from_unix_date(F.col(key).cast("int")).cast("timestamp_ntz").alias(key)
+                   if views.KEY_DTYPES[key].startswith("datetime64") else F.col(key) for key in keys]
+    return grouped.select(*key_columns, *views.AGGREGATES)
+
+
+def write_one_file(frame: DataFrame, sort_by: tuple[str, ...], target: Path) -> Path:
+    """``frame`` written by Spark as the single Parquet file ``target``, rows sorted by ``sort_by``."""
+    spark_dir = target.parent / f"_spark-{target.stem}"
+    frame.repartition(1).sortWithinPartitions(*sort_by).write.mode("overwrite").parquet(str(spark_dir))
+    parts = sorted(spark_dir.glob("part-*.parquet"))
+    if len(parts) != 1:
+        raise RuntimeError(f"Spark wrote {len(parts)} Parquet files for {target.name} in {spark_dir}, "
+                           "not one")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(parts[0], target)
+    shutil.rmtree(spark_dir)
+    return target
+
+
+def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession | None = None,
+                  out_dir: Path | None = None) -> BatchVersion:
+    """Every batch view from the whole master dataset, with Spark, and its manifest; the views and
+    the trip index written into ``out_dir`` (a new directory under ``SCRATCH_DIR`` by default),
+    nothing published."""
     began = time.perf_counter()
     spark = spark or get_session(app_name="periscope-batch")
     files = master_files(master_dir)
+    if out_dir is None:
+        SCRATCH_DIR.mkdir(parents=True, exist_ok=True)
+        out_dir = Path(tempfile.mkdtemp(prefix="views-", dir=SCRATCH_DIR))
+    out_dir.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"recomputing batch views from {len(files)} master files with Spark on {spark.sparkContext.master} "
-              f"(session ready in {time.perf_counter() - began:.1f} s)", flush=True)
+        print(f"recomputing batch views from {len(files)} master files with Spark on "
+              f"{spark.sparkContext.master} (session ready in {time.perf_counter() - began:.1f} s)", flush=True)
     started = time.perf_counter()
     metadata = [avro_metadata(path) for path in files]
-    rows_per_file, partials = Counter(), []
     if files:
         trips = read_master(spark, files)
-        rows_per_uri = {row[FILE_COLUMN]: row["count"] for row in trips.groupBy(FILE_COLUMN).count().collect()}
-        index_of = {path.resolve(): index for index, path in enumerate(files)}
-        strangers = sorted(str(local_path(uri)) for uri in rows_per_uri if local_path(uri) not in index_of)
-        if strangers:
-            raise RuntimeError(f"Spark read files that are not master files of {master_dir}: {strangers[:3]}")
-        ranks = {uri: index_of[local_path(uri)] for uri in rows_per_uri}
-        rows_per_file = Counter({ranks[uri]: rows for uri, rows in rows_per_uri.items()})
-        counted = time.perf_counter()
-        distinct = drop_duplicates(rank_files(spark, trips, ranks))
-        partials = [pickle.loads(row["partial"]) for row in
-                    distinct.mapInPandas(summarise_batches, PARTIAL_SCHEMA).collect()]
+        ranks, file_rows = rows_per_file(trips, files, master_dir)
+        ranked = rank_files(spark, trips, ranks)
     else:
-        counted = started
-    spark_done = time.perf_counter()
-    batch_views = views.merge(*(partial["views"] for partial in partials))
-    trip_ids = pl.concat([pl.Series("id", partial["ids"]) for partial in partials] or
-                         [pl.Series("id", [], dtype=pl.String)]).sort()
-    merge_done = time.perf_counter()
+        ranked, file_rows = no_trips(spark), Counter()
+    counted = time.perf_counter()
+
+    # Kept on the executors (memory, then disk) and cut from its plan: the jobs below read it,
+    # and each would otherwise plan, and compile, the whole read, dedupe and rules again.
+    classified = clean(drop_duplicates(ranked)).localCheckpoint(eager=False)
     distinct_per_file, rules = Counter(), Counter()
-    for partial in partials:
-        distinct_per_file.update(partial["distinct_per_file"])
-        rules.update(partial["broken"])
-    file_rows = [rows_per_file.get(index, 0) for index in range(len(files))]
+    for row in classified.groupBy("file_rank", "broken").count().collect():
+        distinct_per_file[row["file_rank"]] += row["count"]
+        rules[RULE_NAMES[row["broken"]] if row["broken"] >= 0 else "clean"] += row["count"]
+    cleaned = time.perf_counter()
+
+    for name, keys in views.VIEWS.items():
+        write_one_file(aggregate(classified, name), keys, out_dir / f"{name}.parquet")
+    write_one_file(classified.select("id"), ("id",), out_dir / TRIP_INDEX)
+    written = time.perf_counter()
+
+    batch_views = {name: read_view(out_dir / f"{name}.parquet") for name in views.VIEWS}
+    distinct = sum(distinct_per_file.values())
     if progress:
-        print(f"  read {len(files)} master files, {sum(file_rows):,} trips, {len(trip_ids):,} distinct, in "
-              f"{len(partials)} Spark partitions", flush=True)
+        print(f"  read {len(files)} master files, {sum(file_rows.values()):,} trips, {distinct:,} distinct",
+              flush=True)
     manifest = views_manifest(
         engine="spark",
-        inputs=[InputFile(str(path.relative_to(master_dir)), meta, rows, rows - distinct_per_file.get(index, 0))
-                for index, (path, meta, rows) in enumerate(zip(files, metadata, file_rows))],
-        clean=sum(partial["clean"] for partial in partials),
+        inputs=[InputFile(str(path.relative_to(master_dir)), meta, file_rows.get(index, 0),
+                          file_rows.get(index, 0) - distinct_per_file.get(index, 0))
+                for index, (path, meta) in enumerate(zip(files, metadata))],
+        clean=rules.pop("clean", 0),
         broken_rules=rules,
         views=batch_views,
-        timings_s={"count_rows": counted - started, "read_drop_duplicates_clean_and_aggregate": spark_done - counted,
-                   "merge": merge_done - spark_done},
+        timings_s={"count_rows": counted - started, "drop_duplicates_and_clean": cleaned - counted,
+                   "aggregate_and_write": written - cleaned, "read_views": time.perf_counter() - written},
     )
-    return BatchVersion(batch_views, manifest, trip_ids)
+    return BatchVersion(batch_views, manifest, None, written=out_dir)

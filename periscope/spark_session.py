@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import re
@@ -45,7 +46,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql.types import BooleanType, DataType, DoubleType, LongType, StringType, StructField, StructType
 
 from periscope import cli, config
-from periscope.schema import FIELDS, FLOAT_FIELDS, INT_FIELDS, TIME_FIELDS, ZONE_FIELDS
+from periscope.schema import AVRO_SCHEMA, FIELDS, FLOAT_FIELDS, INT_FIELDS, TIME_FIELDS, ZONE_FIELDS
 
 PROJECT_ROOT = config.PROJECT_ROOT
 
@@ -105,6 +106,11 @@ def trip_struct(fields: Sequence[str] = FIELDS) -> StructType:
 
 AVRO_COLUMNS: tuple[str, ...] = tuple(name for name in FIELDS if name != "id")
 """The trip fields the batch views need (those ``storage.iter_avro_columns`` reads)."""
+
+MASTER_AVRO_OPTIONS: dict[str, str] = {"avroSchema": json.dumps(AVRO_SCHEMA)}
+"""How Spark reads master files: with the one trip schema as the reader schema, so files written
+before the TLC fields (``schema.KAGGLE_AVRO_SCHEMA``) read them as null (Avro schema resolution).
+The Spark batch engine and the SQL catalog's ``periscope.master`` table both read with it."""
 
 
 # --- the connector jars ----------------------------------------------------------------------------------
@@ -244,7 +250,7 @@ def project_zip(directory: Path) -> Path:
     """``periscope/`` zipped for ``addPyFile``: all the executors import of the project.
 
     What Spark runs on executors (``mapInPandas`` functions, pandas UDFs) lives in
-    ``periscope/`` (``speed_core``, ``spark_batch``), never in a script, so no script is shipped.
+    ``periscope/`` (``speed_core``), never in a script, so no script is shipped.
     """
     target = directory / "periscope-code.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:

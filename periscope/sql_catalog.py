@@ -39,8 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from periscope import config, storage
-from periscope.schema import AVRO_SCHEMA
-from periscope.spark_session import SparkSetupError, get_session
+from periscope.spark_session import MASTER_AVRO_OPTIONS, SparkSetupError, get_session
 from periscope.sql_prompt import quiet_query_errors, sql_prompt
 
 DATABASE = "periscope"
@@ -78,15 +77,20 @@ def catalog_conf(catalog_dir: Path) -> dict[str, str]:
     }
 
 
+def _escaped(text: str) -> str:
+    return text.replace("'", "\\'")
+
+
 def _quoted(path: Path) -> str:
-    return str(path.resolve()).replace("'", "\\'")
+    return _escaped(str(path.resolve()))
 
 
 def _columns(path: Path) -> list[str]:
-    """The view's columns, nanosecond timestamps (pandas' unit, which Spark reads as longs) as timestamps."""
+    """The view's columns, its dates as timestamps whichever engine wrote them: nanoseconds (pandas'
+    unit, which Spark reads as longs; the python engine) or microseconds without a time zone (Spark)."""
     schema = pq.read_schema(path)
-    return [f"timestamp_micros({name} DIV 1000) AS {name}"
-            if pa.types.is_timestamp(kind) and kind.unit == "ns" else name
+    return [(f"timestamp_micros({name} DIV 1000) AS {name}" if kind.unit == "ns" else
+             f"CAST({name} AS TIMESTAMP) AS {name}") if pa.types.is_timestamp(kind) else name
             for name, kind in zip(schema.names, schema.types)]
 
 
@@ -114,10 +118,10 @@ def file_table_statements(sources: Sources) -> list[str]:
     statements = [f"CREATE DATABASE IF NOT EXISTS {DATABASE} COMMENT 'Periscope: master data and batch views'",
                   f"DROP TABLE IF EXISTS {DATABASE}.master", f"DROP TABLE IF EXISTS {DATABASE}.speed"]
     if storage.master_files(sources.master_dir):  # external tables: dropping one leaves its files alone
-        reader_schema = json.dumps(AVRO_SCHEMA).replace("'", "\\'")  # Kaggle files lack TLC fields
+        reader = ", ".join(f"{key} '{_escaped(value)}'" for key, value in MASTER_AVRO_OPTIONS.items())
         statements.append(f"CREATE TABLE {DATABASE}.master USING avro OPTIONS "
                           f"(path '{_quoted(sources.master_dir)}', recursiveFileLookup 'true', "
-                          f"pathGlobFilter '*.avro', avroSchema '{reader_schema}')")
+                          f"pathGlobFilter '*.avro', {reader})")
     if any(sources.speed_dir.glob("p*/*.parquet")):
         statements.append(f"CREATE TABLE {DATABASE}.speed USING parquet OPTIONS "
                           f"(path '{_quoted(sources.speed_dir)}', recursiveFileLookup 'true', "

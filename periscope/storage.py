@@ -418,7 +418,11 @@ class BatchVersion(NamedTuple):
 
     views: dict[str, pd.DataFrame]
     manifest: dict[str, Any]
-    trip_ids: pl.Series
+    trip_ids: pl.Series | None
+    """None when the index is a file of ``written`` only (the Spark engine keeps the ids off the driver)."""
+    written: Path | None = None
+    """A directory that already holds the views and the trip index as files, in a version's layout
+    (the Spark engine writes them there): publishing links those files in instead of writing."""
 
 
 def next_version(views_dir: Path) -> str:
@@ -434,6 +438,35 @@ def write_views(directory: Path, views: Mapping[str, pd.DataFrame]) -> None:
     """Each view as ``<name>.parquet`` in ``directory`` (a staging directory: not durable by itself)."""
     for name, frame in views.items():
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), directory / f"{name}.parquet")
+
+
+def read_view(path: Path) -> pd.DataFrame:
+    """A view file as the pandas frame every layer reads: dates as ``datetime64[ns]``, whichever
+    engine wrote it (pandas writes nanoseconds, Spark microseconds)."""
+    return pq.read_table(path).to_pandas(coerce_temporal_nanoseconds=True)
+
+
+def version_files(directory: Path) -> list[Path]:
+    """The files of a version's views and trip index in ``directory``, relative to it."""
+    paths = sorted(path.relative_to(directory) for path in directory.glob("*.parquet"))
+    return paths + ([TRIP_INDEX] if (directory / TRIP_INDEX).exists() else [])
+
+
+def link_version_files(source: Path, target: Path) -> None:
+    """Put the views and trip index files of ``source`` into ``target`` (a staging directory) as
+    hard links, or copies where ``source`` is on another file system; ``source`` is left as it is."""
+    for relative in version_files(source):
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source / relative, target / relative)
+        except OSError:
+            shutil.copy2(source / relative, target / relative)
+
+
+def discard_written(version: BatchVersion) -> None:
+    """Remove the directory a computed version's files were written to (after publishing them)."""
+    if version.written is not None:
+        shutil.rmtree(version.written, ignore_errors=True)
 
 
 def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> None:
@@ -566,5 +599,5 @@ def read_version(views_dir: Path, version: str | None = None) -> tuple[dict[str,
         raise FileNotFoundError(f"no batch version in {views_dir} yet: run `python batch_processor.py`")
     directory = views_dir / version
     manifest = read_json(directory / MANIFEST)
-    views = {path.stem: pq.read_table(path).to_pandas() for path in sorted(directory.glob("*.parquet"))}
+    views = {path.stem: read_view(path) for path in sorted(directory.glob("*.parquet"))}
     return views, manifest

@@ -15,6 +15,7 @@ was processed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,8 @@ import pandas as pd
 import polars as pl
 
 from periscope import zones
-from periscope.schema import haversine_km
+from periscope.expressions import Expr, bucket, evaluate, field, floor, rint, to_int
+from periscope.schema import great_circle_km
 
 MEASURES: tuple[str, ...] = ("duration_s", "distance_m")
 STATS: tuple[str, ...] = ("sum", "sumsq", "min", "max")
@@ -58,35 +60,41 @@ KEY_DTYPES: dict[str, str] = {
 }
 
 
-def trip_facts(trips: Mapping[str, Any]) -> pl.DataFrame:
-    """Per-trip keys and integer measures, from clean record-form trips.
+@lru_cache(maxsize=1)
+def fact_expressions() -> dict[str, Expr]:
+    """Per-trip keys and integer measures of a clean trip, as expressions (``periscope.expressions``)
+    that the python engine evaluates with numpy and the Spark engine as Spark columns.
 
-    ``pickup_date`` is a day number here (days since 1970-01-01); the views
-    turn it into a date once, after grouping. A trip known by its taxi zones
-    only is placed at their centroids (``periscope.zones``).
+    ``pickup_date`` is a day number here (days since 1970-01-01); the views turn
+    it into a date once, after grouping. A trip known by its taxi zones only is
+    placed at their centroids (``zones.place_of``; the zone table is read on first use).
     """
-    pickup = np.asarray(trips["pickup_datetime"], dtype=np.int64)
+    pickup = field("pickup_datetime")
     days = pickup // MS_PER_DAY
-    lon, lat = zones.place(trips, "pickup")
-    dropoff_lon, dropoff_lat = zones.place(trips, "dropoff")
-    km = haversine_km(lat, lon, dropoff_lat, dropoff_lon)
-    duration = np.asarray(trips["trip_duration"], dtype=np.int64)
-    distance = np.rint(km * 1000).astype(np.int64)
-    return pl.DataFrame(
-        {
-            "pickup_date": days,
-            "pickup_hour": pickup % MS_PER_DAY // 3_600_000,
-            "pickup_weekday": (days + 3) % 7,
-            "vendor_id": np.asarray(trips["vendor_id"], dtype=np.int64),
-            "distance_band": np.searchsorted(DISTANCE_BANDS_KM, km, side="right").astype(np.int64),
-            "grid_lat": np.floor(lat / GRID_DEG).astype(np.int64),
-            "grid_lon": np.floor(lon / GRID_DEG).astype(np.int64),
-            "duration_s": duration,
-            "duration_s_sq": duration * duration,
-            "distance_m": distance,
-            "distance_m_sq": distance * distance,
-        }
-    )
+    lon, lat = zones.place_of("pickup")
+    dropoff_lon, dropoff_lat = zones.place_of("dropoff")
+    km = great_circle_km(lat, lon, dropoff_lat, dropoff_lon)
+    return {
+        "pickup_date": days,
+        "pickup_hour": pickup % MS_PER_DAY // 3_600_000,
+        "pickup_weekday": (days + 3) % 7,
+        "vendor_id": field("vendor_id"),
+        "distance_band": bucket(km, DISTANCE_BANDS_KM),
+        "grid_lat": to_int(floor(lat / GRID_DEG)),
+        "grid_lon": to_int(floor(lon / GRID_DEG)),
+        "duration_s": field("trip_duration"),
+        "distance_m": to_int(rint(km * 1000)),
+    }
+
+
+def trip_facts(trips: Mapping[str, Any]) -> pl.DataFrame:
+    """``fact_expressions()`` of clean record-form trips, with the squares of the measures."""
+    cache: dict[int, Any] = {}
+    facts = {name: np.asarray(evaluate(expr, trips, cache), dtype=np.int64)
+             for name, expr in fact_expressions().items()}
+    for measure in MEASURES:
+        facts[f"{measure}_sq"] = facts[measure] * facts[measure]
+    return pl.DataFrame(facts)
 
 
 def empty_view(name: str) -> pd.DataFrame:

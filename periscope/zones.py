@@ -42,6 +42,7 @@ import shapely
 from shapely.geometry import shape
 
 from periscope.config import PROJECT_ROOT
+from periscope.expressions import Expr, evaluate, field, isnan, lookup, where
 from periscope.schema import NOT_RECORDED, ZONE_FIELDS, ZONES
 
 ZONES_DIR = PROJECT_ROOT / "data" / "zones"
@@ -135,21 +136,21 @@ def centroids() -> tuple[np.ndarray, np.ndarray]:
     return lon, lat
 
 
-def place(trips: Mapping[str, Any], end: str) -> tuple[np.ndarray, np.ndarray]:
-    """(longitude, latitude) of each trip's ``end`` ("pickup" or "dropoff"): its coordinates, or,
-    where it has none, its zone's centroid (NaN when it has neither)."""
-    lon = np.asarray(trips[f"{end}_longitude"], dtype=np.float64)
-    lat = np.asarray(trips[f"{end}_latitude"], dtype=np.float64)
-    zone = trips.get(f"{end}_location_id")
-    missing = np.isnan(lon) | np.isnan(lat)
-    if zone is None or not missing.any():
-        return lon, lat
-    zone = np.asarray(zone, dtype=np.int64)
-    known = missing & (zone >= ZONES[0]) & (zone <= ZONES[1])
+def place_of(end: str) -> tuple[Expr, Expr]:
+    """(longitude, latitude) of a trip's ``end`` ("pickup" or "dropoff"), as expressions
+    (``periscope.expressions``): its coordinates, or, where it has none, its zone's centroid (NaN
+    when it has neither)."""
+    lon, lat = field(f"{end}_longitude"), field(f"{end}_latitude")
+    zone = field(f"{end}_location_id", missing=NOT_RECORDED)
+    by_zone = (isnan(lon) | isnan(lat)) & (zone >= ZONES[0]) & (zone <= ZONES[1])
     zone_lon, zone_lat = centroids()
-    lon, lat = lon.copy(), lat.copy()
-    lon[known], lat[known] = zone_lon[zone[known]], zone_lat[zone[known]]
-    return lon, lat
+    return where(by_zone, lookup(zone_lon, zone), lon), where(by_zone, lookup(zone_lat, zone), lat)
+
+
+def place(trips: Mapping[str, Any], end: str) -> tuple[np.ndarray, np.ndarray]:
+    """``place_of(end)`` evaluated over record-form ``trips``."""
+    cache: dict[int, Any] = {}
+    return tuple(np.asarray(evaluate(expr, trips, cache), dtype=np.float64) for expr in place_of(end))
 
 
 GRID_BOX = ((-74.3, -73.7), (40.5, 41.0))

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
+from pathlib import Path
 
 import fastavro
 import numpy as np
 import pandas as pd
+import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 import batch_processor
 from periscope import generate, spark_batch, spark_session, storage, views
-from periscope.schema import FIELDS, parse_cutoff
+from periscope.schema import AVRO_SCHEMA, FIELDS, avro_type, parse_cutoff
 from periscope.storage import frame_to_records
 
 
@@ -20,15 +24,23 @@ def spark():
     return spark_session.get_session(app_name="periscope-tests")
 
 
-def assert_same_result(master_dir, spark) -> dict:
+def assert_same_result(master_dir, spark, out_dir) -> dict:
     """Both engines on one master dataset: equal views, trip indexes and manifests but for engine,
-    time and timings."""
+    time and timings. The Spark engine's views and index are Parquet files Spark wrote in ``out_dir``,
+    one per view, which read as the python engine's views (same columns, dtypes, rows in key order)."""
     python = batch_processor.compute_views(master_dir, workers=1, progress=False)
-    with_spark = spark_batch.compute_views(master_dir, progress=False, spark=spark)
+    with_spark = spark_batch.compute_views(master_dir, progress=False, spark=spark, out_dir=out_dir)
+    assert with_spark.written == out_dir and with_spark.trip_ids is None
+    assert storage.version_files(out_dir) == sorted(Path(f"{name}.parquet") for name in views.VIEWS) + [
+        storage.TRIP_INDEX]
+    for path in storage.version_files(out_dir):
+        assert b"org.apache.spark.version" in pq.read_metadata(out_dir / path).metadata, path
     assert views.views_equal(python.views, with_spark.views)
     for name in views.VIEWS:
-        assert list(with_spark.views[name].dtypes) == list(python.views[name].dtypes)
-    assert with_spark.trip_ids.equals(python.trip_ids)
+        from_file = storage.read_view(out_dir / f"{name}.parquet")
+        assert list(from_file.dtypes) == list(python.views[name].dtypes) == list(with_spark.views[name].dtypes)
+        pd.testing.assert_frame_equal(from_file, python.views[name].reset_index(drop=True))
+    assert pl.read_parquet(out_dir / storage.TRIP_INDEX)["id"].equals(python.trip_ids)
     assert with_spark.manifest.keys() == python.manifest.keys()
     assert with_spark.manifest["engine"] == "spark" and python.manifest["engine"] == "python"
     for key in python.manifest.keys() - {"engine", "created_at", "timings_s"}:
@@ -41,7 +53,7 @@ def test_engine_parity_on_the_real_sample_imported_twice(spark, sample_csv, tmp_
     batch_processor.import_csv(sample_csv, tmp_path / "master", part_rows=20_000,
                                cutoff_ms=parse_cutoff("2016-06-01"))
     batch_processor.import_csv(sample_csv, tmp_path / "master", part_rows=20_000)
-    manifest = assert_same_result(tmp_path / "master", spark)
+    manifest = assert_same_result(tmp_path / "master", spark, tmp_path / "spark")
     raw = pd.read_csv(sample_csv)
     history = int((pd.to_datetime(raw["pickup_datetime"]) < pd.Timestamp("2016-06-01")).sum())
     assert manifest["rows"]["master"] == 73_177 + history and len(manifest["input_files"]) == 8
@@ -61,7 +73,7 @@ def test_engine_parity_on_generated_trips_and_stream_files(spark, sample_trips, 
         batch = [(offset, record, None) for offset, record in enumerate(stream[partition::3])]
         batch.append((len(batch), None, "invalid_json: Expecting value"))
         batch_processor.write_stream_file(master, "taxi-trips", partition, batch)
-    manifest = assert_same_result(master, spark)
+    manifest = assert_same_result(master, spark, tmp_path / "spark")
     assert manifest["rows"]["master"] == 30_000 and manifest["rows"]["duplicates"] == 0
     assert manifest["watermark"] == {"0": 3334, "1": 3333, "2": 3333}
     assert manifest["watermark_topics"] == ["taxi-trips"]
@@ -69,7 +81,7 @@ def test_engine_parity_on_generated_trips_and_stream_files(spark, sample_trips, 
 
 
 def test_an_empty_master_dataset_gives_empty_views(spark, tmp_path):
-    assert_same_result(tmp_path / "nothing", spark)
+    assert_same_result(tmp_path / "nothing", spark, tmp_path / "spark")
 
 
 def test_recompute_with_the_spark_engine_publishes_a_version(spark, sample_csv, tmp_path, capsys):
@@ -80,6 +92,9 @@ def test_recompute_with_the_spark_engine_publishes_a_version(spark, sample_csv, 
     assert manifest["engine"] == "spark" and manifest["version"] == "v000001"
     assert published["vendor_stats"]["trips"].sum() == manifest["rows"]["clean"]
     assert "with Spark on local" in capsys.readouterr().out
+    for path in storage.version_files(views_dir / "v000001"):  # Spark's files, linked into the version
+        assert b"org.apache.spark.version" in pq.read_metadata(views_dir / "v000001" / path).metadata
+    assert len(storage.read_trip_index(views_dir, "v000001")) == manifest["rows"]["distinct"]
 
 
 def write_master_file(path, trips, sync_interval=16_384, **metadata):
@@ -126,7 +141,7 @@ def test_both_engines_keep_the_first_copy_in_source_order_when_copies_differ(spa
     spark.conf.set("spark.sql.files.maxPartitionBytes", "200000")
     try:
         assert spark_batch.read_master(spark, files).rdd.getNumPartitions() > len(files)
-        manifest = assert_same_result(master, spark)
+        manifest = assert_same_result(master, spark, tmp_path / "spark")
     finally:
         spark.conf.unset("spark.sql.files.maxPartitionBytes")
 
@@ -141,8 +156,6 @@ def test_both_engines_keep_the_first_copy_in_source_order_when_copies_differ(spa
 def test_engine_parity_on_tlc_files_and_master_data_written_before_them(spark, sample_csv, tmp_path):
     """Zone-only trips, null vendors and passengers, coordinates of 2013/2015, green Parquet, and a
     master file of the code before TLC fields: both engines count and reject the same trips."""
-    import shutil
-
     from tests.conftest import MASTER_BEFORE_TLC, TLC_DIR
 
     master = tmp_path / "master"
@@ -151,6 +164,101 @@ def test_engine_parity_on_tlc_files_and_master_data_written_before_them(spark, s
                  "yellow_tripdata_sample_2020-05.csv.gz", "yellow_tripdata_2020-04_1000rows.csv",
                  "yellow_tripdata_sample_2020-04.csv.gz", "green_tripdata_2023-12.parquet"):
         batch_processor.import_csv(TLC_DIR / name, master, part_rows=20_000)
-    manifest = assert_same_result(master, spark)
+    manifest = assert_same_result(master, spark, tmp_path / "spark")
     assert manifest["rows"]["duplicates"] == 45
     assert manifest["cleaning"]["pickup_outside_nyc"] > 0 and manifest["cleaning"]["unknown_vendor"] > 0
+
+
+def pandas_first_broken_rule(trips: pd.DataFrame) -> pd.Series:
+    """The cleaning rules re-derived with plain pandas over record-form master rows (times in ms, a
+    missing value NaN): the name of the first rule each trip breaks, None where it breaks none."""
+    def placed(end: str) -> pd.Series:
+        lon, lat, zone = trips[f"{end}_longitude"], trips[f"{end}_latitude"], trips[f"{end}_location_id"]
+        in_box = lon.between(-74.3, -73.7) & lat.between(40.5, 41.0)
+        return in_box.where(lon.notna() & lat.notna(), zone.between(1, 263))
+
+    lat1, lon1, lat2, lon2 = (np.radians(trips[c]) for c in
+                              ("pickup_latitude", "pickup_longitude", "dropoff_latitude", "dropoff_longitude"))
+    h = np.sin((lat2 - lat1) / 2) ** 2 + np.cos(lat1) * np.cos(lat2) * np.sin((lon2 - lon1) / 2) ** 2
+    kmh = 2 * 6371.0088 * np.arcsin(np.sqrt(h)) / (trips["trip_duration"].clip(lower=1) / 3600)
+    duration = trips["trip_duration"]
+    rules = {
+        "unknown_vendor": trips["vendor_id"].isin([1, 2]),
+        "duration_too_short": duration >= 60,
+        "duration_too_long": duration <= 6 * 3600,
+        "duration_mismatch": (trips["dropoff_datetime"] - trips["pickup_datetime"] - duration * 1000).abs() <= 1000,
+        "passenger_count_out_of_range": trips["passenger_count"].between(1, 6),
+        "pickup_outside_nyc": placed("pickup"),
+        "dropoff_outside_nyc": placed("dropoff"),
+        "implausible_speed": ~(kmh > 120),
+    }
+    broken = pd.Series([None] * len(trips), index=trips.index, dtype=object)
+    for name, keep in rules.items():
+        broken = broken.where(broken.notna() | keep.fillna(False).astype(bool), name)
+    return broken
+
+
+def test_spark_engine_on_kaggle_era_and_tlc_files_with_copies_matches_pandas(spark, sample_trips, tmp_path,
+                                                                              as_csv_rows):
+    """A master file of the 11-field Kaggle schema, TLC imports (coordinates with vendors; zones only,
+    some vendors and passengers missing), a Kaggle import with rule failures, and a TLC-schema stream
+    file of changed copies of trips of every earlier file: the Spark engine's counts and views are what
+    plain pandas computes over the master records (read with fastavro) in source order."""
+    from tests.conftest import MASTER_BEFORE_TLC, TLC_DIR
+
+    master = tmp_path / "master"
+    shutil.copytree(MASTER_BEFORE_TLC / "csv", master / "csv")
+    for name in ("yellow_tripdata_2015-01_head.csv", "yellow_tripdata_2020-04_1000rows.csv"):
+        batch_processor.import_csv(TLC_DIR / name, master, part_rows=20_000)
+    kaggle = sample_trips.iloc[:6_000].reset_index(drop=True)
+    kaggle.loc[1000:1039, "trip_duration"] = 30  # duration_too_short (and a mismatch, counted under the first)
+    kaggle.loc[1040:1069, "dropoff_latitude"] = 42.0  # dropoff_outside_nyc
+    kaggle.loc[1070:1089, "passenger_count"] = 0
+    kaggle.loc[1090:1099, "vendor_id"] = 3
+    as_csv_rows(kaggle).to_csv(tmp_path / "kaggle.csv", index=False)
+    batch_processor.import_csv(tmp_path / "kaggle.csv", master, part_rows=2_500)
+
+    def records(path) -> pd.DataFrame:
+        with open(path, "rb") as handle:
+            return pd.DataFrame.from_records(list(fastavro.reader(handle)))
+
+    before = [records(path) for path in storage.master_files(master)]
+    rng = np.random.default_rng(3)
+    copies = pd.concat([frame.iloc[rng.choice(len(frame), min(40, len(frame)), replace=False)] for frame in before])
+    copies = copies.assign(trip_duration=copies["trip_duration"] + 7, service="yellow")
+    integers = {f["name"] for f in AVRO_SCHEMA["fields"] if avro_type(f) in ("int", "long")}
+    stream = [(offset, {k: None if pd.isna(v) else int(v) if k in integers else v for k, v in row.items()}, None)
+              for offset, row in enumerate(copies.to_dict("records"))]
+    batch_processor.write_stream_file(master, "taxi-trips", 0, stream)
+    files = storage.master_files(master)
+    assert len(files) == len(before) + 1 and "location_id" not in " ".join(records(files[0]).columns)
+
+    manifest = assert_same_result(master, spark, tmp_path / "spark")
+    with_spark = spark_batch.compute_views(master, progress=False, spark=spark, out_dir=tmp_path / "again")
+
+    rows = pd.concat([records(path) for path in files], ignore_index=True)
+    for column in ("vendor_id", "passenger_count", "pickup_location_id", "dropoff_location_id"):
+        rows[column] = pd.to_numeric(rows.get(column), errors="coerce")
+    for column in ("pickup_longitude", "pickup_latitude", "dropoff_longitude", "dropoff_latitude"):
+        rows[column] = rows[column].astype(float)
+    distinct = rows.drop_duplicates("id", keep="first").reset_index(drop=True)
+    broken = pandas_first_broken_rule(distinct)
+    clean = distinct[broken.isna()]
+    assert manifest == with_spark.manifest | {"created_at": manifest["created_at"], "timings_s": manifest["timings_s"]}
+    assert manifest["rows"]["master"] == len(rows) and manifest["rows"]["duplicates"] == len(rows) - len(distinct) > 0
+    assert manifest["rows"]["clean"] == len(clean)
+    assert {k: v for k, v in manifest["cleaning"].items() if v} == broken.value_counts().to_dict()
+    assert {"unknown_vendor", "duration_too_short", "dropoff_outside_nyc",
+            "passenger_count_out_of_range"} <= set(broken.dropna())
+
+    pickup = pd.to_datetime(clean["pickup_datetime"], unit="ms")
+    hourly = clean.groupby([pickup.dt.normalize(), pickup.dt.hour])["trip_duration"].agg(["count", "sum", "max"])
+    got = with_spark.views["hourly_stats"]
+    np.testing.assert_array_equal(got["pickup_date"], hourly.index.get_level_values(0))
+    np.testing.assert_array_equal(got["pickup_hour"], hourly.index.get_level_values(1))
+    for ours, theirs in (("trips", "count"), ("duration_s_sum", "sum"), ("duration_s_max", "max")):
+        np.testing.assert_array_equal(got[ours], hourly[theirs])
+    vendors = clean.groupby("vendor_id").size()
+    np.testing.assert_array_equal(with_spark.views["vendor_stats"]["vendor_id"], vendors.index)
+    np.testing.assert_array_equal(with_spark.views["vendor_stats"]["trips"], vendors)
+    assert pl.read_parquet(tmp_path / "again" / storage.TRIP_INDEX)["id"].to_list() == sorted(distinct["id"])
