@@ -56,6 +56,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F  # noqa: N812
 
@@ -193,6 +194,15 @@ def write_one_file(frame: DataFrame, sort_by: tuple[str, ...], target: Path) -> 
     return target
 
 
+def keep(frame: DataFrame, spark: SparkSession) -> DataFrame:
+    """``frame`` kept for the jobs that read it. On ``local[*]`` a local checkpoint, cut from its plan
+    (measured far cheaper than ``persist`` here); on a cluster, which may lose an executor, persisted
+    with its plan, so Spark recomputes the partitions a lost executor held (a local checkpoint cannot)."""
+    if spark.sparkContext.master.startswith("local"):
+        return frame.localCheckpoint(eager=False)
+    return frame.persist(StorageLevel.MEMORY_AND_DISK)
+
+
 def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession | None = None,
                   out_dir: Path | None = None) -> BatchVersion:
     """Every batch view from the whole master dataset, with Spark, and its manifest; the views and
@@ -218,9 +228,9 @@ def compute_views(master_dir: Path, progress: bool = True, spark: SparkSession |
         ranked, file_rows = no_trips(spark), Counter()
     counted = time.perf_counter()
 
-    # Kept on the executors (memory, then disk) and cut from its plan: the jobs below read it,
-    # and each would otherwise plan, and compile, the whole read, dedupe and rules again.
-    classified = clean(drop_duplicates(ranked)).localCheckpoint(eager=False)
+    # Kept on the executors: the jobs below read it, and each would otherwise plan, and compile,
+    # the whole read, dedupe and rules again.
+    classified = keep(clean(drop_duplicates(ranked)), spark)
     distinct_per_file, rules = Counter(), Counter()
     for row in classified.groupBy("file_rank", "broken").count().collect():
         distinct_per_file[row["file_rank"]] += row["count"]
