@@ -10,11 +10,13 @@ consume and where the work runs. Two streaming queries run side by side:
 
 1. **speed**, the speed layer's steps per micro-batch: **read Kafka**
    (Spark's Kafka source, ``spark-sql-kafka-0-10``: ``make spark-fetch``),
-   **validate** and **predict** on the executors, then on the driver
-   **dead-letter** the invalid messages and **write the speed files**
-   (``foreachBatch``); Spark commits the batch in its checkpoint.
-2. **windows**: trips per vendor in 5-minute event-time windows behind a
-   ``--lateness`` watermark, a temporary view for SQL while the job runs.
+   **validate and predict** on the executors in one pass, then on the driver,
+   with the rows as Arrow (never pandas), **dead-letter** the invalid
+   messages and **write the speed files** (``foreachBatch``); Spark commits
+   the batch in its checkpoint.
+2. **windows**: the speed view's trips (its files, as they appear) per vendor
+   in 5-minute event-time windows behind a ``--lateness`` watermark, a
+   temporary view for SQL while the job runs.
 
 Exactly once, across ``kill -9``: in the speed view, because Spark records a
 batch's offsets in the checkpoint (``--checkpoint-dir``) before running it
@@ -24,8 +26,9 @@ there already (``dead_letter``). A fresh checkpoint starts after the speed
 view's last files, or at ``--starting-offsets`` when it is empty. Data loss
 is an error, not a skip: if Kafka no longer has offsets the checkpoint needs,
 the query stops and says what to do (``failOnDataLoss=true``).
-Machinery (the broadcast model, the status file, lag, the run loop) is in
-``periscope/spark_speed.py``.
+Machinery (the executors' pass, the broadcast model, the Arrow speed files,
+the status file, lag from Spark's progress, the run loop) is in
+``periscope/spark_speed.py``; its hot-path settings in ``periscope/speed_tuning.py``.
 
 Run it (a broker and a trained model first, as for kafka_consumer.py)::
 
@@ -67,7 +70,8 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -75,8 +79,8 @@ from periscope import cli, config, speed_core
 from periscope import speed_tuning as tuning
 from periscope.model import ModelMismatchError, ModelNotFoundError, load_model
 from periscope.spark_session import SparkSetupError, get_session
-from periscope.spark_speed import VALIDATED_SCHEMA, BroadcastModel, SparkSpeedLayer, check_topics
-from periscope.speed_core import write_speed_files
+from periscope.spark_speed import (SPEED_ROWS_SCHEMA, SPEED_VIEW_SCHEMA, BroadcastModel, SparkSpeedLayer,
+                                   batch_offsets, check_topics, write_speed_tables)
 from periscope.sql_prompt import sql_prompt
 from periscope.stream import BrokerUnavailable, wait_for_broker
 
@@ -111,27 +115,24 @@ def kafka_messages(source: DataFrame) -> DataFrame:
                          F.unix_millis("timestamp").alias("timestamp_ms"))
 
 
-def validate(messages: DataFrame) -> DataFrame:
-    """2. (executors) Each message checked by the core's ``validate_batch`` in ``mapInPandas``: the trip if
-    valid, else the raw bytes and the reason - the plain consumer's verdicts and reason codes."""
-    return messages.mapInPandas(speed_core.validate_frames, VALIDATED_SCHEMA)
+def validate_and_predict(messages: DataFrame, models: BroadcastModel) -> DataFrame:
+    """2-3. (executors) Each message checked by the core's ``validate_batch``, and each valid trip's seconds
+    predicted by the broadcast model, in one ``mapInArrow`` pass: the plain consumer's verdicts, reason
+    codes and predictions; the raw bytes and the reason of an invalid message."""
+    return messages.mapInArrow(models.speed_rows, SPEED_ROWS_SCHEMA)
 
 
-def dead_letter(layer: SparkSpeedLayer, frame: pd.DataFrame, batch_id: int) -> tuple[pd.DataFrame, int]:
-    """2. (driver) Invalid messages to ``taxi-trips-dlq``, acknowledged; them, and how many were there already.
+def dead_letter(layer: SparkSpeedLayer, rows: pa.Table, offsets: dict[int, tuple[int, int]],
+                batch_id: int) -> tuple[list[str], int]:
+    """2. (driver) Invalid messages to ``taxi-trips-dlq``, acknowledged; their reasons, and how many were there
+    already.
 
     Exactly once, across ``kill -9``, a deleted checkpoint and the other speed layer: the
     dead-letter topic is read back (``periscope.stream.DeadLetterLedger``) before the first dead
     letter of a partition, and one whose source offset is on it already is not sent again. Sent
     with kafka-python from the driver, not Spark's Kafka sink, whose retried tasks re-send.
     """
-    invalid = frame[frame["reason"].notna()]
-    return invalid, layer.send_dead_letters(frame, invalid, batch_id)
-
-
-def predict(validated: DataFrame, models: BroadcastModel) -> DataFrame:
-    """3. (executors) Predicted seconds per valid trip: a pandas UDF, the model broadcast to the executors."""
-    return validated.withColumn("predicted_duration_s", models.udf(F.struct(*speed_core.TRIP_COLUMNS)))
+    return layer.send_dead_letters(rows, offsets, batch_id)
 
 
 def write_speed_batch(layer: SparkSpeedLayer, messages: DataFrame, batch_id: int) -> None:
@@ -143,25 +144,34 @@ def write_speed_batch(layer: SparkSpeedLayer, messages: DataFrame, batch_id: int
     """
     began = time.perf_counter()
     model = layer.models.current()
-    # 2-3. validate and predict on the executors; the micro-batch comes back to the driver
-    frame = predict(validate(messages), layer.models).toPandas()
+    # 2-3. validate and predict on the executors; the rows come back to the driver as Arrow, not pandas
+    rows = validate_and_predict(messages, layer.models).toArrow()
+    offsets = batch_offsets(rows)
     # 2. dead letters first: a speed file moves the resume point past every message of its batch
-    invalid, already_sent = dead_letter(layer, frame, batch_id)
+    reasons, already_sent = dead_letter(layer, rows, offsets, batch_id)
     # 4. the speed files: one per Kafka partition of the batch
-    valid = frame[frame["reason"].isna()].sort_values(["partition", "offset"])
-    columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + speed_core.TRIP_COLUMNS)
-    rows = write_speed_files(layer.args.speed_dir, columns, valid["predicted_duration_s"].to_numpy(float),
-                             model.version)
-    layer.count(frame, rows, invalid, already_sent, time.perf_counter() - began, batch_id)
+    written = write_speed_tables(layer.args.speed_dir, rows.filter(pc.is_null(rows["reason"])), model.version)
+    layer.count(offsets, len(rows), written, reasons, already_sent, time.perf_counter() - began, batch_id)
 
 
-def vendor_windows(messages: DataFrame, lateness: str, window: str) -> DataFrame:
-    """5. Valid trips per event-time window and vendor; the watermark lets Spark close windows.
+def read_speed_view(spark: SparkSession, speed_dir: Path) -> DataFrame:
+    """5. The speed view's trips as a stream (Spark's file source): each speed file once, as it appears.
+
+    Validated and predicted already, so the windows cost neither a second read of the topic nor
+    a second validation; at start they are those of the trips in the speed view, i.e. since the
+    batch layer's last watermark. A file the batch layer prunes meanwhile is skipped.
+    """
+    speed_dir.mkdir(parents=True, exist_ok=True)
+    return (spark.readStream.schema(SPEED_VIEW_SCHEMA).option("ignoreMissingFiles", "true")
+            .parquet(str(speed_dir / "p[0-9][0-9][0-9]" / "*.parquet")))
+
+
+def vendor_windows(trips: DataFrame, lateness: str, window: str) -> DataFrame:
+    """6. Valid trips per event-time window and vendor; the watermark lets Spark close windows.
 
     A trip whose pickup is older than the watermark when it arrives is left out of the windows
     only: it is in the speed view, and the batch layer is where late data is made right.
     """
-    trips = validate(messages).where(F.col("reason").isNull())
     return (trips.withColumn("pickup_time", F.timestamp_millis("pickup_datetime"))
             .withWatermark("pickup_time", lateness)
             .groupBy(F.window("pickup_time", window), "vendor_id")
@@ -196,8 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--trigger", default=tuning.TRIGGER, help="start a micro-batch at most this often")
     parser.add_argument("--max-offsets-per-trigger", type=int, default=tuning.MAX_OFFSETS_PER_TRIGGER,
                         help="messages per micro-batch at most")
-    parser.add_argument("--no-windows", action="store_true",
-                        help="run only the speed query (halves the work; no windowed views)")
+    parser.add_argument("--no-windows", action="store_true", help="run only the speed query (no windowed views)")
     parser.add_argument("--sql", action="store_true", help="an SQL prompt over the temporary views while it runs; "
                                                            "quit, exit or Ctrl-D ends it and stops the speed layer")
     parser.add_argument("--max-batches", type=int, metavar="N", help="exit after N micro-batches with data")
@@ -226,9 +235,9 @@ def start(spark: SparkSession, args: argparse.Namespace) -> SparkSpeedLayer:
         messages.writeStream.queryName("speed").foreachBatch(functools.partial(write_speed_batch, layer))
         .option("checkpointLocation", str(args.checkpoint_dir / "speed"))
         .trigger(processingTime=args.trigger).start())
-    # Count trips per vendor in event-time windows, a temporary view (the whole topic on every start)
+    # Count the speed view's trips per vendor in event-time windows, a temporary view
     if not args.no_windows:
-        windows = vendor_windows(read_kafka(spark, args, "earliest"), args.lateness, args.window)
+        windows = vendor_windows(read_speed_view(spark, args.speed_dir), args.lateness, args.window)
         layer.queries.append(
             windows.writeStream.queryName(WINDOWS_VIEW).format("memory").outputMode("append")
             .option("checkpointLocation", str(layer.windows_checkpoint))

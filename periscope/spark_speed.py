@@ -6,14 +6,19 @@ module keeps, each behind a name:
 
 - the schemas of Spark's Kafka rows and of a validated message
   (``KAFKA_SOURCE_SCHEMA``, ``VALIDATED_SCHEMA``);
-- the model broadcast to the executors and its pandas UDF
-  (``BroadcastModel``, ``prediction_udf``);
+- what the executors run per micro-batch: validation and prediction in one
+  pass over Arrow batches (``validate_and_predict_batches``), with the model
+  broadcast to them (``BroadcastModel``);
+- what the driver does with the Arrow rows they hand back, without pandas:
+  the offsets of the batch (``batch_offsets``) and the speed files
+  (``write_speed_tables``);
 - where a fresh checkpoint starts (``fresh_start``: after the speed view's
   files, within what Kafka holds, as ``startingOffsets`` JSON);
 - what a failed query means (``explain_failure``: Kafka data loss);
 - the running layer (``SparkSpeedLayer``): its Kafka clients (dead letters
-  through ``consumer_group.DeadLetterSender``, lag), statistics, status file,
-  the wait until it is stopped, idle or failed, and the stop.
+  through ``consumer_group.DeadLetterSender``), the lag from the query's
+  progress, statistics, status file, the wait until it is stopped, idle or
+  failed, and the stop.
 """
 from __future__ import annotations
 
@@ -24,14 +29,16 @@ import logging
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from kafka import KafkaConsumer, TopicPartition
 from pyspark.sql import SparkSession
-from pyspark.sql.functions import pandas_udf
+from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.streaming import StreamingQuery
 from pyspark.sql.types import (BinaryType, DoubleType, IntegerType, LongType, StringType, StructField, StructType,
                                TimestampType)
@@ -40,7 +47,7 @@ from periscope import speed_core, speed_view
 from periscope.consumer_group import DeadLetterSender, Warnings
 from periscope.model import TripDurationModel
 from periscope.spark_session import trip_struct
-from periscope.speed_core import Message, ModelWatcher, SpeedStatistics, next_offsets
+from periscope.speed_core import Message, ModelWatcher, SpeedStatistics
 from periscope.speed_view import SpeedStatus
 from periscope.stream import BrokerUnavailable
 
@@ -61,33 +68,101 @@ VALIDATED_SCHEMA = StructType([
 ])
 """``speed_core.VALIDATED_COLUMNS`` in Spark types: the trip if valid, else the raw bytes and the reason."""
 
+SPEED_VIEW_SCHEMA = StructType([
+    *(StructField(name, LongType()) for name in speed_view.META_COLUMNS), *trip_struct(speed_core.TRIP_COLUMNS).fields,
+    StructField("predicted_duration_s", DoubleType()), StructField("model_version", StringType()),
+])
+"""A speed file (``speed_view.COLUMNS``) in Spark types, for Spark's file source."""
 
-# --- the model on the executors -----------------------------------------------------------------------
+SPEED_ROWS_SCHEMA = StructType([*VALIDATED_SCHEMA.fields, StructField("predicted_duration_s", DoubleType())])
+"""What the executors hand the driver per message: ``VALIDATED_SCHEMA`` and the predicted seconds (null if invalid)."""
+
+ArrowBatches = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
 
-def prediction_udf(model_broadcast: Any) -> Any:
-    """A vectorised (pandas) UDF: trips as a struct column in, predicted seconds out, with a broadcast model."""
+# --- on the executors: validate and predict, in one pass ------------------------------------------
 
-    @pandas_udf(DoubleType())
-    def predicted_duration_s(trips: pd.DataFrame) -> pd.Series:
-        return speed_core.predict_frame(model_broadcast.value, trips)
 
-    return predicted_duration_s
+def validate_and_predict_batches(model_broadcast: Any) -> ArrowBatches:
+    """The ``mapInArrow`` function of the speed query: each Arrow batch of Kafka messages through the core's
+    ``validate_frame`` and ``predict_frame``, with the broadcast model; ``SPEED_ROWS_SCHEMA`` out.
+
+    One Python pass per task: the messages cross from the JVM to Python and back once (the hot
+    path's shape and what it bought: ``periscope/speed_tuning.py``, Spark section).
+    """
+    schema = to_arrow_schema(SPEED_ROWS_SCHEMA)
+
+    def validated_and_predicted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        model = model_broadcast.value
+        for batch in batches:
+            frame = speed_core.validate_frame(batch.to_pandas())
+            frame["predicted_duration_s"] = speed_core.predict_frame(model, frame[list(speed_core.TRIP_COLUMNS)]).to_numpy()
+            yield pa.RecordBatch.from_pandas(frame, schema=schema, preserve_index=False)
+
+    return validated_and_predicted
 
 
 class BroadcastModel(ModelWatcher):
-    """The live model, broadcast to the executors; a promoted one is broadcast anew and the old copy dropped."""
+    """The live model, broadcast to the executors; a promoted one is broadcast anew and the old copy dropped.
+
+    ``speed_rows`` is the executors' function (``validate_and_predict_batches``) with the live copy.
+    """
 
     def __init__(self, spark: SparkSession, model_dir: Path, logger: logging.Logger):
         self.spark = spark
         super().__init__(model_dir, logger=logger)
         self.broadcast = spark.sparkContext.broadcast(self.model)
-        self.udf = prediction_udf(self.broadcast)
+        self.speed_rows = validate_and_predict_batches(self.broadcast)
 
     def switched(self, model: TripDurationModel) -> None:
         old, self.broadcast = self.broadcast, self.spark.sparkContext.broadcast(model)
-        self.udf = prediction_udf(self.broadcast)
+        self.speed_rows = validate_and_predict_batches(self.broadcast)
         old.unpersist()
+
+
+# --- on the driver: the Arrow rows of a micro-batch ---------------------------------------------------
+
+
+def batch_offsets(rows: pa.Table) -> dict[int, tuple[int, int]]:
+    """Per Kafka partition of a micro-batch (``SPEED_ROWS_SCHEMA`` rows): its first and last offset."""
+    grouped = rows.group_by("partition").aggregate([("offset", "min"), ("offset", "max")])
+    return {partition: (first, last) for partition, first, last in
+            zip(*(grouped[name].to_pylist() for name in ("partition", "offset_min", "offset_max")))}
+
+
+def write_speed_tables(speed_dir: Path, valid: pa.Table, model_version: str) -> pa.Table:
+    """``speed_core.write_speed_files`` for valid rows that came as Arrow: one speed file per Kafka partition,
+    in offset order, each stamped with the time it became visible. Returns the rows as written.
+
+    The rows stay Arrow from the executors to the file (``speed_view.write_batch_table``).
+    """
+    def stamped(rows: pa.Table) -> pa.Table:
+        version = pa.repeat(pa.scalar(model_version, pa.string()), len(rows))
+        visible = pa.array(np.full(len(rows), speed_core.wall_clock_ms(), dtype=np.int64))
+        return rows.append_column("model_version", version).append_column("visible_at_ms", visible).select(
+            list(speed_view.COLUMNS))
+
+    written = []
+    for partition in sorted(pc.unique(valid["partition"]).to_pylist()):
+        written.append(stamped(valid.filter(pc.equal(valid["partition"], partition)).sort_by("offset")))
+        speed_view.write_batch_table(speed_dir, partition, written[-1])
+    return pa.concat_tables(written) if written else stamped(valid.slice(0, 0))
+
+
+def progress_offsets(progress: Any, topic: str) -> tuple[dict[int, int], dict[int, int]] | None:
+    """From a speed query's progress: per partition, where the batch ended and the broker's end then.
+
+    Spark's Kafka source asks the broker for its end offsets to plan each micro-batch and reports
+    them (``latestOffset``) beside the batch's own end (``endOffset``): the lag, with no call of
+    our own. None if the progress has neither.
+    """
+    for source in (progress or {}).get("sources", []):
+        ends = [json.loads(text) if isinstance(text, str) else text
+                for text in (source.get("endOffset"), source.get("latestOffset"))]
+        if all(isinstance(end, dict) and topic in end for end in ends):
+            end, latest = ({int(partition): int(offset) for partition, offset in end[topic].items()} for end in ends)
+            return end, latest
+    return None
 
 
 # --- where a fresh checkpoint starts, and what a failure means -----------------------------------
@@ -174,55 +249,81 @@ class SparkSpeedLayer:
         self.windows_checkpoint = Path(tempfile.mkdtemp(prefix="periscope-spark-windows-"))
         self.stats = SpeedStatistics(args.consumer_id, f"spark:{args.checkpoint_dir}", args.topic)
         self.positions: dict[int, int] = {}
+        self.latest: dict[int, int] = {}
+        """The broker's end offset per partition, as last seen (Spark's progress, or ``measure_lag``)."""
         self.lag: dict[int, int | None] = {}
         self.batches, self.busy_s = 0, 0.0
         self.stopping = False
+        self.measure_lag()  # the broker's end offsets at start: the first batch's lag
 
     def starting_offsets(self) -> str:
         """Where the speed query starts without a checkpoint (``fresh_start``)."""
         return fresh_start(self.probe, self.args.topic, self.args.speed_dir, self.args.starting_offsets, self.log)
 
-    def send_dead_letters(self, frame: pd.DataFrame, invalid: pd.DataFrame, batch_id: int) -> int:
-        """The invalid messages of a micro-batch to the DLQ topic, but none that is there already; how many were.
+    def send_dead_letters(self, rows: pa.Table, offsets: dict[int, tuple[int, int]], batch_id: int) -> tuple[
+            list[str], int]:
+        """The invalid messages of a micro-batch to the DLQ topic, but none that is there already: their
+        reasons, and how many were there already.
 
         The ledger learns where each partition of the batch starts (``DeadLetterLedger.advance``).
         Blocks until every dead letter is acknowledged; told to stop first, it raises, so that the
         batch fails and Spark does not commit it: a restart runs it again.
         """
-        for partition, first in frame.groupby("partition")["offset"].min().items():
-            self.dead_letters.ledger.advance(int(partition), int(first))
-        messages = [(Message(self.args.topic, int(partition), int(offset), int(timestamp), key, value), reason)
-                    for partition, offset, timestamp, key, value, reason in
-                    zip(invalid["partition"], invalid["offset"], invalid["kafka_timestamp_ms"], invalid["key"],
-                        invalid["value"], invalid["reason"])]
+        for partition, (first, _) in offsets.items():
+            self.dead_letters.ledger.advance(partition, first)
+        invalid = rows.filter(pc.is_valid(rows["reason"]))
+        columns = (invalid[name].to_pylist() for name in ("partition", "offset", "kafka_timestamp_ms", "key", "value",
+                                                           "reason"))
+        messages = [(Message(self.args.topic, partition, offset, timestamp, key, value), reason)
+                    for partition, offset, timestamp, key, value, reason in zip(*columns)]
         sent = self.dead_letters.send(messages)
         if sent is None or not self.dead_letters.delivered(sent):
             raise RuntimeError(f"stopped before the dead letters of batch {batch_id} were delivered to "
                                f"{self.args.dlq_topic}; the batch is run again on restart")
-        return len(messages) - len(sent)
+        return [reason for _, reason in messages], len(messages) - len(sent)
 
-    def count(self, frame: pd.DataFrame, rows: pd.DataFrame, invalid: pd.DataFrame, already_sent: int,
-              seconds: float, batch_id: int) -> None:
-        """A micro-batch in the statistics, and its line in the log."""
+    def count(self, offsets: dict[int, tuple[int, int]], consumed: int, written: pa.Table, reasons: list[str],
+              already_sent: int, seconds: float, batch_id: int) -> None:
+        """A micro-batch in the statistics, and its line in the log (the lag as of Spark's last progress)."""
         self.batches, self.busy_s = self.batches + 1, self.busy_s + seconds
-        self.positions.update(next_offsets(zip(frame["partition"], frame["offset"])))
-        self.stats.count_batch(len(frame), rows, list(invalid["reason"]), already_sent)
-        self.lag = self.measure_lag()
-        self.log.info(speed_core.batch_line(batch_id, len(frame), len(rows), len(invalid), seconds, self.status()))
+        self.positions.update({partition: last + 1 for partition, (_, last) in offsets.items()})
+        statistics = written.select(["kafka_timestamp_ms", "visible_at_ms", "trip_duration", "predicted_duration_s"])
+        self.stats.count_batch(consumed, statistics.to_pandas(), reasons, already_sent)
+        self.lag = self.known_lag()
+        self.log.info(speed_core.batch_line(batch_id, consumed, len(written), len(reasons), seconds, self.status()))
 
     # --- lag, status, running and stopping ------------------------------------------------------------
 
+    def follow_progress(self) -> None:
+        """Positions and the broker's end offsets from the speed query's last progress (no broker call)."""
+        offsets = progress_offsets(self.queries[0].lastProgress, self.args.topic) if self.queries else None
+        if offsets is not None:
+            ends, latest = offsets
+            for partition, end in ends.items():
+                self.positions[partition] = max(self.positions.get(partition, end), end)
+            self.latest.update({partition: max(self.latest.get(partition, end), end)
+                                for partition, end in latest.items()})
+        self.lag = self.known_lag()
+
+    def known_lag(self) -> dict[int, int | None]:
+        """Per partition with a position: the broker's end as last known minus it (None: end not known yet)."""
+        return {partition: max(self.latest[partition] - position, 0) if partition in self.latest else None
+                for partition, position in sorted(self.positions.items())}
+
     def measure_lag(self) -> dict[int, int | None]:
-        """Per partition: messages on the broker not yet processed (None: the broker did not answer)."""
+        """The lag against the broker's end offsets now, every partition: asked only to tell that the layer
+        is idle (a partition not read yet counts from its beginning; None: the broker did not answer)."""
         try:
             partitions = self.probe.partitions_for_topic(self.args.topic) or set()
             tps = [TopicPartition(self.args.topic, p) for p in sorted(partitions)]
             ends = self.probe.end_offsets(tps) if tps else {}
+            unread = [tp for tp in tps if tp.partition not in self.positions]
+            begins = self.probe.beginning_offsets(unread) if unread else {}
         except Exception as error:  # noqa: BLE001 -- a status figure must never stop the stream
             self.log.warning("cannot read the end offsets (%r)", error)
             return dict.fromkeys(self.positions, None)
-        begins = self.probe.beginning_offsets(tps) if tps else {}
-        return {tp.partition: max(ends[tp] - self.positions.get(tp.partition, begins[tp]), 0) for tp in tps}
+        self.latest.update({tp.partition: end for tp, end in ends.items()})
+        return {tp.partition: max(ends[tp] - self.positions.get(tp.partition, begins.get(tp, 0)), 0) for tp in tps}
 
     def status(self) -> SpeedStatus:
         spark = {"master": self.spark.sparkContext.master, "batches": self.batches, "busy_s": round(self.busy_s, 3),
@@ -232,8 +333,7 @@ class SparkSpeedLayer:
 
     def publish_status(self, force: bool = False) -> None:
         if force or self.stats.status_due():
-            if not self.lag:
-                self.lag = self.measure_lag()
+            self.follow_progress()
             self.stats.publish(self.args.speed_dir, self.status())
 
     def failed(self) -> Exception | None:
@@ -244,10 +344,11 @@ class SparkSpeedLayer:
 
     def idle(self) -> bool:
         """Quiet for ``--stop-when-idle`` seconds with nothing left on the broker, windows included."""
-        quiet = time.monotonic() - self.stats.last_activity >= self.args.stop_when_idle
+        if time.monotonic() - self.stats.last_activity < self.args.stop_when_idle:
+            return False
+        self.lag = self.measure_lag()
         caught_up = bool(self.lag) and all(lag == 0 for lag in self.lag.values())
-        windows_done = all(not q.status["isDataAvailable"] for q in self.queries[1:])
-        return quiet and caught_up and windows_done
+        return caught_up and all(not q.status["isDataAvailable"] for q in self.queries[1:])
 
     def run(self) -> None:
         """Wait for the queries: status every second; stop when told, idle, done, or a query failed."""
@@ -261,7 +362,6 @@ class SparkSpeedLayer:
                 self.log.info("%d batches done (--max-batches): stopping", self.batches)
                 break
             if self.args.stop_when_idle is not None and time.monotonic() - self.stats.last_status < 0.3:
-                self.lag = self.measure_lag()
                 if self.idle():
                     self.log.info("no new trips for %.0f s and no lag: stopping", self.args.stop_when_idle)
                     break
@@ -284,7 +384,7 @@ class SparkSpeedLayer:
         """Block until every query has processed everything on the broker now (for tests and notebooks)."""
         for query in self.queries:
             query.processAllAvailable()
-        self.lag = self.measure_lag()
+        self.follow_progress()
 
     def stop(self) -> None:
         """Stop the queries (an unfinished batch is re-run on restart), publish the last status, summarise."""

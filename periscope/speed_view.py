@@ -61,10 +61,15 @@ def write_batch(speed_dir: Path, partition: int, rows: pd.DataFrame) -> Path:
     ``visible_at_ms``, the wall clock of the write, differs): never a second copy.
     """
     rows = rows.assign(**{name: NOT_RECORDED for name in ZONE_FIELDS if name not in rows})
-    first, last = int(rows["offset"].min()), int(rows["offset"].max())
-    path = batch_path(speed_dir, partition, first, last)
+    return write_batch_table(speed_dir, partition, pa.Table.from_pandas(rows[list(COLUMNS)], preserve_index=False))
+
+
+def write_batch_table(speed_dir: Path, partition: int, table: pa.Table) -> Path:
+    """``write_batch`` for rows that are an Arrow table already (the Spark speed layer's): ``COLUMNS``, in order."""
+    offsets = pc.min_max(table["offset"])
+    path = batch_path(speed_dir, partition, offsets["min"].as_py(), offsets["max"].as_py())
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pandas(rows[list(COLUMNS)], preserve_index=False), tmp)
+        pq.write_table(table, tmp)
     return path
 
 

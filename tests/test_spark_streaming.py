@@ -14,11 +14,14 @@ import subprocess
 import sys
 import sysconfig
 import time
+import types
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 import kafka_consumer
@@ -132,19 +135,16 @@ def test_validation_gives_the_plain_consumers_verdicts(sample_trips):
 
 EXECUTOR = """
 import importlib.util, json, pickle, sys
-validate_frames, predict, messages = pickle.loads(open(sys.argv[1], "rb").read())
-validated = next(validate_frames(iter([messages])))
-trips = validated[validated.columns[-{fields}:]]
-print(json.dumps({{"reasons": validated["reason"].tolist(), "predicted": predict(trips).tolist(),
+speed_rows, messages = pickle.loads(open(sys.argv[1], "rb").read())
+rows = next(speed_rows(iter(messages.to_batches())))
+print(json.dumps({"reasons": rows["reason"].to_pylist(), "predicted": rows["predicted_duration_s"].to_pylist(),
                   "scripts": [name for name in ("spark_streaming", "kafka_consumer", "batch_processor")
-                              if name in sys.modules or importlib.util.find_spec(name)]}}))
+                              if name in sys.modules or importlib.util.find_spec(name)]}))
 """
 
 
 def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, trained_model_dir, tmp_path):
     """What Spark runs on executors, pickled as Spark does, runs where only the shipped zip is importable."""
-    import types
-
     from pyspark import cloudpickle
 
     from periscope.model import load_model
@@ -153,14 +153,14 @@ def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, tra
     values = [record_to_json(r) for r in sample_trips.head(30).to_dict("records")] + [b"{oops"]
     messages = pd.DataFrame({"key": [b"k"] * len(values), "value": values, "topic": "t", "partition": 0,
                              "offset": range(len(values)), "timestamp_ms": 1_700_000_000_000})
-    udf = spark_speed.prediction_udf(types.SimpleNamespace(value=model))  # a broadcast has ``.value``
+    speed_rows = spark_speed.validate_and_predict_batches(types.SimpleNamespace(value=model))  # has ``.value``
     shipped = tmp_path / "job.pickle"
-    shipped.write_bytes(cloudpickle.dumps((speed_core.validate_frames, udf.func, messages)))
+    shipped.write_bytes(cloudpickle.dumps((speed_rows, pa.Table.from_pandas(messages, preserve_index=False))))
     elsewhere = tmp_path / "executor"
     elsewhere.mkdir()
     # -S: no .pth files, so not even an editable install of the project puts the scripts in reach
     libraries = os.pathsep.join([str(spark_session.project_zip(tmp_path)), sysconfig.get_paths()["purelib"]])
-    result = subprocess.run([sys.executable, "-S", "-c", EXECUTOR.format(fields=len(FIELDS)), str(shipped)],
+    result = subprocess.run([sys.executable, "-S", "-c", EXECUTOR, str(shipped)],
                             cwd=elsewhere, capture_output=True, text=True, timeout=120,
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": libraries})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,6 +170,7 @@ def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, tra
     assert ran["reasons"] == [None if pd.isna(r) else r for r in validated["reason"]]
     expected = speed_core.predict_frame(model, validated[list(FIELDS)])
     np.testing.assert_allclose(np.array(ran["predicted"], dtype=float), expected.to_numpy(), rtol=1e-12)
+    assert np.isnan(expected.to_numpy()[-1]) and ran["predicted"][-1] is None, "no prediction for the bad one"
 
 
 def test_a_fresh_checkpoint_resumes_after_the_speed_files_within_what_kafka_holds():
@@ -177,6 +178,45 @@ def test_a_fresh_checkpoint_resumes_after_the_speed_files_within_what_kafka_hold
     assert spark_speed.resume_offsets({0: 41, 1: 10, 2: 30}, begin, end) == {0: 42, 1: 50, 2: 10}
     assert spark_speed.resume_offsets({0: 41}, begin, end) == {0: 42, 1: 50, 2: 0}, "every partition named"
     assert json.loads(spark_speed.offsets_json("t", {1: 5, 0: 7})) == {"t": {"0": 7, "1": 5}}
+
+
+def test_the_arrow_speed_files_are_the_plain_speed_layers_files(sample_trips, trained_model_dir, tmp_path):
+    """The driver writes the executors' Arrow rows without pandas; the files read back as the core's do."""
+    from periscope.model import load_model
+
+    model = load_model(trained_model_dir)
+    trips = sample_trips.head(500)
+    values = [record_to_json(r) for r in trips.to_dict("records")] + [b"{oops"]
+    messages = pd.DataFrame({"key": [b"k"] * len(values), "value": values, "topic": "t",
+                             "partition": [i % 3 for i in range(len(values))],
+                             "offset": [100 + i // 3 for i in range(len(values))], "timestamp_ms": 1_700_000_000_000})
+    speed_rows = spark_speed.validate_and_predict_batches(types.SimpleNamespace(value=model))
+    rows = pa.Table.from_batches(list(speed_rows(iter(pa.Table.from_pandas(messages).to_batches(max_chunksize=200)))))
+    assert spark_speed.batch_offsets(rows) == {p: (messages.loc[messages["partition"] == p, "offset"].min(),
+                                                   messages.loc[messages["partition"] == p, "offset"].max())
+                                               for p in range(3)}
+    written = spark_speed.write_speed_tables(tmp_path / "arrow", rows.filter(pc.is_null(rows["reason"])),
+                                             model.version)
+
+    validated = speed_core.validate_frame(messages)
+    valid = validated[validated["reason"].isna()].sort_values(["partition", "offset"])
+    columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + FIELDS)
+    speed_core.write_speed_files(tmp_path / "core", columns, model.predict_seconds(columns), model.version)
+    ours, core = speed_view.read_speed(tmp_path / "arrow"), speed_view.read_speed(tmp_path / "core")
+    assert len(ours) == len(trips) - len(rule_violations(trips)) == written.num_rows
+    assert [p.name for *_, p in speed_view.batch_files(tmp_path / "arrow")] == \
+        [p.name for *_, p in speed_view.batch_files(tmp_path / "core")]
+    pd.testing.assert_frame_equal(ours.drop(columns="visible_at_ms"), core.drop(columns="visible_at_ms"))
+    assert (ours["visible_at_ms"] > 0).all()
+
+
+def test_the_lag_comes_from_the_progress_of_sparks_kafka_source():
+    progress = {"batchId": 4, "sources": [{"description": "KafkaV2[Subscribe[t]]",
+                                           "endOffset": '{"t": {"0": 45, "1": 33, "2": 22}}',
+                                           "latestOffset": '{"t": {"0": 90, "1": 33, "2": 30}}'}]}
+    assert spark_speed.progress_offsets(progress, "t") == ({0: 45, 1: 33, 2: 22}, {0: 90, 1: 33, 2: 30})
+    assert spark_speed.progress_offsets(progress, "other") is None
+    assert spark_speed.progress_offsets(None, "t") is None, "no batch has run yet"
 
 
 def test_kafka_data_loss_is_explained_and_other_failures_left_alone():
@@ -233,7 +273,10 @@ def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reac
     assert status["totals"]["consumed"] == len(trips) + len(MALFORMED)
     assert status["totals"]["dlq"] == len(violations) + len(MALFORMED)
     assert sum(status["totals"]["dlq_by_reason"].values()) == status["totals"]["dlq"]
-    assert status["live_error"]["cumulative"]["rows"] == len(ours) and status["latency_ms"]["p50"] > 0
+    assert status["live_error"]["cumulative"]["rows"] == len(ours)
+    assert (ours["visible_at_ms"] > ours["kafka_timestamp_ms"]).all()
+    # over the last 10 s: none if the windows query, which follows the speed files, took longer than that
+    assert status["latency_ms"]["p50"] is None or status["latency_ms"]["p50"] > 0
     assert status["assigned_partitions"] == [0, 1, 2] and status["model_version"] == "test-v1"
 
 
@@ -330,6 +373,20 @@ def test_trips_later_than_the_watermark_leave_the_windows_but_stay_in_the_speed_
     rows = speed_view.read_speed(args.speed_dir)
     assert late["id"].iloc[0] in set(rows["id"]), "but it is in the speed view"
     assert len(rows) == 24
+
+    # Restarted, the windows are the speed view's (read in one go, so the late trip is in), not the topic's
+    again = spark_streaming.start(spark, args)
+    try:
+        again.process_all_available()
+        restarted = wait_for(lambda: dict(spark.sql(table).collect()) if len(spark.sql(table).collect()) >= 3
+                             else None, 60, "the windows of the speed view")
+    finally:
+        again.stop()
+    assert again.stats.totals["consumed"] == 0, "the topic is not read again"
+    pickup = pd.to_datetime(rows["pickup_datetime"], unit="ms")
+    start = pickup.dt.floor("5min")
+    closed = start + pd.Timedelta("5min") <= pickup.max() - pd.Timedelta("10min")
+    assert restarted == start[closed].dt.strftime("%H:%M").value_counts().to_dict()
 
 
 @pytest.mark.kafka
