@@ -119,7 +119,8 @@ def assign_zones_to_records(records: Sequence[dict[str, Any]]) -> list[dict[str,
     """``assign_zones`` for records (dicts in record form), vectorised over them all."""
     if not records:
         return []
-    columns = {name: [record.get(name, NOT_RECORDED) for record in records] for name in ZONE_FIELDS}
+    columns = {name: [NOT_RECORDED if record.get(name) is None else record[name] for record in records]
+               for name in ZONE_FIELDS}
     for end in ("pickup", "dropoff"):
         for axis in ("longitude", "latitude"):
             columns[f"{end}_{axis}"] = [record[f"{end}_{axis}"] for record in records]

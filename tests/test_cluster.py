@@ -98,9 +98,14 @@ def test_stop_stops_only_what_its_state_dir_started(clusters, unrelated_process,
 def test_topics_have_three_replicas_and_min_isr_two(clusters):
     created = fresh_topics(clusters.bootstrap)
     project = [config.TRIPS_TOPIC, config.DLQ_TOPIC]
-    described = describe(clusters.bootstrap, [*created, *project])
-    assert {name: len(partitions) for name, partitions in described.items()} == \
-        {created[0]: 3, created[1]: 1, config.TRIPS_TOPIC: 3, config.DLQ_TOPIC: 1}
+    wanted = {created[0]: 3, created[1]: 1, config.TRIPS_TOPIC: 3, config.DLQ_TOPIC: 1}
+
+    def partitions_known() -> bool:  # the broker asked may learn of a new topic's partitions a moment later
+        return {name: len(partitions) for name, partitions in describe(clusters.bootstrap, list(wanted)).items()} \
+            == wanted
+
+    wait_for(partitions_known, 30, "every broker knowing the new topics' partitions")
+    described = describe(clusters.bootstrap, list(wanted))
     assert all(len(p["replica_nodes"]) == 3 for partitions in described.values() for p in partitions)
     admin = KafkaAdminClient(bootstrap_servers=clusters.bootstrap)
     try:

@@ -105,12 +105,13 @@ def taxi_batch_processing():
 
         from periscope import config, quality, storage
 
-        batch_views, manifest, trip_ids = quality.read_staged(Path(staged))
+        staged_version = quality.read_staged(Path(staged))
         current = storage.current_version(config.VIEWS_DIR)
         previous = storage.read_version(config.VIEWS_DIR)[1] if current else None
         thresholds = quality.Thresholds(params["max_rejected_share"], params["min_clean_trips"])
+        batch_views, manifest = staged_version.views, staged_version.manifest
         problems = quality.check(batch_views, manifest, quality.master_rows(config.MASTER_DIR, manifest),
-                                 previous, thresholds, trip_ids)
+                                 previous, thresholds, staged_version.trip_ids)
         if problems:
             raise AirflowFailException(quality.report(problems))
         print(f"data-quality gate passed: {quality.summary(manifest)}")
