@@ -7,9 +7,26 @@ read-only) moves every layer at once.
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+SHIPPED_DATA: tuple[str, ...] = ("zones/taxi_zone_centroids.csv", "zones/taxi_zones.geojson.gz",
+                                 "central_park_weather.csv")
+"""The files under data/ that the model's features read (zones, weather), wherever they run."""
+
+
+def shipped_data(name: str) -> Path | zipfile.Path:
+    """``data/<name>`` of the project, opened with ``.open("rb")`` and joined with ``/``.
+
+    On a Spark executor ``periscope`` is imported from the zip the job ships
+    (``spark_session.project_zip``), which holds ``SHIPPED_DATA`` too: there
+    this is the path inside the zip.
+    """
+    if zipfile.is_zipfile(PROJECT_ROOT):
+        return zipfile.Path(PROJECT_ROOT, "data/") / name
+    return PROJECT_ROOT / "data" / name
 
 
 def _path_from_env(name: str, default: Path) -> Path:

@@ -249,13 +249,16 @@ def java_problem() -> str | None:
 def project_zip(directory: Path) -> Path:
     """``periscope/`` zipped for ``addPyFile``: all the executors import of the project.
 
-    What Spark runs on executors (``mapInPandas`` functions, pandas UDFs) lives in
-    ``periscope/`` (``speed_core``), never in a script, so no script is shipped.
+    What Spark runs on executors (the speed layer's ``mapInArrow`` function) lives in
+    ``periscope/`` (``speed_core``), never in a script, so no script is shipped; the
+    data files the model's features read travel in the same zip (``config.SHIPPED_DATA``).
     """
     target = directory / "periscope-code.zip"
     with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted((PROJECT_ROOT / "periscope").rglob("*.py")):
             archive.write(path, path.relative_to(PROJECT_ROOT).as_posix())
+        for name in config.SHIPPED_DATA:
+            archive.write(PROJECT_ROOT / "data" / name, f"data/{name}")
     return target
 
 

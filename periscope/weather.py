@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from periscope.config import PROJECT_ROOT
+from periscope.config import shipped_data
 
-WEATHER_CSV = PROJECT_ROOT / "data" / "central_park_weather.csv"
+WEATHER_CSV = shipped_data("central_park_weather.csv")
 COLUMNS = {"precipitation_in": "PRCP", "snowfall_in": "SNOW", "snow_depth_in": "SNWD"}
 """Our name -> NOAA's column."""
 
@@ -26,7 +26,8 @@ COLUMNS = {"precipitation_in": "PRCP", "snowfall_in": "SNOW", "snow_depth_in": "
 @lru_cache(maxsize=2)
 def daily_table(path: Path = WEATHER_CSV) -> tuple[int, dict[str, np.ndarray]]:
     """(first day as days since 1970-01-01, each column as an array with one value per day)."""
-    frame = pd.read_csv(path, usecols=["DATE", *COLUMNS.values()])
+    with path.open("rb") as handle:
+        frame = pd.read_csv(handle, usecols=["DATE", *COLUMNS.values()])
     days = pd.to_datetime(frame["DATE"]).to_numpy().astype("datetime64[D]").astype(np.int64)
     first = int(days.min())
     columns = {}

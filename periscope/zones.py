@@ -41,11 +41,11 @@ import pandas as pd
 import shapely
 from shapely.geometry import shape
 
-from periscope.config import PROJECT_ROOT
+from periscope.config import shipped_data
 from periscope.expressions import Expr, evaluate, field, isnan, lookup, where
 from periscope.schema import NOT_RECORDED, ZONE_FIELDS, ZONES
 
-ZONES_DIR = PROJECT_ROOT / "data" / "zones"
+ZONES_DIR = shipped_data("zones")
 CENTROIDS = "taxi_zone_centroids.csv"
 POLYGONS = "taxi_zones.geojson.gz"
 NO_ZONE = 0
@@ -64,14 +64,15 @@ class Zones:
 @lru_cache(maxsize=4)
 def zone_table(directory: Path = ZONES_DIR) -> pd.DataFrame:
     """The shipped zone table, indexed by location_id (read once per process)."""
-    return pd.read_csv(directory / CENTROIDS).set_index("location_id").sort_index()
+    with (directory / CENTROIDS).open("rb") as handle:
+        return pd.read_csv(handle).set_index("location_id").sort_index()
 
 
 @lru_cache(maxsize=4)
 def load_zones(directory: Path = ZONES_DIR) -> Zones:
     """The shipped zones with their polygons (read once per process)."""
     table = zone_table(directory)
-    with gzip.open(directory / POLYGONS, "rt", encoding="utf-8") as handle:
+    with (directory / POLYGONS).open("rb") as packed, gzip.open(packed, "rt", encoding="utf-8") as handle:
         features = json.load(handle)["features"]
     polygons = [shape(feature["geometry"]) for feature in features]
     ids = np.array([feature["properties"]["location_id"] for feature in features], dtype=np.int64)

@@ -228,7 +228,7 @@ def test_batch_dag_publishes_checked_views_and_reruns_change_nothing(airflow_hom
     assert run["state"] == "success", run["log"][-4000:]
     published, manifest = storage.read_version(views_dir)
     assert manifest["version"] == "v000001"
-    direct, direct_manifest, _ = batch_processor.compute_views(master, workers=1, progress=False)
+    direct, direct_manifest, *_ = batch_processor.compute_views(master, workers=1, progress=False)
     assert views.views_equal(published, direct)
     history = int((pd.to_datetime(sample_raw["pickup_datetime"]) < pd.Timestamp(config.CUTOFF)).sum())
     assert manifest["rows"]["master"] == history + sent.planned == direct_manifest["rows"]["master"]

@@ -168,7 +168,7 @@ def test_the_executors_need_the_shipped_periscope_package_only(sample_trips, tra
     assert ran["scripts"] == [], "no script is importable there, and none was needed"
     validated = speed_core.validate_frame(messages)
     assert ran["reasons"] == [None if pd.isna(r) else r for r in validated["reason"]]
-    expected = speed_core.predict_frame(model, validated[list(FIELDS)])
+    expected = speed_core.predict_frame(model, validated[list(speed_core.TRIP_COLUMNS)])
     np.testing.assert_allclose(np.array(ran["predicted"], dtype=float), expected.to_numpy(), rtol=1e-12)
     assert np.isnan(expected.to_numpy()[-1]) and ran["predicted"][-1] is None, "no prediction for the bad one"
 
@@ -200,7 +200,7 @@ def test_the_arrow_speed_files_are_the_plain_speed_layers_files(sample_trips, tr
 
     validated = speed_core.validate_frame(messages)
     valid = validated[validated["reason"].isna()].sort_values(["partition", "offset"])
-    columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + FIELDS)
+    columns = speed_core.frame_columns(valid, speed_core.POSITION_COLUMNS + speed_core.TRIP_COLUMNS)
     speed_core.write_speed_files(tmp_path / "core", columns, model.predict_seconds(columns), model.version)
     ours, core = speed_view.read_speed(tmp_path / "arrow"), speed_view.read_speed(tmp_path / "core")
     assert len(ours) == len(trips) - len(rule_violations(trips)) == written.num_rows
