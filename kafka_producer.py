@@ -72,7 +72,7 @@ from periscope.replay import (Chunk, Pacer, ReplayResult, chunk_plan, flag_probl
                               key_reading_progress, make_messages, pacing_text, pickup_range, planned_total,
                               positions_on_topic, summary_lines)
 from periscope.schema import format_time, parse_cutoff
-from periscope.send_loop import Deliveries, send_chunks
+from periscope.send_loop import Deliveries, send_chunks, topic_partitions
 from periscope.sources import CsvLayoutError, LoadReport, read_trips
 from periscope.stream import (DELIVERY_TIMEOUT_MS, PRODUCER_CONFIG, BrokerUnavailable, read_topic_keys,
                               topic_exists, wait_for_broker)
@@ -232,6 +232,7 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
                   file=out)
             return ReplayResult(0, 0, 0, 0.0, 0, {}, [], 1, None, **counts), 0
         producer = KafkaProducer(bootstrap_servers=args.bootstrap, **PRODUCER_CONFIG)  # acks=all, idempotent
+        partitions = topic_partitions(producer, args.topic, args.wait)  # the broker may restart meanwhile
     except (Refused, BrokerUnavailable) as refusal:
         out.flush()
         print(f"error: {refusal}", file=sys.stderr)
@@ -241,7 +242,6 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
               "Is it running? `make kafka-up` starts the local broker.", file=sys.stderr)
         return None, 1
 
-    partitions = sorted(producer.partitions_for(args.topic))
     to_send = f"{planned - len(skip):,} trips" if planned is not None else "trips without end (Ctrl-C stops)"
     print(f"replaying {to_send} to {args.topic} ({len(partitions)} partitions) at {args.bootstrap}, "
           f"{pacing_text(args.rate, args.speedup)}{', retimed to now' if args.retime else ''}", file=out, flush=True)

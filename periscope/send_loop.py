@@ -10,13 +10,14 @@ until a chunk fits under ``--max-in-flight``.
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from periscope.replay import Chunk, Pacer, value_maker
 
@@ -50,6 +51,18 @@ class Deliveries:
             self.failed += 1
             if len(self.errors) < MAX_ERROR_EXAMPLES:
                 self.errors.append(f"{key.decode(errors='replace')}: {type(error).__name__}: {error}")
+
+
+def topic_partitions(producer: KafkaProducer, topic: str, wait_s: float) -> list[int]:
+    """The topic's partitions, asked again while the broker is away (it may restart just now), for up
+    to ``wait_s`` seconds; then the ``KafkaTimeoutError`` is raised."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return sorted(producer.partitions_for(topic))
+        except KafkaTimeoutError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def send_chunks(producer: KafkaProducer, topic: str, chunks: Iterator[Chunk], deliveries: Deliveries,

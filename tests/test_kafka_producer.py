@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,14 +24,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 import kafka_producer
 from periscope import config, kafka_local
 from periscope.replay import (ReplayResult, from_cutoff, local_now_ms, planned_total, positions_on_topic,
                               rate_schedule, retime, speedup_schedule, summary_lines)
 from periscope.schema import FLOAT_FIELDS, format_time, parse_json, record_to_json
+from periscope.send_loop import topic_partitions
 from periscope.sources import LoadReport
+from periscope.stream import PRODUCER_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRESS = re.compile(r"^\s*\d+\.\d s  sent\s+[\d,]+  delivered\s+[\d,]+  failed \d+\s+[\d,]+ trips/s  in flight",
@@ -397,6 +400,23 @@ def test_ctrl_c_flushes_what_is_in_flight_and_exits_130(kafka_bootstrap, topics,
     delivered = int(re.search(r"delivered ([\d,]+), failed 0", rest).group(1).replace(",", ""))
     assert 400 <= delivered < 50000
     assert len(consume_all(kafka_bootstrap, topic)) == delivered
+
+
+@pytest.mark.kafka
+def test_the_partitions_are_asked_again_while_the_broker_restarts(kafka_bootstrap, topics):
+    """The broker goes away between the topic check and the first send: the producer waits for it."""
+    topic, _ = topics
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, **{**PRODUCER_CONFIG, "max_block_ms": 1000})
+    try:
+        kafka_bootstrap.stop()
+        restart = threading.Timer(3.0, kafka_bootstrap.start)
+        restart.start()
+        began = time.monotonic()
+        assert topic_partitions(producer, topic, wait_s=60) == [0, 1, 2]
+        assert time.monotonic() - began >= 2.5, "answered only once the broker was back"
+        restart.join()
+    finally:
+        producer.close(timeout=5)
 
 
 @pytest.mark.kafka
