@@ -240,13 +240,18 @@ def test_producer_and_speed_layer_recover_from_a_broker_restart(kafka_bootstrap,
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     producer = produce(kafka_bootstrap, topic, sample_csv, "--rate", "400", "--limit", "3000")
     try:
-        time.sleep(2.5)
+        started = []
+        for line in producer.stdout:  # mid-stream: once the replay has begun to send
+            started.append(line)
+            if line.startswith("replaying "):
+                break
+        time.sleep(1.0)
         assert producer.poll() is None, "the producer should still be replaying"
         kafka_bootstrap.stop()
         time.sleep(3)
         kafka_bootstrap.start()
         output, _ = producer.communicate(timeout=120)
-        assert producer.returncode == 0, output
+        assert producer.returncode == 0, "".join(started) + output
         wait_until_caught_up(kafka_bootstrap, topic, consumer, timeout=120)
     finally:
         consumer.terminate()
