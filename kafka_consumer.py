@@ -86,8 +86,7 @@ from kafka.structs import MemberState
 from periscope import config, speed_core, speed_view
 from periscope import speed_tuning as tuning
 from periscope.model import ModelMismatchError, ModelNotFoundError, TripDurationModel
-from periscope.speed_core import (ModelWatcher, SpeedStatistics, next_offsets, predict_seconds, validate_batch,
-                                  write_speed_files)
+from periscope.speed_core import ModelWatcher, SpeedStatistics, next_offsets, validate_batch, write_speed_files
 from periscope.consumer_group import DeadLetterSender, Rebalances, Warnings, assigned_progress, committed_offsets
 from periscope.stream import BrokerUnavailable, wait_for_broker
 
@@ -186,7 +185,7 @@ class SpeedLayer:
         its batch, valid or not. Told to stop before they are delivered, the batch is neither
         written nor committed (``rows`` stays None) and is read again on restart.
         """
-        batch.predicted = predict_seconds(batch.model, batch.columns)
+        batch.predicted = batch.model.predict_seconds(batch.columns)
         if self.dead_letters.delivered(batch.dead_letters):
             batch.rows = write_speed_files(self.args.speed_dir, batch.columns, batch.predicted, batch.model.version)
         return batch

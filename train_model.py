@@ -58,7 +58,6 @@ live version (``periscope/model.py``).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 import time
@@ -80,18 +79,6 @@ SPLITS = ("random", "time", "id")
 MIN_TRIPS = 100
 
 
-def input_files(patterns: list[str]) -> list[Path]:
-    """The files ``--input`` names: each a path or a glob (sorted), each file once."""
-    files: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise FileNotFoundError(f"--input {pattern}: no file matches; give a trip file or a glob "
-                                    "that matches some")
-        files += [Path(match) for match in matches if Path(match) not in files]
-    return files
-
-
 def load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The trips to learn from (trip files or the master dataset), and the fingerprint naming them."""
     if args.from_master:
@@ -101,16 +88,13 @@ def load(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any]]:
               + (f" ({source['rows_by_zone_only']:,} of them known by zones only)"
                  if source["rows_by_zone_only"] else ""))
     else:
-        files = input_files(args.input)
+        files = training_data.input_files(args.input)
         trips, reports = training_data.read_trip_files(files)
         for path, report in zip(files, reports):
             print(f"loading {path}")
             for line in report.summary_lines():
                 print(line)
-        prints = [training_data.csv_fingerprint(path, report) for path, report in zip(files, reports)]
-        source = prints[0] if len(prints) == 1 else {
-            "files": prints, "rows_read": sum(p["rows_read"] for p in prints),
-            "rows_malformed": sum(p["rows_malformed"] for p in prints)}
+        source = training_data.files_fingerprint(files, reports)
         if len(files) > 1:
             print(f"{len(trips):,} trips from {len(files)} files")
     negative = int((trips["trip_duration"] < 0).sum())

@@ -33,7 +33,7 @@ point becomes the taxi zone holding it (``zones.zone_of``), 264 (TLC's
 "unknown") where none does; distance, payment and fares are left empty, as the
 Kaggle sample has none. Such a file has no ids: readers derive them from the
 content, as for every TLC file. It is what benchmarks of zone-only trips
-(placed at zone centroids, predicted there) run on.
+(placed at zone centroids by the views, predicted from their zones) run on.
 
 The same seed, row count and input give byte-identical output, plain or
 gzip (a different ``--rows`` gives different trips, not a longer prefix).

@@ -21,8 +21,8 @@ status:
 - **the command line both share**: the Kafka, output and run options, with
   their checks.
 
-Spark's executors run the frame forms of the steps (``validate_frames``,
-``predict_frame``), so they import ``periscope`` only: the Spark session ships
+Spark's executors run the frame forms of the steps (``validate_frame``,
+``predict_frame``, per Arrow batch), so they import ``periscope`` only: the Spark session ships
 this package, never a script.
 
 TLC trips (docs/STREAMING.md, "Messages") go through the same steps: a trip
@@ -39,7 +39,7 @@ import socket
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -186,12 +186,6 @@ def validate_frame(messages: pd.DataFrame) -> pd.DataFrame:
     return frame.reindex(columns=list(VALIDATED_COLUMNS))
 
 
-def validate_frames(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-    """``mapInPandas`` function: every Arrow batch of messages, validated."""
-    for messages in frames:
-        yield validate_frame(messages)
-
-
 def frame_columns(frame: pd.DataFrame, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Columns of a frame in the dtypes ``validate_batch`` gives them (Arrow hands nullable ones over)."""
     columns = {name: frame[name].to_numpy() for name in names}
@@ -207,17 +201,12 @@ def frame_columns(frame: pd.DataFrame, names: Sequence[str]) -> dict[str, np.nda
     return columns
 
 
-def predict_seconds(model: TripDurationModel, columns: dict[str, np.ndarray]) -> np.ndarray:
-    """The model's predicted seconds for valid trips, coordinates or zones (``features.trip_zones``)."""
-    return model.predict_seconds(columns)
-
-
 def predict_frame(model: TripDurationModel, trips: pd.DataFrame) -> pd.Series:
     """Predicted seconds for the valid rows of ``trips`` (NaN for invalid rows, whose fields are null)."""
     predicted = np.full(len(trips), np.nan)
     known = trips["trip_duration"].notna().to_numpy()
     if known.any():
-        predicted[known] = predict_seconds(model, frame_columns(trips[known], list(trips.columns)))
+        predicted[known] = model.predict_seconds(frame_columns(trips[known], list(trips.columns)))
     return pd.Series(predicted)
 
 

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import re
 from pathlib import Path
@@ -107,6 +108,27 @@ def csv_fingerprint(path: Path, report: LoadReport) -> dict[str, Any]:
     """What identifies a training CSV: its path, SHA-256 and row counts."""
     return {"file": str(path), "sha256": file_sha256(Path(path)),
             "rows_read": report.rows_read, "rows_malformed": report.rows_malformed}
+
+
+def files_fingerprint(paths: list[Path], reports: list[LoadReport]) -> dict[str, Any]:
+    """What identifies the training files: one file's ``csv_fingerprint``, or each file's and the sums."""
+    prints = [csv_fingerprint(path, report) for path, report in zip(paths, reports)]
+    if len(prints) == 1:
+        return prints[0]
+    return {"files": prints, "rows_read": sum(p["rows_read"] for p in prints),
+            "rows_malformed": sum(p["rows_malformed"] for p in prints)}
+
+
+def input_files(patterns: list[str]) -> list[Path]:
+    """The files ``--input`` names: each a path or a glob (sorted), each file once."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"--input {pattern}: no file matches; give a trip file or a glob "
+                                    "that matches some")
+        files += [Path(match) for match in matches if Path(match) not in files]
+    return files
 
 
 def read_master(master_dir: Path) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -64,7 +64,7 @@ def test_reason_codes_and_the_offsets_to_commit():
 
 
 def test_the_frame_form_gives_the_same_verdicts_columns_and_predictions(sample_trips, trained_model_dir):
-    """What Spark's executors run (``validate_frames``, ``predict_frame``) agrees with the plain path."""
+    """What Spark's executors run (``validate_frame`` per batch, ``predict_frame``) agrees with the plain path."""
     records = sample_trips.head(40).to_dict("records")
     values = [record_to_json(r) for r in records] + [b"{oops", None]
     messages = [Message("t", i % 3, 10 + i, 1_700_000_000_000 + i, b"k", v) for i, v in enumerate(values)]
@@ -72,7 +72,8 @@ def test_the_frame_form_gives_the_same_verdicts_columns_and_predictions(sample_t
     frame = pd.DataFrame({"key": [m.key for m in messages], "value": values, "topic": "t",
                           "partition": [m.partition for m in messages], "offset": [m.offset for m in messages],
                           "timestamp_ms": [m.timestamp for m in messages]})
-    validated = pd.concat(speed_core.validate_frames(iter([frame.iloc[:20], frame.iloc[20:]])), ignore_index=True)
+    validated = pd.concat([speed_core.validate_frame(part) for part in (frame.iloc[:20], frame.iloc[20:])],
+                          ignore_index=True)
     assert list(validated.columns) == list(speed_core.VALIDATED_COLUMNS)
     rejected = validated[validated["reason"].notna()]
     assert sorted(zip(rejected["offset"], rejected["reason"])) == sorted((m.offset, r) for m, r in invalid)

@@ -246,3 +246,14 @@ def test_the_default_model_also_predicts_trips_known_by_zones_only(trained_model
     assert result["rows_clean"] == int((first_broken_rule(rules) < 0).sum())
     assert result["rmsle_clean"] <= 0.45
     assert not np.isnan(result["rmsle"])
+
+
+def test_input_globs_expand_sorted_each_file_once_and_an_empty_glob_is_one_line(tmp_path, capsys):
+    for name in ("b.csv", "a.csv", "c.txt"):
+        (tmp_path / name).write_text("x\n")
+    named = training_data.input_files([str(tmp_path / "*.csv"), str(tmp_path / "a.csv")])
+    assert named == sorted(p for p in tmp_path.iterdir() if p.suffix == ".csv")
+    assert train_model.main(["--input", str(tmp_path / "none-*.csv"), "--model-dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none-*.csv: no file matches" in err[0]
+    assert not (tmp_path / "m").exists()
