@@ -116,7 +116,7 @@ def kafka_messages(source: DataFrame) -> DataFrame:
 
 
 def validate_and_predict(messages: DataFrame, models: BroadcastModel) -> DataFrame:
-    """2-3. (executors) Each message checked by the core's ``validate_batch``, and each valid trip's seconds
+    """2-3. (executors) Each message checked by the core's ``validate_frame``, and each valid trip's seconds
     predicted by the broadcast model, in one ``mapInArrow`` pass: the plain consumer's verdicts, reason
     codes and predictions; the raw bytes and the reason of an invalid message."""
     return messages.mapInArrow(models.speed_rows, SPEED_ROWS_SCHEMA)
