@@ -97,7 +97,6 @@ def test_stop_stops_only_what_its_state_dir_started(clusters, unrelated_process,
 
 def test_topics_have_three_replicas_and_min_isr_two(clusters):
     created = fresh_topics(clusters.bootstrap)
-    project = [config.TRIPS_TOPIC, config.DLQ_TOPIC]
     wanted = {created[0]: 3, created[1]: 1, config.TRIPS_TOPIC: 3, config.DLQ_TOPIC: 1}
 
     def partitions_known() -> bool:  # the broker asked may learn of a new topic's partitions a moment later
@@ -107,14 +106,20 @@ def test_topics_have_three_replicas_and_min_isr_two(clusters):
     wait_for(partitions_known, 30, "every broker knowing the new topics' partitions")
     described = describe(clusters.bootstrap, list(wanted))
     assert all(len(p["replica_nodes"]) == 3 for partitions in described.values() for p in partitions)
-    admin = KafkaAdminClient(bootstrap_servers=clusters.bootstrap)
+    wait_for(lambda: None not in min_insync_replicas(clusters.bootstrap, list(wanted)).values(), 30,
+             "every broker knowing the new topics' configs")
+    assert min_insync_replicas(clusters.bootstrap, list(wanted)) == {name: "2" for name in wanted}
+
+
+def min_insync_replicas(bootstrap: str, topics: list[str]) -> dict[str, str | None]:
+    """Each topic's min.insync.replicas as the broker asked reports it (None: it has not heard of it yet)."""
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         configs = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name, {"min.insync.replicas": None})
-                                          for name in described], config_filter="all")
+                                          for name in topics], config_filter="all")
     finally:
         admin.close()
-    assert {name: found["min.insync.replicas"]["value"] for name, found in configs["topic"].items()} == \
-        {name: "2" for name in described}
+    return {name: configs["topic"].get(name, {}).get("min.insync.replicas", {}).get("value") for name in topics}
 
 
 def test_a_broker_killed_mid_stream_loses_and_duplicates_no_trip(clusters, sample_raw, trained_model_dir,
