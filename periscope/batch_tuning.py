@@ -23,15 +23,15 @@ about 2 s from start to exit, 1.7 CPU-s, 500 MB peak RSS; docs/BENCHMARKS.md):
   ``--workers 2`` is measured no faster than ``--workers 1`` here (clean and
   aggregate 0.56 against 0.53 s, whole recompute 2.11 against 2.18 s, medians
   of 14 alternated runs; 30 MB more peak RSS): polars already runs each
-  file's six group-bys on every core. One worker per core stays the default,
-  so a bigger machine gets the parallel map without a flag.
+  file's group-bys (one per view) on every core. One worker per core stays
+  the default, so a bigger machine gets the parallel map without a flag.
 * **Parts of ``PART_ROWS`` trips**: a master file is what the map hands out;
   250,000 trips (15 MB) make six files for 1.5 M trips, enough to keep the
   workers busy (other sizes not measured).
 
 Smaller tunings stay where they act, each explained there:
 ``views._to_pandas`` (column by column, ten times faster than ``to_pandas``
-for view-sized frames), ``views.aggregate`` (the six views in one
+for view-sized frames), ``views.aggregate`` (every view in one
 ``polars.collect_all``), ``dedupe.drop_duplicates`` (one
 ``is_first_distinct`` over all ids, no copy of them),
 ``storage.write_trip_index`` (no sort when the ids are sorted already).
