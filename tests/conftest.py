@@ -21,7 +21,7 @@ import shapely
 from shapely.geometry import shape
 
 import batch_processor
-from periscope import cluster, kafka_local, speed_view
+from periscope import cluster, kafka_local, speed_view, zones
 from periscope.dashboard import data
 from periscope.model import load_model
 from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule, parse_cutoff
@@ -441,7 +441,7 @@ def stream_trips(sample_trips: pd.DataFrame, model_dir: Path, now_ms: int) -> pd
     model = load_model(model_dir)
     trips["predicted_duration_s"] = model.predict_seconds(trips)
     trips["model_version"] = model.version
-    return trips
+    return zones.assign_zones(trips)  # as the speed layers give a Kaggle trip its zones
 
 
 def write_master_stream(master_dir: Path, trips: pd.DataFrame) -> None:
