@@ -41,8 +41,9 @@ from periscope.storage import atomic_path, atomic_write_json
 META_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms", "visible_at_ms")
 RESULT_COLUMNS: tuple[str, ...] = ("predicted_duration_s", "model_version")
 COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + ZONE_FIELDS + RESULT_COLUMNS
-"""A speed row: where the trip was in Kafka, the trip (its zones ``NOT_RECORDED`` where its message had
-none), the prediction. Files written before the zones were kept read with them ``NOT_RECORDED``."""
+"""A speed row: where the trip was in Kafka, the trip (its zones as the message recorded them, else
+those of its coordinates, ``speed_core.validate_batch``), the prediction. Files written before the
+zones were kept read with them ``NOT_RECORDED``."""
 STATUS_DIR = "_status"
 HISTORY_MINUTES = 120
 """How many wall-clock minutes of per-minute counts a status file keeps (``MinuteCounts``)."""
