@@ -24,7 +24,7 @@ import batch_processor
 from periscope import cluster, kafka_local, speed_view, zones
 from periscope.dashboard import data
 from periscope.model import load_model
-from periscope.schema import FIELDS, RULE_NAMES, first_broken_rule, parse_cutoff
+from periscope.schema import FIELDS, RULE_NAMES, ZONE_FIELDS, first_broken_rule, parse_cutoff
 from periscope.sources import read_trips
 from periscope.speed_view import SpeedStatus, StatusLatency, StatusTotals
 
@@ -431,7 +431,8 @@ def clean(trips: pd.DataFrame) -> pd.DataFrame:
 
 def stream_trips(sample_trips: pd.DataFrame, model_dir: Path, now_ms: int) -> pd.DataFrame:
     """3,000 clean real trips as consumed from 3 partitions (offsets 0..999), predicted by the real model;
-    new trips (ids of their own), not copies of the history's."""
+    new trips (ids of their own), not copies of the history's, with the zones of their coordinates as
+    the speed layer gives them (``speed_core.validate_batch``)."""
     trips = clean(sample_trips.iloc[-4000:]).tail(PARTITIONS * (SPEED_LAST + 1)).copy().reset_index(drop=True)
     trips["id"] = trips["id"] + "-stream"  # new facts: the imported history holds the originals
     trips["partition"] = np.arange(len(trips)) % PARTITIONS
@@ -441,7 +442,9 @@ def stream_trips(sample_trips: pd.DataFrame, model_dir: Path, now_ms: int) -> pd
     model = load_model(model_dir)
     trips["predicted_duration_s"] = model.predict_seconds(trips)
     trips["model_version"] = model.version
-    return zones.assign_zones(trips)  # as the speed layers give a Kaggle trip its zones
+    for name in ZONE_FIELDS:  # as the speed layers give a Kaggle trip its zones
+        trips[name] = zones.zones_at(trips, name.split("_")[0], zones.zone_grid())
+    return trips
 
 
 def write_master_stream(master_dir: Path, trips: pd.DataFrame) -> None:

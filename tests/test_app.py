@@ -4,14 +4,16 @@ The data is real: a batch version recomputed by ``batch_processor`` from the
 shipped sample plus stream master files up to a watermark, speed files with
 the trained model's predictions for offsets on both sides of it, status files
 as the speed layer writes them, and an Airflow ``dag_run`` table created from
-Airflow's own model. Expected values are computed from those inputs, not by
-the dashboard's code.
+Airflow's own model; for revenue, a batch version of a shipped TLC file. Expected
+values are computed from those inputs, not by the dashboard's code (zones by the
+tests' own polygon test, ``conftest.shapely_zones``).
 """
 from __future__ import annotations
 
+import gzip
 import json
 import sys
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +21,13 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from periscope import speed_view
+import batch_processor
+from periscope import serving, speed_view, zones
 from periscope.dashboard import data
 from periscope.model import load_model, read_metadata
 from periscope.schema import TRIP_FIELDS
-from tests.conftest import SPEED_FIRST, SPEED_LAST, WATERMARK, Demo, clean, heartbeat, status
+from tests.conftest import (SPEED_FIRST, SPEED_LAST, TLC_DIR, WATERMARK, Demo, clean, heartbeat,
+                            independent_tlc, independent_tlc_rules, shapely_zones, status)
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "app.py"
@@ -35,6 +39,12 @@ PAGES = {
     "quality": "periscope/dashboard/pages/data_quality.py",
     "operations": "periscope/dashboard/pages/operations.py",
 }
+ZONE_CSV = ROOT / "data" / "zones" / "taxi_zone_centroids.csv"
+ZONE_POLYGONS = ROOT / "data" / "zones" / "taxi_zones.geojson.gz"
+GREEN = TLC_DIR / "green_tripdata_2020-04_1000rows.csv"
+BATCH_WHERE = "picked up in the chosen boroughs and dates"
+
+
 def open_page(page: str, views_dir: Path, speed_dir: Path, model_dir: Path, airflow_home: Path,
               bootstrap: str = "127.0.0.1:1") -> AppTest:
     """Run app.py with these sources (set as the sidebar would) and switch to ``page``."""
@@ -80,7 +90,7 @@ def test_lambda_page_total_is_batch_plus_speed_above_the_watermark(demo):
     minutes = (demo.stream["kafka_timestamp_ms"].max() - demo.stream["kafka_timestamp_ms"].min()) / 60_000
     assert f"last **{demo.speed_trips:,} trips / {minutes:.1f} minutes**" in text
     assert "What is being merged" in app.expander[0].label
-    hourly = app.dataframe[0].value
+    hourly = app.dataframe[-1].value
     assert hourly["trips"].sum() == demo.batch_trips + demo.speed_trips
 
 
@@ -118,6 +128,168 @@ def test_batch_page_filters_dates_and_vendors(demo):
     assert shown["Trips in the date range"] == f"{in_march:,}"
     assert shown["Days"] == "31"
     assert shown["Trips of the chosen vendors"] == f"{(demo.batch_frame['vendor_id'] == 2).sum():,}"
+
+
+# --- zones, boroughs and revenue -----------------------------------------------------------------------
+
+
+def zone_table() -> pd.DataFrame:
+    return pd.read_csv(ZONE_CSV).set_index("location_id")
+
+
+def zoned(trips: pd.DataFrame) -> pd.DataFrame:
+    """Record-form Kaggle trips as the tests place them: pickup date, duration, both zones by the tests'
+    own polygon test (0: none) and their boroughs ("no zone" for 0)."""
+    borough = zone_table()["borough"]
+    out = pd.DataFrame({"date": pd.to_datetime(trips["pickup_datetime"].to_numpy(), unit="ms").normalize(),
+                        "duration": trips["trip_duration"].to_numpy()})
+    for end in ("pickup", "dropoff"):
+        out[end] = shapely_zones(trips[f"{end}_longitude"], trips[f"{end}_latitude"])
+        out[f"{end}_borough"] = out[end].map(borough).fillna("no zone")
+    return out
+
+
+MARCH = (pd.Timestamp("2016-03-01"), pd.Timestamp("2016-03-31"))
+
+
+@pytest.fixture(scope="module")
+def march(demo) -> pd.DataFrame:
+    """The demo's batch trips picked up in March 2016, placed by ``zoned``."""
+    pickup = pd.to_datetime(demo.batch_frame["pickup_datetime"], unit="ms")
+    return zoned(demo.batch_frame[pickup.between(MARCH[0], MARCH[1] + pd.Timedelta(days=1), inclusive="left")])
+
+
+def test_zone_summary_and_flows_are_the_trips_of_the_dates_and_boroughs(demo, march):
+    batch = serving.combined_views(demo.views_dir, demo.speed_dir).batch_views
+    chosen = ["Manhattan", "Queens", "no zone"]
+    picked = march[march["pickup_borough"].isin(chosen)]
+    summary = data.zone_summary(data.between_dates(batch["zone_daily"], *MARCH), zones.zone_table(), chosen)
+
+    table = zone_table()
+    expected_zones = list(table.index[table["borough"].isin(chosen)]) + ([0] if (picked["pickup"] == 0).any() else [])
+    assert sorted(summary.index) == sorted(expected_zones)
+    per_zone = picked.groupby("pickup")["duration"].agg(["count", "mean"])
+    np.testing.assert_array_equal(summary["trips"], per_zone["count"].reindex(summary.index, fill_value=0))
+    np.testing.assert_allclose(summary["duration_min_mean"], per_zone["mean"].reindex(summary.index) / 60)
+    assert list(summary["zone"]) == list(table["zone"].reindex(summary.index).fillna("no zone"))
+
+    flows = data.borough_flows(data.between_dates(batch["borough_flows"], *MARCH), chosen)
+    expected = picked.groupby(["pickup_borough", "dropoff_borough"])["duration"].agg(["count", "mean"])
+    got = flows.set_index(["from", "to"]).sort_index()
+    assert got.index.tolist() == expected.index.tolist()
+    np.testing.assert_array_equal(got["trips"], expected["count"])
+    np.testing.assert_allclose(got["mean duration (min)"], expected["mean"] / 60)
+    np.testing.assert_allclose(got["share %"], 100 * expected["count"] / len(picked))
+    assert flows["trips"].is_monotonic_decreasing
+    assert flows["trips"].sum() == summary["trips"].sum() == len(picked)
+
+    revenue = data.revenue(summary)  # Kaggle trips record no fare, tip or total amount
+    assert (revenue["trips"] == len(picked)).all() and (revenue["recorded by"] == 0).all()
+    assert revenue[["sum USD", "mean USD"]].isna().all().all()
+    assert data.zone_measures(summary) == ["trips", "mean duration (min)"]
+
+
+def test_the_choropleth_colours_each_zone_and_splits_its_trips_into_batch_and_speed(demo):
+    merged = serving.combined_views(demo.views_dir, demo.speed_dir)
+    parts = {"batch": merged.batch_views["zone_daily"], "speed": merged.speed_views["zone_daily"]}
+    summary = data.zone_summary(merged.views["zone_daily"], zones.zone_table(), ["Manhattan"], parts)
+    polygons = json.loads(gzip.decompress(ZONE_POLYGONS.read_bytes()))
+    collection = data.choropleth(polygons, summary, "trips")
+
+    table = zone_table()
+    manhattan = table.index[table["borough"] == "Manhattan"]
+    batch = zoned(demo.batch_frame)["pickup"].value_counts().reindex(manhattan, fill_value=0)
+    speed = zoned(demo.stream)["pickup"].value_counts().reindex(manhattan, fill_value=0)
+    shown = {feature["properties"]["location_id"]: feature["properties"] for feature in collection["features"]}
+    assert sorted(shown) == sorted(manhattan)
+    for zone, properties in shown.items():
+        assert properties["trips"] == f"{batch[zone] + speed[zone]:,}"
+        assert properties["layers"] == f"batch {batch[zone]:,}, speed {speed[zone]:,}"
+        assert (properties["zone"], properties["borough"]) == (table.loc[zone, "zone"], "Manhattan")
+        assert properties["fare"] == properties["revenue"] == "not recorded"
+    total = (batch + speed).sort_values(kind="stable")
+    greens = [shown[zone]["fill_color"][1] for zone in total.index if total[zone] > 0]
+    assert greens == sorted(greens, reverse=True) and greens[0] > greens[-1]  # more trips, a darker red
+    assert all(shown[zone]["fill_color"] == list(data.NO_DATA_COLOR) for zone in total.index if total[zone] == 0)
+
+
+def test_batch_page_zone_map_flows_and_revenue_follow_the_filters(demo, march):
+    app = demo_page(demo, "batch")
+    app.date_input(key="batch_dates").set_value(tuple(day.date() for day in MARCH)).run()
+    app.multiselect(key="batch_boroughs").set_value(["Manhattan"]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    picked = march[march["pickup_borough"] == "Manhattan"]
+    assert metrics(app)[f"Trips {BATCH_WHERE}"] == f"{len(picked):,}"
+    deck = json.loads(app.get("deck_gl_json_chart")[1].proto.json)
+    layer = deck["layers"][0]
+    assert layer["@@type"] == "GeoJsonLayer" and deck.get("mapProvider") is None
+    table = zone_table()
+    assert len(layer["data"]["features"]) == (table["borough"] == "Manhattan").sum()
+    assert app.radio(key="batch_zone_measure").options == ["trips", "mean duration (min)"]
+    flows = app.dataframe[-1].value
+    assert set(flows["from"]) == {"Manhattan"} and flows["trips"].sum() == len(picked)
+    assert f"none of the {len(picked):,} trips {BATCH_WHERE} records a fare, tip or total" in texts(app)
+
+    app.multiselect(key="batch_boroughs").set_value([]).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert metrics(app)[f"Trips {BATCH_WHERE}"] == "0"
+    assert "No trips picked up in the chosen boroughs and dates." in texts(app)
+
+
+def test_lambda_page_zone_map_and_flows_say_which_part_is_batch_and_which_speed(demo):
+    app = demo_page(demo, "lambda")
+    deck = json.loads(app.get("deck_gl_json_chart")[0].proto.json)
+    assert deck["layers"][0]["@@type"] == "GeoJsonLayer" and deck.get("mapProvider") is None
+    assert len(deck["layers"][0]["data"]["features"]) == len(zone_table())
+    flows = app.dataframe[0].value
+    assert flows["batch trips"].sum() == demo.batch_trips and flows["speed trips"].sum() == demo.speed_trips
+    assert (flows["trips"] == flows["batch trips"] + flows["speed trips"]).all()
+    assert f"({demo.batch_trips:,} batch, {demo.speed_trips:,} speed in all)" in texts(app)
+
+
+@pytest.fixture(scope="module")
+def tlc_views(tmp_path_factory) -> Path:
+    """A batch version of one TLC file (it records fare, tip and total amount), made by the CLI."""
+    root = tmp_path_factory.mktemp("tlc-dashboard")
+    dirs = ["--master-dir", str(root / "master"), "--views-dir", str(root / "views"),
+            "--speed-dir", str(root / "speed")]
+    assert batch_processor.main([*dirs, "import", "--cutoff", "none", str(GREEN)]) == 0
+    assert batch_processor.main([*dirs, "recompute", "--workers", "1"]) == 0
+    return root
+
+
+def test_batch_page_shows_the_revenue_a_tlc_file_records(tlc_views, tmp_path):
+    raw, ok = independent_tlc(GREEN)
+    trips = raw[ok]
+    facts = ["vendor", "pickup", "dropoff", "passengers", "pzone", "dzone", "distance", "fare", "tip", "total"]
+    trips = trips[~trips[facts].astype(str).duplicated()]  # the same content is the same fact
+    trips = trips[independent_tlc_rules(trips) == ""].copy()
+    cents = {name: (trips[name] * 100).round() for name in ("fare", "tip", "total")}
+    app = open_page("batch", tlc_views / "views", tlc_views / "speed", tmp_path / "model", tmp_path / "airflow")
+    shown = metrics(app)
+    assert shown[f"Trips {BATCH_WHERE}"] == f"{len(trips):,}"
+    for name, (sum_label, mean_label) in data.REVENUE_LABELS.items():
+        recorded = int(trips[name].notna().sum())
+        assert recorded > 0
+        assert shown[sum_label] == f"${cents[name].sum() / 100:,.2f}", name
+        assert shown[mean_label] == f"${cents[name].sum() / 100 / recorded:,.2f}", name
+    assert app.radio(key="batch_zone_measure").options == list(data.ZONE_MEASURES)
+
+    trips["zone"] = trips["pzone"].where(trips["pzone"].between(1, 263), 0).astype(int)
+    by_zone = trips.assign(fare_cents=cents["fare"], total_cents=cents["total"]).groupby("zone").agg(
+        n=("fare", "size"), fares=("fare", "count"), fare_cents=("fare_cents", "sum"),
+        total_cents=("total_cents", "sum"))
+    busiest = by_zone[by_zone.index > 0]["n"].idxmax()
+    deck = json.loads(app.get("deck_gl_json_chart")[1].proto.json)
+    shown_zone = next(feature["properties"] for feature in deck["layers"][0]["data"]["features"]
+                      if feature["properties"]["location_id"] == busiest)
+    expected = by_zone.loc[busiest]
+    assert shown_zone["trips"] == f"{int(expected['n']):,}"
+    assert shown_zone["fare"] == f"${expected['fare_cents'] / 100 / expected['fares']:,.2f}"
+    assert shown_zone["revenue"] == f"${expected['total_cents'] / 100:,.2f}"
+    flows = app.dataframe[-1].value
+    assert flows["trips"].sum() == len(trips)
+    assert flows["total amount (USD)"].sum() == pytest.approx(cents["total"].sum() / 100)
 
 
 def test_model_page_compares_live_error_with_the_holdout(demo):

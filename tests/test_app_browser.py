@@ -1,14 +1,17 @@
 """The dashboard in a real browser: `streamlit run app.py` on a free port, driven in headless Chromium.
 
 It opens every page, checks what is visible and that no Streamlit exception
-box appears, saves a screenshot of each page under ``test-artifacts/``, and
-checks that auto-refresh picks up a speed file written while the page is open.
+box appears (on the Lambda and Batch pages: that the zone map is drawn, a zone's
+tooltip shows on hover, and the borough flow table shows), saves a screenshot
+of each page under ``test-artifacts/``, and checks that auto-refresh picks up a
+speed file written while the page is open.
 The browser is Debian's Chromium (``make browser``), driven by Playwright;
 nothing is downloaded.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from periscope import kafka_local, speed_view
+from periscope import kafka_local, speed_view, zones
 from tests.conftest import ROOT, Demo, heartbeat
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,6 +39,9 @@ PAGES = [  # url path, text that must be visible once the page has rendered
     ("data_quality", "Dead letters (speed layer)"),
     ("operations", "Batch versions"),
 ]
+ZONE_MAP_PAGES = {"": 1, "batch_layer": 2}
+"""Pages with a zone map, and their deck.gl charts (the zone map is the last; the Batch page's density
+map comes first)."""
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -105,6 +111,30 @@ def settle(page: Page) -> None:
             expect(element.locator("canvas, svg.marks").first).to_be_visible(timeout=15_000)
 
 
+def zone_map_and_flows(page: Page, decks: int, layered: bool) -> None:
+    """The zone map is drawn (a deck.gl canvas, and hovering its middle shows the tooltip of a zone:
+    on the Lambda page with the trips of each part) and the flow table shows, with boroughs."""
+    charts = page.get_by_test_id("stDeckGlJsonChart")
+    expect(charts).to_have_count(decks)
+    zone_map = charts.last
+    zone_map.scroll_into_view_if_needed()
+    canvas = zone_map.locator("canvas").first
+    expect(canvas).to_be_visible(timeout=15_000)
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    tooltip = page.locator(".deck-tooltip").filter(has_text=re.compile(r"\)\s*[\d,]+ trips, mean "))
+    expect(tooltip).to_be_visible(timeout=15_000)
+    if layered:
+        expect(tooltip).to_contain_text(re.compile(r"batch [\d,]+, speed [\d,]+"))
+    flows = page.get_by_test_id("stDataFrame").filter(
+        has=page.locator('[role="columnheader"]', has_text=re.compile(r"^from$")))
+    expect(flows).to_have_count(1, timeout=15_000)
+    headers = flows.locator('[role="columnheader"]')
+    assert headers.all_inner_texts()[:3] == ["from", "to", "trips"]
+    cells = flows.locator('[role="gridcell"]').all_inner_texts()
+    assert cells[0] in zones.BOROUGHS and cells[1] in zones.BOROUGHS and int(cells[2]) > 0, cells[:3]
+
+
 def test_every_page_in_headless_chromium(server, demo):  # noqa: F811
     url, speed_dir = server
     assert CHROMIUM.exists(), f"no Chromium at {CHROMIUM}: run `make browser` (Debian's chromium package)"
@@ -121,6 +151,8 @@ def test_every_page_in_headless_chromium(server, demo):  # noqa: F811
                 expect(page.get_by_text(text, exact=True).first).to_be_visible(timeout=30_000)
                 settle(page)
                 assert page.locator('[data-testid="stException"]').count() == 0, path
+                if path in ZONE_MAP_PAGES:
+                    zone_map_and_flows(page, ZONE_MAP_PAGES[path], layered=not path)
                 page.screenshot(path=str(ARTIFACTS / f"dashboard-{path or 'lambda_view'}.png"), full_page=True)
 
             page.goto(url, wait_until="domcontentloaded")

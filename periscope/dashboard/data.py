@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from periscope import serving, speed_view, storage, views
+from periscope import serving, speed_view, storage, views, zones
 from periscope.model import metrics
 from periscope.schema import AVRO_SCHEMA, RULES, avro_type, format_time
 from periscope.speed_view import SpeedStatus
@@ -583,3 +583,142 @@ def map_cells(view: pd.DataFrame) -> pd.DataFrame:
     out["radius"] = 60 + 180 * level
     out["duration_s_mean"] = out["duration_s_mean"].round(0)
     return out.reset_index(drop=True)
+
+
+# --- zones and boroughs ----------------------------------------------------------------------------
+
+ZONE_MEASURES: dict[str, str] = {"trips": "trips", "mean duration (min)": "duration_min_mean",
+                                 "mean fare (USD)": "fare_usd_mean", "revenue (USD, total amount)": "total_usd"}
+"""Choropleth measure (radio label) -> column of ``zone_summary``."""
+REVENUE_MEASURES: dict[str, str] = {"mean fare (USD)": "fare", "revenue (USD, total amount)": "total"}
+"""The choropleth measures that need a revenue field: offered only where some trip recorded it."""
+LOG_SCALED: tuple[str, ...] = ("trips", "total_usd")
+"""Counts and sums are skewed (Midtown against Staten Island): coloured on a log scale; means linearly."""
+REVENUE_LABELS: dict[str, tuple[str, str]] = {"fare": ("Fares", "Mean fare"), "tip": ("Tips", "Mean tip"),
+                                              "total": ("Total amounts", "Mean total amount")}
+"""Revenue field (``views.REVENUE``) -> the labels of its sum and its mean on the pages."""
+NO_DATA_COLOR: tuple[int, int, int, int] = (190, 190, 190, 70)
+
+
+def borough_choices() -> list[str]:
+    """The boroughs the filter offers: the five, EWR (Newark airport), then "no zone" (trips outside
+    every zone or with an unknown one: counted, but with no polygon on the map)."""
+    return list(zones.BOROUGHS[1:]) + [zones.BOROUGHS[0]]
+
+
+def zone_summary(view: pd.DataFrame, table: pd.DataFrame, boroughs: Sequence[str],
+                 parts: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Per pickup zone of the chosen ``boroughs``: a ``zone_daily`` view (cut to the dates wanted)
+    rolled up over its dates, with means (``views.finalise``), the zone's name and borough.
+
+    Indexed by zone id: every zone of the chosen boroughs of ``table`` (``zones.zone_table()``), 0 trips
+    where none was picked up, and zone 0 ("no zone") when chosen and it has trips. ``parts`` ({layer:
+    its zone_daily}) adds ``<layer>_trips``, each part's share (the Lambda page's batch and speed).
+    """
+    rolled = describe(view, ["pickup_zone"]).set_index("pickup_zone")
+    known = table[["zone", "borough"]]
+    no_zone = pd.DataFrame({"zone": [zones.BOROUGHS[0]], "borough": [zones.BOROUGHS[0]]},
+                           index=[zones.NO_ZONE])
+    if zones.NO_ZONE in rolled.index:
+        known = pd.concat([no_zone, known])
+    out = known[known["borough"].isin(list(boroughs))].join(rolled, how="left")
+    for column in views.AGGREGATES:
+        if not (column.endswith("_min") or column.endswith("_max")):
+            out[column] = out[column].fillna(0).astype(np.int64)
+    out["duration_min_mean"] = out["duration_s_mean"] / 60
+    for layer, part in (parts or {}).items():
+        counts = rollup(part, ["pickup_zone"]).set_index("pickup_zone")["trips"]
+        out[f"{layer}_trips"] = counts.reindex(out.index).fillna(0).astype(np.int64)
+    out.index.name = "location_id"
+    return out
+
+
+def zone_measures(summary: pd.DataFrame) -> list[str]:
+    """The choropleth measures ``summary`` can colour by: trips and mean duration always, and each
+    revenue measure when some trip in it recorded the field (a Kaggle trip records none)."""
+    return [label for label in ZONE_MEASURES
+            if label not in REVENUE_MEASURES or summary[f"{REVENUE_MEASURES[label]}_trips"].sum() > 0]
+
+
+def fill_colors(values: pd.Series, log: bool) -> list[list[int]]:
+    """RGBA per value, pale yellow (smallest) to dark red (largest); ``NO_DATA_COLOR`` for a missing
+    value or, on a log scale, a zero."""
+    numbers = values.astype(float)
+    numbers = numbers.where(numbers > 0) if log else numbers
+    scaled = np.log1p(numbers) if log else numbers
+    low, high = scaled.min(), scaled.max()
+    span = high - low if pd.notna(high) and high > low else 1.0
+    colors = []
+    for value in scaled:
+        if pd.isna(value):
+            colors.append(list(NO_DATA_COLOR))
+            continue
+        level = (value - low) / span
+        colors.append([int(255 - 75 * level), int(230 * (1 - level)) + 10, int(140 * (1 - level)), 190])
+    return colors
+
+
+def _money(value: float) -> str:
+    return "not recorded" if pd.isna(value) else f"${value:,.2f}"
+
+
+def choropleth(polygons: Mapping[str, Any], summary: pd.DataFrame, measure: str) -> dict[str, Any]:
+    """The zone polygons (a GeoJSON FeatureCollection with ``properties.location_id``) of the zones in
+    ``summary``, each with its fill colour by ``measure`` (a ``ZONE_MEASURES`` label) and the tooltip's
+    fields as text: zone, borough, trips, mean duration, mean fare and total revenue, and, when
+    ``summary`` has ``<layer>_trips`` columns, the trips of each layer (``layers``)."""
+    column = ZONE_MEASURES[measure]
+    colors = dict(zip(summary.index, fill_colors(summary[column], column in LOG_SCALED)))
+    layers = [column[:-len("_trips")] for column in summary.columns
+              if column.endswith("_trips") and column[:-len("_trips")] in LAYERS]
+    features = []
+    for feature in polygons["features"]:
+        zone = feature["properties"]["location_id"]
+        if zone not in colors:
+            continue
+        row = summary.loc[zone]
+        duration = row["duration_min_mean"]
+        revenue = row["total_usd"] if row["total_trips"] else np.nan
+        properties = {
+            "location_id": int(zone), "zone": row["zone"], "borough": row["borough"],
+            "trips": f"{int(row['trips']):,}",
+            "duration": "–" if pd.isna(duration) else f"{duration:.1f} min",
+            "fare": _money(row["fare_usd_mean"]), "revenue": _money(revenue),
+            "layers": ", ".join(f"{layer} {int(row[f'{layer}_trips']):,}" for layer in layers),
+            "fill_color": colors[zone]}
+        features.append({"type": "Feature", "geometry": feature["geometry"], "properties": properties})
+    return {"type": "FeatureCollection", "features": features}
+
+
+def borough_flows(view: pd.DataFrame, boroughs: Sequence[str],
+                  parts: Mapping[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Trips from each pickup borough to each dropoff borough: a ``borough_flows`` view (cut to the
+    dates wanted) rolled up over its dates, keeping the pickups in the chosen ``boroughs`` (as the
+    zone map does), largest flow first, with its share of them, mean duration and revenue. ``parts``
+    ({layer: its borough_flows}) adds ``<layer> trips``, each part's share."""
+    keys = ["pickup_borough", "dropoff_borough"]
+    rolled = describe(view, keys)
+    out = pd.DataFrame({"from": [zones.BOROUGHS[code] for code in rolled["pickup_borough"]],
+                        "to": [zones.BOROUGHS[code] for code in rolled["dropoff_borough"]],
+                        "trips": rolled["trips"].to_numpy(dtype=np.int64)})
+    for layer, part in (parts or {}).items():
+        counts = rollup(part, keys).set_index(keys)["trips"]
+        out[f"{layer} trips"] = counts.reindex(pd.MultiIndex.from_frame(rolled[keys])).fillna(0).to_numpy(np.int64)
+    out["mean duration (min)"] = (rolled["duration_s_mean"] / 60).to_numpy()
+    out["mean fare (USD)"] = rolled["fare_usd_mean"].to_numpy()
+    out["total amount (USD)"] = np.where(rolled["total_trips"] > 0, rolled["total_usd"], np.nan)
+    out = out[out["from"].isin(list(boroughs)) & (out["trips"] > 0)].copy()
+    out.insert(3, "share %", 100 * out["trips"] / max(int(out["trips"].sum()), 1))
+    return out.sort_values(["trips", "from", "to"], ascending=[False, True, True], ignore_index=True)
+
+
+def revenue(view: pd.DataFrame) -> pd.DataFrame:
+    """Fare, tip and total amount over a whole view: trips that recorded each, their sum and mean (USD;
+    both NaN where no trip recorded it), and all its trips, so a page can say how many recorded none."""
+    row = describe(view, []).iloc[0]
+    return pd.DataFrame({"field": list(views.REVENUE), "source column": list(views.REVENUE.values()),
+                         "trips": int(row["trips"]),
+                         "recorded by": [int(row[f"{name}_trips"]) for name in views.REVENUE],
+                         "sum USD": [float(row[f"{name}_usd"]) if row[f"{name}_trips"] else np.nan
+                                     for name in views.REVENUE],
+                         "mean USD": [float(row[f"{name}_usd_mean"]) for name in views.REVENUE]})

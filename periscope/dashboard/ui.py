@@ -9,6 +9,8 @@ are a few kilobytes and change every second, so they are read on every run.
 """
 from __future__ import annotations
 
+import gzip
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +19,10 @@ from typing import Any
 
 import altair as alt
 import pandas as pd
+import pydeck as pdk
 import streamlit as st
 
-from periscope import kafka_local, model, serving, speed_view, storage
+from periscope import kafka_local, model, serving, speed_view, storage, zones
 from periscope.dashboard import data
 
 SETTINGS_KEY = "periscope_settings"
@@ -118,6 +121,13 @@ def versions(current: Settings) -> pd.DataFrame:
     return _versions(str(current.views_dir), names, storage.current_version(current.views_dir))
 
 
+@st.cache_data(max_entries=1, show_spinner=False)
+def zone_polygons(path: str = str(zones.ZONES_DIR / zones.POLYGONS)) -> dict[str, Any]:
+    """The shipped zone polygons (GeoJSON, about 290 kB), read once: pydeck draws them as they are."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 # --- charts --------------------------------------------------------------------------------------------
 
 
@@ -174,3 +184,68 @@ def time_lines(frame: pd.DataFrame, y: str, color: str, title: str, y_title: str
 
 def metric_value(value: float | None, fmt: str = "{:,.0f}") -> str:
     return "–" if value is None or pd.isna(value) else fmt.format(value)
+
+
+# --- zones and boroughs ----------------------------------------------------------------------------
+
+CITY = pdk.ViewState(latitude=40.70, longitude=-73.94, zoom=9.3, pitch=0)
+
+
+def zone_map(collection: dict[str, Any], revenue: bool, layered: bool) -> pdk.Deck:
+    """A choropleth of ``data.choropleth`` polygons, with no basemap (``map_provider=None``, as the
+    density map: the zones draw the city and nothing is fetched). The tooltip names the zone, its
+    trips and mean duration, its mean fare and total amount if ``revenue``, each part's trips if
+    ``layered``."""
+    layer = pdk.Layer("GeoJsonLayer", data=collection, get_fill_color="properties.fill_color",
+                      get_line_color=[90, 90, 90, 160], line_width_min_pixels=0.5, stroked=True, filled=True,
+                      pickable=True, auto_highlight=True)
+    lines = ["{zone} ({borough})", "{trips} trips, mean {duration}"]
+    lines += ["mean fare {fare}, total amount {revenue}"] if revenue else []
+    lines += ["{layers}"] if layered else []
+    return pdk.Deck(layers=[layer], initial_view_state=CITY, map_provider=None, tooltip={"text": "\n".join(lines)})
+
+
+def zone_section(summary: pd.DataFrame, polygons: dict[str, Any], key: str, layered: bool = False) -> None:
+    """A radio of the measures ``summary`` has (revenue only where recorded) and the zone map by it."""
+    measures = data.zone_measures(summary)
+    measure = st.radio("Colour the zones by", measures, horizontal=True, key=key)
+    revenue = any(label in data.REVENUE_MEASURES for label in measures)
+    st.pydeck_chart(zone_map(data.choropleth(polygons, summary, measure), revenue, layered), height=520)
+
+
+def flow_section(flows: pd.DataFrame, title: str) -> None:
+    """Borough-to-borough flows as a heatmap (trips, log colour) beside the table itself (its revenue
+    columns left out where no trip recorded them)."""
+    if flows.empty:
+        st.info("No trips picked up in the chosen boroughs and dates.")
+        return
+    left, right = st.columns([2, 3])
+    order = data.borough_choices()
+    extra = [alt.Tooltip(f"{column}:Q", format=",") for column in flows.columns if column.endswith(" trips")]
+    left.altair_chart(alt.Chart(flows, title=title).mark_rect().encode(
+        x=alt.X("to:N", title="dropoff borough", sort=order, axis=alt.Axis(labelAngle=-40, labelOverlap=False)),
+        y=alt.Y("from:N", title="pickup borough", sort=order, axis=alt.Axis(labelOverlap=False)),
+        color=alt.Color("trips:Q", scale=alt.Scale(type="log", scheme="orangered")),
+        tooltip=["from:N", "to:N", alt.Tooltip("trips:Q", format=","), *extra,
+                 alt.Tooltip("mean duration (min):Q", format=".1f")]).properties(height=320), width="stretch")
+    shown = flows.dropna(axis="columns", how="all")
+    formats = {column: st.column_config.NumberColumn(format="$%.2f" if "USD" in column else "%.1f")
+               for column in shown.columns if shown[column].dtype.kind == "f"}
+    right.dataframe(shown, hide_index=True, column_config=formats)
+
+
+def revenue_metrics(table: pd.DataFrame, where: str) -> None:
+    """Fare, tip and total amount (sums and means) of ``data.revenue``, or a plain sentence that the
+    sources recorded none (the Kaggle sample has no revenue fields)."""
+    trips = int(table["trips"].iloc[0])
+    if table["recorded by"].sum() == 0:
+        st.info(f"No revenue to show: none of the {trips:,} trips {where} records a fare, tip or total "
+                "amount. The Kaggle sample has no such fields; TLC trip records do "
+                "(`python batch_processor.py import FILE`).")
+        return
+    for column, (_, row) in zip(st.columns(len(table)), table.iterrows()):
+        total, mean = data.REVENUE_LABELS[row["field"]]
+        column.metric(total, metric_value(row["sum USD"], "${:,.2f}"))
+        column.metric(mean, metric_value(row["mean USD"], "${:,.2f}"))
+    st.caption("Recorded by " + ", ".join(f"{row['field']} {row['recorded by']:,}" for _, row in table.iterrows())
+               + f" of the {trips:,} trips {where}.")

@@ -1,10 +1,12 @@
-"""Batch layer: the current batch version's views, an hour-of-week heatmap and a pickup-density map."""
+"""Batch layer: the current batch version's views, an hour-of-week heatmap, a pickup-density map, a zone
+choropleth, borough-to-borough flows and revenue."""
 from __future__ import annotations
 
 import altair as alt
 import pydeck as pdk
 import streamlit as st
 
+from periscope import zones
 from periscope.dashboard import data, ui
 
 NYC = pdk.ViewState(latitude=40.745, longitude=-73.965, zoom=10.3, pitch=0)
@@ -37,12 +39,15 @@ def render(settings: ui.Settings) -> None:
     daily_all = batch["daily_summary"]
     first, last = daily_all["pickup_date"].min().date(), daily_all["pickup_date"].max().date()
     vendors = sorted(int(v) for v in batch["vendor_stats"]["vendor_id"])
-    left, right = st.columns([2, 1])
+    left, middle, right = st.columns([2, 1, 2])
     picked = left.date_input("Pickup dates", value=(first, last), min_value=first, max_value=last, key="batch_dates")
     start, end = (picked[0], picked[-1]) if isinstance(picked, (tuple, list)) and picked else (first, last)
-    chosen = right.multiselect("Vendors", vendors, default=vendors, key="batch_vendors")
-    st.caption("Each batch view is keyed by one thing (date, hour of week, vendor, cell), as the batch layer "
-               "publishes them: the date range filters the daily and hourly views, the vendor choice the vendor view.")
+    chosen = middle.multiselect("Vendors", vendors, default=vendors, key="batch_vendors")
+    boroughs = right.multiselect("Pickup boroughs", data.borough_choices(), default=data.borough_choices(),
+                                 key="batch_boroughs")
+    st.caption("Each batch view is keyed by a few things (date, hour of week, vendor, cell, zone, borough), as the "
+               "batch layer publishes them: the date range filters the daily, hourly, zone and flow views, the "
+               "vendor choice the vendor view, the pickup boroughs the zone map, the flows and the revenue.")
 
     daily = data.describe(data.between_dates(daily_all, start, end), ["pickup_date"])
     hourly = data.describe(data.between_dates(batch["hourly_stats"], start, end), ["pickup_hour"])
@@ -81,6 +86,20 @@ def render(settings: ui.Settings) -> None:
     st.caption(f"{len(cells):,} grid cells of about 560 × 420 m; colour and size grow with the number of pickups. "
                "No basemap: the cells alone draw the city.")
     st.pydeck_chart(density_map(cells), height=480)
+
+    st.subheader("Zones and boroughs")
+    summary = data.zone_summary(data.between_dates(batch["zone_daily"], start, end), zones.zone_table(), boroughs)
+    flows = data.borough_flows(data.between_dates(batch["borough_flows"], start, end), boroughs)
+    where = "picked up in the chosen boroughs and dates"
+    unzoned = int(summary.loc[summary["borough"] == zones.BOROUGHS[0], "trips"].sum())
+    st.metric(f"Trips {where}", f"{int(summary['trips'].sum()):,}")
+    ui.revenue_metrics(data.revenue(summary), where)
+    unzoned_text = (f" {unzoned:,} trips have no pickup zone (outside every zone, or an unknown one): counted "
+                    "in the flows, not on the map." if unzoned else "")
+    st.caption("The TLC's taxi zones of the chosen boroughs, each coloured by the chosen measure of the trips "
+               f"picked up in it; grey: no trip, or no value to colour by.{unzoned_text}")
+    ui.zone_section(summary, ui.zone_polygons(), key="batch_zone_measure")
+    ui.flow_section(flows, "Trips from borough to borough")
 
 
 ui.run_page("batch", render)

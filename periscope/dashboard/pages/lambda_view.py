@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from periscope import zones
 from periscope.dashboard import data, ui
 
 EXPLANATION = """
@@ -65,6 +66,20 @@ def render(settings: ui.Settings) -> None:
     hourly = data.describe(merged.views["hourly_stats"], ["pickup_hour"])
     right.altair_chart(ui.mean_with_spread(hourly, "pickup_hour:O", "pickup hour",
                                            "Duration by hour of day: mean ± 1 std"), width="stretch")
+
+    st.subheader("Zones and boroughs: batch + speed")
+    boroughs = data.borough_choices()
+    parts = dict(zip(data.LAYERS, (merged.batch_views["zone_daily"], merged.speed_views["zone_daily"])))
+    summary = data.zone_summary(merged.views["zone_daily"], zones.zone_table(), boroughs, parts)
+    st.caption("Each zone is coloured by the merged view (batch version + speed rows above the watermark); its "
+               f"tooltip splits its trips into the batch part and the speed part ({summary['batch_trips'].sum():,} "
+               f"batch, {summary['speed_trips'].sum():,} speed in all). So does the flow table, per pair of "
+               "boroughs.")
+    ui.revenue_metrics(data.revenue(summary), "in the merged view")
+    ui.zone_section(summary, ui.zone_polygons(), key="lambda_zone_measure", layered=True)
+    flow_parts = dict(zip(data.LAYERS, (merged.batch_views["borough_flows"], merged.speed_views["borough_flows"])))
+    ui.flow_section(data.borough_flows(merged.views["borough_flows"], boroughs, flow_parts),
+                    "Trips from borough to borough (batch + speed)")
 
     with st.expander("The merged hourly view (per pickup hour of day)"):
         table = hourly[["pickup_hour", "trips", "duration_s_mean", "duration_s_std", "distance_m_mean"]]
