@@ -98,6 +98,10 @@ ZONE_FIELDS: tuple[str, ...] = ("pickup_location_id", "dropoff_location_id")
 """The taxi zone of each end: recorded by zone-era TLC files, given from the coordinates to every other
 trip when it enters master data (``periscope.zones.assign_zones``)."""
 
+REVENUE_FIELDS: tuple[str, ...] = ("fare_amount", "tip_amount", "total_amount")
+"""What a trip cost, in dollars, as its source recorded it (NaN in record form where it did not: every
+Kaggle trip). The views sum them (``periscope.views``), so the speed rows carry them too."""
+
 TRIP_FIELDS: tuple[str, ...] = FIELDS + SOURCE_FIELDS
 """Every field of a trip in master data: the Kaggle fields, then ``SOURCE_FIELDS``."""
 
@@ -383,7 +387,7 @@ def _flag(value: Any) -> bool:
 
 
 SOURCE_INT_FIELDS = ("pickup_location_id", "dropoff_location_id", "payment_type")
-SOURCE_FLOAT_FIELDS = ("trip_distance", "fare_amount", "tip_amount", "total_amount")
+SOURCE_FLOAT_FIELDS = ("trip_distance", *REVENUE_FIELDS)
 
 
 def from_tlc_source(fields: Mapping[str, Any]) -> bool:

@@ -46,7 +46,8 @@ from pyspark.sql import SparkSession
 from pyspark.sql.types import BooleanType, DataType, DoubleType, LongType, StringType, StructField, StructType
 
 from periscope import cli, config
-from periscope.schema import AVRO_SCHEMA, FIELDS, FLOAT_FIELDS, INT_FIELDS, TIME_FIELDS, ZONE_FIELDS
+from periscope.schema import (AVRO_SCHEMA, FIELDS, FLOAT_FIELDS, INT_FIELDS, REVENUE_FIELDS, TIME_FIELDS,
+                              ZONE_FIELDS)
 
 PROJECT_ROOT = config.PROJECT_ROOT
 
@@ -89,7 +90,7 @@ def spark_type(field: str) -> DataType:
     """Spark type of a trip field in record form, read off ``periscope.schema``'s field groups."""
     if field in INT_FIELDS or field in TIME_FIELDS or field in ZONE_FIELDS:
         return LongType()
-    if field in FLOAT_FIELDS:
+    if field in FLOAT_FIELDS or field in REVENUE_FIELDS:
         return DoubleType()
     if field == "store_and_fwd_flag":
         return BooleanType()

@@ -48,15 +48,17 @@ import pandas as pd
 
 from periscope import config, speed_view, zones
 from periscope.model import TripDurationModel, current_version, load_model
-from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, NOT_RECORDED, RULE_NAMES, TIME_FIELDS, ZONE_FIELDS,
+from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, NOT_RECORDED, REVENUE_FIELDS, RULE_NAMES, TIME_FIELDS,
+                              ZONE_FIELDS,
                               InvalidTrip, first_broken_rule, parse_json)
 from periscope.speed_view import SpeedStatus, StatusLatency, StatusLiveError, StatusTotals
 
 log = logging.getLogger(__name__)
 
 INT_COLUMNS = INT_FIELDS + TIME_FIELDS + ZONE_FIELDS
-TRIP_COLUMNS: tuple[str, ...] = FIELDS + ZONE_FIELDS
-"""The trip as the speed layer holds it: the Kaggle fields and the zones. A valid trip whose message
+TRIP_COLUMNS: tuple[str, ...] = FIELDS + ZONE_FIELDS + REVENUE_FIELDS
+"""The trip as the speed layer holds it: the Kaggle fields, the zones and the revenue (NaN where the
+message has none), what the views read. A valid trip whose message
 has no zone (a Kaggle trip, a TLC trip of the coordinates era) gets the zone of its coordinates, as
 the batch layer gives it in master data (``NO_ZONE`` outside every zone), so the views keyed by zone
 merge exactly."""
@@ -121,6 +123,8 @@ def to_columns(records: list[dict[str, Any]], messages: list[Any]) -> dict[str, 
         columns[name] = np.fromiter((r.get(name, NOT_RECORDED) for r in records), np.int64, n)
     for name in FLOAT_FIELDS:
         columns[name] = np.fromiter((r[name] for r in records), np.float64, n)
+    for name in REVENUE_FIELDS:
+        columns[name] = np.fromiter((r.get(name, np.nan) for r in records), np.float64, n)
     return columns
 
 

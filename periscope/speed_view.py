@@ -29,21 +29,23 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from periscope.schema import FIELDS, NOT_RECORDED, ZONE_FIELDS
+from periscope.schema import FIELDS, NOT_RECORDED, REVENUE_FIELDS, ZONE_FIELDS
 from periscope.sources import empty_trip_frame
 from periscope.storage import atomic_path, atomic_write_json
 
 META_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms", "visible_at_ms")
 RESULT_COLUMNS: tuple[str, ...] = ("predicted_duration_s", "model_version")
-COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + ZONE_FIELDS + RESULT_COLUMNS
+COLUMNS: tuple[str, ...] = META_COLUMNS + FIELDS + ZONE_FIELDS + REVENUE_FIELDS + RESULT_COLUMNS
 """A speed row: where the trip was in Kafka, the trip (its zones as the message recorded them, else
-those of its coordinates, ``speed_core.validate_batch``), the prediction. Files written before the
-zones were kept read with them ``NOT_RECORDED``."""
+those of its coordinates, ``speed_core.validate_batch``; its fare, tip and total as recorded), the
+prediction. Files written before the zones and the revenue were kept read with zones
+``NOT_RECORDED`` and revenue NaN."""
 STATUS_DIR = "_status"
 HISTORY_MINUTES = 120
 """How many wall-clock minutes of per-minute counts a status file keeps (``MinuteCounts``)."""
@@ -57,11 +59,13 @@ def batch_path(speed_dir: Path, partition: int, first: int, last: int) -> Path:
 def write_batch(speed_dir: Path, partition: int, rows: pd.DataFrame) -> Path:
     """Atomically write one partition's results; the name is their offset range.
 
-    ``rows`` must hold ``COLUMNS`` (the zones may be missing: ``NOT_RECORDED``) and at least one row.
+    ``rows`` must hold ``COLUMNS`` (the zones may be missing: ``NOT_RECORDED``; the revenue: NaN) and
+    at least one row.
     Writing the same range again replaces the file with the same trips and predictions (only
     ``visible_at_ms``, the wall clock of the write, differs): never a second copy.
     """
-    rows = rows.assign(**{name: NOT_RECORDED for name in ZONE_FIELDS if name not in rows})
+    rows = rows.assign(**{name: NOT_RECORDED for name in ZONE_FIELDS if name not in rows},
+                       **{name: np.nan for name in REVENUE_FIELDS if name not in rows})
     return write_batch_table(speed_dir, partition, pa.Table.from_pandas(rows[list(COLUMNS)], preserve_index=False))
 
 
@@ -124,6 +128,8 @@ def read_speed(speed_dir: Path, watermark: Mapping[Any, int] | None = None) -> p
     rows = table.sort_by([("partition", "ascending"), ("offset", "ascending")]).to_pandas()
     for name in ZONE_FIELDS:  # files written before the zones were kept have none
         rows[name] = rows[name].fillna(NOT_RECORDED).astype("int64") if name in rows else NOT_RECORDED
+    for name in REVENUE_FIELDS:  # nor the revenue
+        rows[name] = rows[name].astype("float64") if name in rows else np.nan
     return rows
 
 
@@ -132,7 +138,8 @@ def empty_speed_frame() -> pd.DataFrame:
     frame = empty_trip_frame()
     for name in META_COLUMNS + ZONE_FIELDS:
         frame[name] = pd.Series(dtype="int64")
-    frame["predicted_duration_s"] = pd.Series(dtype="float64")
+    for name in REVENUE_FIELDS + ("predicted_duration_s",):
+        frame[name] = pd.Series(dtype="float64")
     frame["model_version"] = pd.Series(dtype=object)
     return frame[list(COLUMNS)]
 

@@ -26,11 +26,11 @@ import polars as pl
 
 from periscope import zones
 from periscope.expressions import Expr, bucket, evaluate, field, floor, isnan, rint, to_int, where
-from periscope.schema import great_circle_km
+from periscope.schema import REVENUE_FIELDS, great_circle_km
 
 MEASURES: tuple[str, ...] = ("duration_s", "distance_m")
 STATS: tuple[str, ...] = ("sum", "sumsq", "min", "max")
-REVENUE: dict[str, str] = {"fare": "fare_amount", "tip": "tip_amount", "total": "total_amount"}
+REVENUE: dict[str, str] = dict(zip(("fare", "tip", "total"), REVENUE_FIELDS))
 """Revenue aggregate -> the trip field (dollars, nullable) it sums."""
 SUMS: dict[str, str] = {aggregate: fact for name in REVENUE
                         for aggregate, fact in ((f"{name}_trips", f"{name}_recorded"),

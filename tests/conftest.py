@@ -21,10 +21,11 @@ import shapely
 from shapely.geometry import shape
 
 import batch_processor
-from periscope import cluster, kafka_local, speed_view, zones
+from periscope import cluster, kafka_local, speed_view, views, zones
 from periscope.dashboard import data
 from periscope.model import load_model
-from periscope.schema import FIELDS, RULE_NAMES, ZONE_FIELDS, first_broken_rule, parse_cutoff
+from periscope.schema import (FIELDS, NOT_RECORDED, REVENUE_FIELDS, RULE_NAMES, ZONE_FIELDS, first_broken_rule,
+                              parse_cutoff)
 from periscope.sources import read_trips
 from periscope.speed_view import SpeedStatus, StatusLatency, StatusTotals
 
@@ -629,3 +630,16 @@ def shapely_zones(lon: pd.Series, lat: pd.Series) -> list[int]:
     for zone, polygon in polygons:
         found[(found == 0) & shapely.intersects_xy(polygon, x, y)] = zone
     return found.tolist()
+
+
+def views_as_the_batch_layer_holds_them(trips: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """``views.aggregate`` of clean record-form trips (the Kaggle fields; zones and revenue where they
+    have them), each zone its trip did not record being the one ``shapely_zones`` finds for its
+    coordinates, as the batch layer gives it on import and ingest."""
+    columns = {name: trips[name].to_numpy() for name in FIELDS + REVENUE_FIELDS if name in trips}
+    for end in ("pickup", "dropoff"):
+        name = f"{end}_location_id"
+        found = np.asarray(shapely_zones(trips[f"{end}_longitude"], trips[f"{end}_latitude"]), dtype=np.int64)
+        recorded = trips[name].fillna(NOT_RECORDED).to_numpy(np.int64) if name in trips else found
+        columns[name] = np.where(recorded == NOT_RECORDED, found, recorded)
+    return views.aggregate(columns)

@@ -27,7 +27,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 import batch_processor
 from periscope import serving, storage, views
 from periscope.schema import FIELDS, InvalidTrip, RULE_NAMES, check_rules, parse_json
-from tests.conftest import read_topic
+from tests.conftest import read_topic, views_as_the_batch_layer_holds_them
 
 pytestmark = pytest.mark.kafka
 
@@ -77,7 +77,7 @@ def expected_views(events: list[Event], upto: dict[int, int]) -> dict[str, pd.Da
     trips = trips[trips["valid"]]
     if trips.empty:
         return serving.empty_views()
-    return views.aggregate({name: trips[name].to_numpy() for name in FIELDS})
+    return views_as_the_batch_layer_holds_them(trips)
 
 
 def coverage(combined: serving.Combined) -> dict[int, int]:

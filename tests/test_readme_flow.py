@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from periscope import config, serving, views
 from periscope.schema import FIELDS, first_broken_rule, parse_cutoff
-from tests.conftest import read_topic
+from tests.conftest import read_topic, views_as_the_batch_layer_holds_them
 
 pytestmark = pytest.mark.kafka
 
@@ -51,9 +51,8 @@ def topic_trips(bootstrap: str, topic: str) -> pd.DataFrame:
 def distinct_clean_views(*sources: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], int]:
     """The views of the distinct trips (first copy counts) that pass the cleaning rules."""
     trips = pd.concat(sources, ignore_index=True).drop_duplicates("id", keep="first")
-    columns = {name: trips[name].to_numpy() for name in FIELDS}
-    clean = {name: values[first_broken_rule(columns) < 0] for name, values in columns.items()}
-    return views.aggregate(clean), len(clean["id"])
+    clean = trips[first_broken_rule({name: trips[name].to_numpy() for name in FIELDS}) < 0]
+    return views_as_the_batch_layer_holds_them(clean), len(clean)
 
 
 class Terminal:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import batch_processor
 from periscope import serving, speed_view, storage, views, zones
 from periscope.dashboard import data
-from periscope.schema import FIELDS, NOT_RECORDED, ZONE_FIELDS, first_broken_rule
+from periscope.schema import FIELDS, NOT_RECORDED, REVENUE_FIELDS, ZONE_FIELDS, first_broken_rule
 
 TOPIC = "taxi-trips"
 PARTITIONS = 3
@@ -45,6 +45,7 @@ def with_speed_columns(trips: pd.DataFrame) -> pd.DataFrame:
     rows["predicted_duration_s"] = 600.0
     rows["model_version"] = "test"
     rows = rows.reindex(columns=list(speed_view.COLUMNS), fill_value=NOT_RECORDED)
+    rows[list(REVENUE_FIELDS)] = np.nan  # Kaggle trips record no fare
     for name in ZONE_FIELDS:  # Kaggle trips: the speed layer gives them the zones of their coordinates
         rows[name] = zones.zones_at(rows, name.split("_")[0])
     return rows

@@ -73,7 +73,9 @@ def as_speed_keys(pickup: pd.Series, dropoff: pd.Series, pzone: pd.Series, dzone
 def pandas_keys(trips: pd.DataFrame) -> list[tuple]:
     pickup = trips["pickup"].to_numpy(dtype="datetime64[ms]").astype(np.int64)
     duration = (trips["dropoff"] - trips["pickup"]).dt.total_seconds().astype(np.int64) // 1
-    zones = [trips[name].fillna(NOT_RECORDED).astype(np.int64) for name in ("pzone", "dzone")]
+    zones = [trips[f"{end}zone"].fillna(pd.Series(shapely_zones(trips[f"{end}lon"], trips[f"{end}lat"]),
+                                                  index=trips.index)).astype(np.int64)
+             for end in "pd"]  # as recorded, else the zone of the coordinates (the speed layers give it)
     return as_speed_keys(pd.Series(pickup), duration, *zones)
 
 
