@@ -173,8 +173,9 @@ def aggregate(classified: DataFrame, name: str) -> DataFrame:
         F.sum(measure).alias(f"{measure}_sum"),
         F.sum(F.col(measure) * F.col(measure)).alias(f"{measure}_sumsq"),
         F.min(measure).alias(f"{measure}_min"), F.max(measure).alias(f"{measure}_max"))]
+    sums = [F.sum(fact).alias(aggregate) for aggregate, fact in views.SUMS.items()]
     grouped = classified.where(F.col("broken") == -1).groupBy(*keys).agg(
-        F.count(F.lit(1)).alias("trips"), *measures)
+        F.count(F.lit(1)).alias("trips"), *measures, *sums)
     key_columns = [F.date_from_unix_date(F.col(key).cast("int")).cast("timestamp_ntz").alias(key)
                    if views.KEY_DTYPES[key].startswith("datetime64") else F.col(key) for key in keys]
     return grouped.select(*key_columns, *views.AGGREGATES)

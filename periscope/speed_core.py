@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from periscope import config, speed_view
+from periscope import config, speed_view, zones
 from periscope.model import TripDurationModel, current_version, load_model
 from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, NOT_RECORDED, RULE_NAMES, TIME_FIELDS, ZONE_FIELDS,
                               InvalidTrip, first_broken_rule, parse_json)
@@ -56,8 +56,10 @@ log = logging.getLogger(__name__)
 
 INT_COLUMNS = INT_FIELDS + TIME_FIELDS + ZONE_FIELDS
 TRIP_COLUMNS: tuple[str, ...] = FIELDS + ZONE_FIELDS
-"""The trip as the speed layer holds it: the Kaggle fields and the zones (``NOT_RECORDED`` where a
-message has none: a Kaggle trip, or a TLC trip of the coordinates era)."""
+"""The trip as the speed layer holds it: the Kaggle fields and the zones. A valid trip whose message
+has no zone (a Kaggle trip, a TLC trip of the coordinates era) gets the zone of its coordinates, as
+the batch layer gives it in master data (``NO_ZONE`` outside every zone), so the views keyed by zone
+merge exactly."""
 POSITION_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms")
 STATUS_INTERVAL_S = 1.0
 MODEL_CHECK_INTERVAL_S = 10.0
@@ -98,6 +100,8 @@ def validate_batch(messages: Sequence[Any]) -> tuple[dict[str, np.ndarray], list
     broken = first_broken_rule(columns)
     invalid += [(kept[row], RULE_NAMES[broken[row]]) for row in np.flatnonzero(broken >= 0)]
     columns = {name: values[broken < 0] for name, values in columns.items()}
+    for name in ZONE_FIELDS:  # as the batch layer gives them to the same trip in master data
+        columns[name] = zones.zones_at(columns, name.split("_")[0], zones.zone_grid())
     return columns, [(messages[index], reason) for index, reason in sorted(invalid, key=lambda item: item[0])]
 
 

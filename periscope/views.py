@@ -2,9 +2,11 @@
 
 A view is a small table: key columns (for example pickup date and hour) and,
 per key, the trip count plus sum, sum of squares, min and max of each
-measure. Those aggregates *add up*: the view of two sets of trips is the
-merge of their views, exactly, because every measure is an integer (seconds,
-metres). That is the property the Lambda architecture rests on — the serving
+measure, and the revenue the source recorded (fare, tip, total: how many
+trips recorded each and the sum of their cents; a Kaggle trip records none).
+Those aggregates *add up*: the view of two sets of trips is the merge of
+their views, exactly, because every measure is an integer (seconds, metres,
+cents). That is the property the Lambda architecture rests on — the serving
 layer adds the speed layer's view of recent trips to the batch view of
 everything older and gets what a full recompute would give. Averages and
 standard deviations are derived at the end (``finalise``), never stored.
@@ -23,12 +25,19 @@ import pandas as pd
 import polars as pl
 
 from periscope import zones
-from periscope.expressions import Expr, bucket, evaluate, field, floor, rint, to_int
+from periscope.expressions import Expr, bucket, evaluate, field, floor, isnan, rint, to_int, where
 from periscope.schema import great_circle_km
 
 MEASURES: tuple[str, ...] = ("duration_s", "distance_m")
 STATS: tuple[str, ...] = ("sum", "sumsq", "min", "max")
-AGGREGATES: tuple[str, ...] = ("trips",) + tuple(f"{m}_{s}" for m in MEASURES for s in STATS)
+REVENUE: dict[str, str] = {"fare": "fare_amount", "tip": "tip_amount", "total": "total_amount"}
+"""Revenue aggregate -> the trip field (dollars, nullable) it sums."""
+SUMS: dict[str, str] = {aggregate: fact for name in REVENUE
+                        for aggregate, fact in ((f"{name}_trips", f"{name}_recorded"),
+                                                (f"{name}_cents_sum", f"{name}_cents"))}
+"""Aggregates that are plain sums of a per-trip fact: how many trips recorded each revenue field
+(``<name>_recorded`` is 1 or 0), and the sum of its cents over them (``<name>_cents``, 0 if not)."""
+AGGREGATES: tuple[str, ...] = ("trips",) + tuple(f"{m}_{s}" for m in MEASURES for s in STATS) + tuple(SUMS)
 
 MS_PER_DAY = 86_400_000
 NS_PER_DAY = MS_PER_DAY * 1_000_000
@@ -46,6 +55,8 @@ VIEWS: dict[str, tuple[str, ...]] = {
     "hour_of_week": ("pickup_weekday", "pickup_hour"),
     "distance_bands": ("distance_band",),
     "pickup_grid": ("grid_lat", "grid_lon"),
+    "zone_daily": ("pickup_date", "pickup_zone"),
+    "borough_flows": ("pickup_date", "pickup_borough", "dropoff_borough"),
 }
 """View name -> key columns. Every view holds ``AGGREGATES`` per key."""
 
@@ -57,6 +68,9 @@ KEY_DTYPES: dict[str, str] = {
     "distance_band": "int64",
     "grid_lat": "int64",
     "grid_lon": "int64",
+    "pickup_zone": "int64",
+    "pickup_borough": "int64",
+    "dropoff_borough": "int64",
 }
 
 
@@ -67,13 +81,20 @@ def fact_expressions() -> dict[str, Expr]:
 
     ``pickup_date`` is a day number here (days since 1970-01-01); the views turn
     it into a date once, after grouping. A trip known by its taxi zones only is
-    placed at their centroids (``zones.place_of``; the zone table is read on first use).
+    placed at their centroids (``zones.place_of``; the zone table is read on first use). Zones
+    and boroughs are ``zones.zone_key`` and ``zones.borough_of``: 0 for a trip with no zone.
     """
     pickup = field("pickup_datetime")
     days = pickup // MS_PER_DAY
     lon, lat = zones.place_of("pickup")
     dropoff_lon, dropoff_lat = zones.place_of("dropoff")
     km = great_circle_km(lat, lon, dropoff_lat, dropoff_lon)
+    pickup_zone = zones.zone_key("pickup")
+    revenue: dict[str, Expr] = {}
+    for name, source in REVENUE.items():
+        dollars = field(source, missing=float("nan"))
+        revenue[f"{name}_recorded"] = where(isnan(dollars), 0, 1)
+        revenue[f"{name}_cents"] = where(isnan(dollars), 0, to_int(rint(dollars * 100)))
     return {
         "pickup_date": days,
         "pickup_hour": pickup % MS_PER_DAY // 3_600_000,
@@ -84,13 +105,18 @@ def fact_expressions() -> dict[str, Expr]:
         "grid_lon": to_int(floor(lon / GRID_DEG)),
         "duration_s": field("trip_duration"),
         "distance_m": to_int(rint(km * 1000)),
+        "pickup_zone": pickup_zone,
+        "pickup_borough": zones.borough_of(pickup_zone),
+        "dropoff_borough": zones.borough_of(zones.zone_key("dropoff")),
+        **revenue,
     }
 
 
 def trip_facts(trips: Mapping[str, Any]) -> pl.DataFrame:
     """``fact_expressions()`` of clean record-form trips, with the squares of the measures."""
     cache: dict[int, Any] = {}
-    facts = {name: np.asarray(evaluate(expr, trips, cache), dtype=np.int64)
+    rows = len(trips["trip_duration"])  # a fact of a field the trips lack is one value for them all
+    facts = {name: np.broadcast_to(np.asarray(evaluate(expr, trips, cache), dtype=np.int64), rows)
              for name, expr in fact_expressions().items()}
     for measure in MEASURES:
         facts[f"{measure}_sq"] = facts[measure] * facts[measure]
@@ -125,7 +151,8 @@ def _from_pandas(view: pd.DataFrame) -> pl.DataFrame:
 _AGGREGATIONS = [pl.len().cast(pl.Int64).alias("trips")] + [
     expression for measure in MEASURES for expression in (
         pl.col(measure).sum().alias(f"{measure}_sum"), pl.col(f"{measure}_sq").sum().alias(f"{measure}_sumsq"),
-        pl.col(measure).min().alias(f"{measure}_min"), pl.col(measure).max().alias(f"{measure}_max"))]
+        pl.col(measure).min().alias(f"{measure}_min"), pl.col(measure).max().alias(f"{measure}_max"))] + [
+    pl.col(fact).sum().alias(aggregate) for aggregate, fact in SUMS.items()]
 _MERGES = [pl.col(agg).min() if agg.endswith("_min") else pl.col(agg).max() if agg.endswith("_max")
            else pl.col(agg).sum() for agg in AGGREGATES]
 
@@ -164,6 +191,12 @@ def finalise(view: pd.DataFrame) -> pd.DataFrame:
             out[f"{measure}_mean"] = total / trips
             variance = (squares - total * total / trips) / (trips - 1)
         out[f"{measure}_std"] = np.where(trips > 1, np.sqrt(np.maximum(variance, 0.0)), np.nan)
+    for name in REVENUE:
+        dollars = out[f"{name}_cents_sum"].to_numpy(dtype=np.float64) / 100
+        recorded = out[f"{name}_trips"].to_numpy(dtype=np.float64)
+        out[f"{name}_usd"] = dollars
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"{name}_usd_mean"] = np.where(recorded > 0, dollars / recorded, np.nan)
     if "distance_band" in out:
         out["distance_band_label"] = [DISTANCE_BAND_LABELS[band] for band in out["distance_band"]]
     if "grid_lat" in out:

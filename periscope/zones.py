@@ -42,7 +42,7 @@ import shapely
 from shapely.geometry import shape
 
 from periscope.config import shipped_data
-from periscope.expressions import Expr, evaluate, field, isnan, lookup, where
+from periscope.expressions import Expr, evaluate, field, isnan, lookup, to_int, where
 from periscope.schema import NOT_RECORDED, ZONE_FIELDS, ZONES
 
 ZONES_DIR = shipped_data("zones")
@@ -50,6 +50,9 @@ CENTROIDS = "taxi_zone_centroids.csv"
 POLYGONS = "taxi_zones.geojson.gz"
 NO_ZONE = 0
 """``zone_of`` for a point in no zone (TLC ids start at 1)."""
+BOROUGHS: tuple[str, ...] = ("no zone", "Bronx", "Brooklyn", "EWR", "Manhattan", "Queens", "Staten Island")
+"""The borough codes of the views (``borough_of``): 0 for a trip with no zone (outside every zone,
+a TLC "unknown" zone, or a master file written before zones were kept)."""
 
 
 @dataclass(frozen=True)
@@ -97,9 +100,10 @@ def zone_of(longitude: np.ndarray | pd.Series, latitude: np.ndarray | pd.Series,
     return result
 
 
-def zones_at(trips: Mapping[str, Any], end: str, zones: Zones | None = None) -> np.ndarray:
+def zones_at(trips: Mapping[str, Any], end: str, zones: Zones | ZoneGrid | None = None) -> np.ndarray:
     """The zone of each trip's ``end`` ("pickup" or "dropoff"): as recorded if it was, else the zone of
-    its coordinates (``zone_of``; ``NO_ZONE`` outside every zone)."""
+    its coordinates (``zone_of``, or the same answer from a ``ZoneGrid``; ``NO_ZONE`` outside every
+    zone)."""
     lon = np.asarray(trips[f"{end}_longitude"], dtype=np.float64)
     recorded = trips.get(f"{end}_location_id")
     result = np.full(lon.shape, NOT_RECORDED, np.int64) if recorded is None else \
@@ -107,7 +111,9 @@ def zones_at(trips: Mapping[str, Any], end: str, zones: Zones | None = None) -> 
     unknown = np.flatnonzero(result == NOT_RECORDED)
     if len(unknown):
         lat = np.asarray(trips[f"{end}_latitude"], dtype=np.float64)
-        result[unknown] = zone_of(lon[unknown], lat[unknown], zones)
+        located = zones.zone_of(lon[unknown], lat[unknown]) if isinstance(zones, ZoneGrid) else \
+            zone_of(lon[unknown], lat[unknown], zones)
+        result[unknown] = located
     return result
 
 
@@ -153,6 +159,26 @@ def place(trips: Mapping[str, Any], end: str) -> tuple[np.ndarray, np.ndarray]:
     """``place_of(end)`` evaluated over record-form ``trips``."""
     cache: dict[int, Any] = {}
     return tuple(np.asarray(evaluate(expr, trips, cache), dtype=np.float64) for expr in place_of(end))
+
+
+def zone_key(end: str) -> Expr:
+    """The zone of a trip's ``end`` as the views key it: its zone 1..263, or ``NO_ZONE`` (0)."""
+    zone = field(f"{end}_location_id", missing=NOT_RECORDED)
+    return where((zone >= ZONES[0]) & (zone <= ZONES[1]), zone, NO_ZONE)
+
+
+@lru_cache(maxsize=1)
+def borough_codes() -> np.ndarray:
+    """The borough code (an index into ``BOROUGHS``) of each zone id 0..263; 0 for ``NO_ZONE``."""
+    table = zone_table()
+    codes = np.zeros(ZONES[1] + 1, dtype=np.int64)
+    codes[table.index] = [BOROUGHS.index(borough) for borough in table["borough"]]
+    return codes
+
+
+def borough_of(zone: Expr) -> Expr:
+    """The borough code (``BOROUGHS``) of a ``zone_key``, as an expression."""
+    return to_int(lookup(borough_codes(), zone))
 
 
 GRID_BOX = ((-74.3, -73.7), (40.5, 41.0))

@@ -616,13 +616,13 @@ def independent_tlc_rules(trips: pd.DataFrame) -> pd.Series:
 
 def shapely_zones(lon: pd.Series, lat: pd.Series) -> list[int]:
     """The tests' own zone of each point: the lowest id of the shipped polygons holding it, 0 for none
-    (a point-by-point loop over the polygons with shapely)."""
+    (each polygon in turn, lowest id first, tested against every point; no spatial index)."""
     with gzip.open(SHARED_DATA / "zones" / "taxi_zones.geojson.gz", "rt", encoding="utf-8") as handle:
         features = json.load(handle)["features"]
-    polygons = [(shape(f["geometry"]), f["properties"]["location_id"]) for f in features]
-    found = []
-    for x, y in zip(lon, lat):
-        point = shapely.Point(x, y)
-        holding = [zone for polygon, zone in polygons if np.isfinite(x) and polygon.intersects(point)]
-        found.append(min(holding) if holding else 0)
-    return found
+    polygons = sorted(((f["properties"]["location_id"], shape(f["geometry"])) for f in features),
+                      key=lambda pair: pair[0])
+    x, y = np.asarray(lon, dtype=np.float64), np.asarray(lat, dtype=np.float64)
+    found = np.zeros(len(x), dtype=np.int64)
+    for zone, polygon in polygons:
+        found[(found == 0) & shapely.intersects_xy(polygon, x, y)] = zone
+    return found.tolist()

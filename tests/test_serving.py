@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import batch_processor
-from periscope import serving, speed_view, storage, views
+from periscope import serving, speed_view, storage, views, zones
 from periscope.dashboard import data
-from periscope.schema import FIELDS, NOT_RECORDED, first_broken_rule
+from periscope.schema import FIELDS, NOT_RECORDED, ZONE_FIELDS, first_broken_rule
 
 TOPIC = "taxi-trips"
 PARTITIONS = 3
@@ -44,7 +44,10 @@ def with_speed_columns(trips: pd.DataFrame) -> pd.DataFrame:
     rows["visible_at_ms"] = rows["kafka_timestamp_ms"] + 100
     rows["predicted_duration_s"] = 600.0
     rows["model_version"] = "test"
-    return rows.reindex(columns=list(speed_view.COLUMNS), fill_value=NOT_RECORDED)  # no zones: Kaggle trips
+    rows = rows.reindex(columns=list(speed_view.COLUMNS), fill_value=NOT_RECORDED)
+    for name in ZONE_FIELDS:  # Kaggle trips: the speed layer gives them the zones of their coordinates
+        rows[name] = zones.zones_at(rows, name.split("_")[0])
+    return rows
 
 
 def distinct_facts(copies: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +57,9 @@ def distinct_facts(copies: pd.DataFrame) -> pd.DataFrame:
 
 
 def aggregate(trips: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    return views.aggregate({name: trips[name].to_numpy() for name in FIELDS})
+    """The views of trips as the batch layer holds them: with the zones of their coordinates."""
+    placed = zones.assign_zones(trips)
+    return views.aggregate({name: placed[name].to_numpy() for name in FIELDS + ZONE_FIELDS})
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import batch_processor
 import kafka_producer
 import train_model
-from periscope import storage
+from periscope import storage, zones
 from periscope.master_reader import read_file, record_columns
 from periscope.model import read_metadata
 from periscope.sources import TripFileError, read_trips
@@ -212,7 +212,10 @@ def test_views_over_kaggle_and_tlc_files_equal_pandas(sample_csv, tmp_path, inde
     kaggle = kaggle[independent_clean_mask(kaggle)]
     parts = [pd.DataFrame({"pickup": pd.to_datetime(kaggle["pickup_datetime"]), "duration": kaggle["trip_duration"],
                            "vendor": kaggle["vendor_id"], "lat": kaggle["pickup_latitude"],
-                           "lon": kaggle["pickup_longitude"]})]
+                           "lon": kaggle["pickup_longitude"],
+                           "pzone": shapely_zones(kaggle["pickup_longitude"], kaggle["pickup_latitude"]),
+                           "dzone": shapely_zones(kaggle["dropoff_longitude"], kaggle["dropoff_latitude"]),
+                           "fare": np.nan, "tip": np.nan, "total": np.nan})]
     tlc_rows = []
     for path in [*tlc_files, copy]:
         raw, ok = independent(path)
@@ -230,7 +233,12 @@ def test_views_over_kaggle_and_tlc_files_equal_pandas(sample_csv, tmp_path, inde
         "pickup": tlc["pickup"], "duration": (tlc["dropoff"] - tlc["pickup"]).dt.total_seconds() // 1,
         "vendor": tlc["vendor"].astype(int),
         "lat": np.where(by_zone, zone["centroid_latitude"].reindex(tlc["pzone"]).to_numpy(), tlc["plat"]),
-        "lon": np.where(by_zone, zone["centroid_longitude"].reindex(tlc["pzone"]).to_numpy(), tlc["plon"])}))
+        "lon": np.where(by_zone, zone["centroid_longitude"].reindex(tlc["pzone"]).to_numpy(), tlc["plon"]),
+        **{f"{end}zone": tlc[f"{end}zone"].where(tlc[f"{end}zone"].notna(),
+                                                 pd.Series(shapely_zones(tlc[f"{end}lon"], tlc[f"{end}lat"]),
+                                                           index=tlc.index))
+           for end in "pd"},
+        "fare": tlc["fare"], "tip": tlc["tip"], "total": tlc["total"]}))
     trips = pd.concat(parts, ignore_index=True)
     assert version.manifest["rows"]["clean"] == len(trips)
 
@@ -246,6 +254,32 @@ def test_views_over_kaggle_and_tlc_files_equal_pandas(sample_csv, tmp_path, inde
     np.testing.assert_array_equal(version.views["vendor_stats"]["duration_s_sum"], vendor["sum"])
     grid = trips.groupby([np.floor(trips["lat"] / 0.005), np.floor(trips["lon"] / 0.005)]).size()
     np.testing.assert_array_equal(version.views["pickup_grid"]["trips"], grid.to_numpy())
+
+    for end in "pd":  # a zone outside 1..263 (TLC's "unknown" ones) is no zone
+        trips[f"{end}key"] = trips[f"{end}zone"].where(trips[f"{end}zone"].between(1, 263), 0).astype(int)
+        trips[f"{end}borough"] = trips[f"{end}key"].map(zone["borough"]).fillna("no zone")
+    revenue = {f"{name}_cents": (trips[name] * 100).round() for name in ("fare", "tip", "total")}
+    trips = trips.assign(**revenue)
+    sums = {"trips": ("duration", "count"), "duration_s_sum": ("duration", "sum"),
+            **{f"{name}_trips": (name, "count") for name in ("fare", "tip", "total")},
+            **{f"{name}_cents_sum": (f"{name}_cents", "sum") for name in ("fare", "tip", "total")}}
+    by_zone = trips.groupby(["date", "pkey"]).agg(**sums).reset_index()
+    got = version.views["zone_daily"]
+    np.testing.assert_array_equal(got["pickup_date"].to_numpy(), by_zone["date"].to_numpy())
+    np.testing.assert_array_equal(got["pickup_zone"], by_zone["pkey"])
+    for column in sums:
+        np.testing.assert_array_equal(got[column], by_zone[column], err_msg=column)
+    assert got["fare_trips"].sum() == trips["fare"].notna().sum() > 0
+
+    flows = trips.groupby(["date", "pborough", "dborough"]).agg(**sums).reset_index()
+    got = version.views["borough_flows"].assign(
+        pborough=lambda v: [zones.BOROUGHS[code] for code in v["pickup_borough"]],
+        dborough=lambda v: [zones.BOROUGHS[code] for code in v["dropoff_borough"]])
+    got = got.sort_values(["pickup_date", "pborough", "dborough"]).reset_index(drop=True)
+    np.testing.assert_array_equal(got["pickup_date"].to_numpy(), flows["date"].to_numpy())
+    np.testing.assert_array_equal(got[["pborough", "dborough"]], flows[["pborough", "dborough"]])
+    for column in sums:
+        np.testing.assert_array_equal(got[column], flows[column], err_msg=column)
 
 
 def test_evaluate_scores_tlc_files_with_coordinates_and_zone_only_ones(tmp_path, sample_csv, capsys):
