@@ -14,10 +14,11 @@ each (same seed and size): the Kaggle CSV (ids and coordinates; the import
 finds each point's zone in the polygons) and a TLC yellow-cab file of the
 zone era (``yellow_zones``: zones, no coordinates, no ids, which readers
 derive from the content; the views place such trips at their zones'
-centroids). Real data since July 2016 is of the second kind, and a month of
-it is the size measured here (yellow cabs: about 7.7 M trips a month in
-2019, 3 M in 2024), so the ratio zone era / Kaggle says what the
-Kaggle-layout figures and targets mean for real months.
+centroids). Real data since July 2016 is of the second kind, a month of it
+millions of trips (yellow cabs: about 7.7 M a month in 2019, 3 M in 2024),
+so the ratio zone era / Kaggle says what the Kaggle-layout figures and
+targets mean for real months. With several layouts, one decoder (polars)
+runs unless ``--decoder`` says otherwise.
 
 Per configuration (master rows, share of them that are duplicates) and layout:
 
@@ -37,10 +38,11 @@ Per configuration (master rows, share of them that are duplicates) and layout:
    chance, which have one derived id and so are one fact.
 
 Wall time includes starting Python; the manifest's own timings (read, drop
-duplicates, clean and aggregate, write) are reported beside it. The master
-files are read from the page cache (they have just been written), the usual
-case for a scheduled recompute too. On a shared machine, other processes'
-CPU time during each run is recorded (``others_cpu_s``).
+duplicates, clean and aggregate, merge, write) are reported beside it. The
+master files are read from the page cache (they have just been written), the
+usual case for a scheduled recompute too. On a shared machine, other
+processes' CPU time during each run is recorded (``others_cpu_s``), and the
+load average before and after the whole run.
 
 Targets (issue 11), checked for each layout measured: a recompute over
 1.5 M trips, duplicates removed, in at most 2 s (median); over 10 M trips of
