@@ -200,7 +200,7 @@ def frame_columns(frame: pd.DataFrame, names: Sequence[str]) -> dict[str, np.nda
     for name in names:
         if name in POSITION_COLUMNS or name in INT_COLUMNS:
             columns[name] = columns[name].astype(np.int64)
-        elif name in FLOAT_FIELDS:
+        elif name in FLOAT_FIELDS or name in REVENUE_FIELDS:
             columns[name] = columns[name].astype(np.float64)
         elif name == "store_and_fwd_flag":
             columns[name] = columns[name].astype(bool)

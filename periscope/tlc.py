@@ -183,6 +183,8 @@ def _numbers(values: pd.Series, name: str, reasons: _Reasons, codes: Mapping[str
         return values.to_numpy(dtype=np.float64, na_value=np.nan)
     text = values.astype(object).where(~blank, None)
     number = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    numeric = np.isfinite(number)  # then exactly float(text): pandas' parser may miss by the last bit
+    number[numeric] = text[numeric].astype(np.float64)
     if codes:
         coded = text.astype(str).str.strip().str.upper().map(codes).to_numpy(dtype=np.float64, na_value=np.nan)
         number = np.where(np.isnan(number), coded, number)

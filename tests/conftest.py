@@ -580,7 +580,8 @@ def file_text(path: Path) -> bytes:
 
 def independent_tlc(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """(every row of a TLC file as pandas reads it, with the tests' own names; which rows are trips)."""
-    raw = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, low_memory=False)
+    raw = pd.read_parquet(path) if path.suffix == ".parquet" else \
+        pd.read_csv(path, low_memory=False, float_precision="round_trip")  # exact, as a border point needs
     raw.columns = [c.strip().lower() for c in raw.columns]
     raw = raw[[c for c in raw.columns if c in TLC_MEANING]].rename(columns=TLC_MEANING)
     for end in ("pickup", "dropoff"):

@@ -60,6 +60,9 @@ def expected_trips(paths: list[Path], limits: dict[Path, int | None] | None = No
         trips["rule"] = independent_tlc_rules(trips)
         frames.append(trips)
     trips = pd.concat(frames, ignore_index=True)
+    for end in "pd":  # as recorded, else the zone of the exact coordinates (the speed layers give it)
+        found = pd.Series(shapely_zones(trips[f"{end}lon"], trips[f"{end}lat"]), index=trips.index)
+        trips[f"{end}zone_placed"] = pd.to_numeric(trips[f"{end}zone"]).fillna(found).astype(np.int64)
     for name in SAME_FACT[2:]:
         trips[name] = pd.to_numeric(trips[name]).astype(float).round(6)
     return trips.drop_duplicates(list(SAME_FACT)).reset_index(drop=True)
@@ -73,10 +76,7 @@ def as_speed_keys(pickup: pd.Series, dropoff: pd.Series, pzone: pd.Series, dzone
 def pandas_keys(trips: pd.DataFrame) -> list[tuple]:
     pickup = trips["pickup"].to_numpy(dtype="datetime64[ms]").astype(np.int64)
     duration = (trips["dropoff"] - trips["pickup"]).dt.total_seconds().astype(np.int64) // 1
-    zones = [trips[f"{end}zone"].fillna(pd.Series(shapely_zones(trips[f"{end}lon"], trips[f"{end}lat"]),
-                                                  index=trips.index)).astype(np.int64)
-             for end in "pd"]  # as recorded, else the zone of the coordinates (the speed layers give it)
-    return as_speed_keys(pd.Series(pickup), duration, *zones)
+    return as_speed_keys(pd.Series(pickup), duration, trips["pzone_placed"], trips["dzone_placed"])
 
 
 def produce_files(bootstrap: str, topic: str, paths: list[Path],
