@@ -17,8 +17,9 @@ records which source offsets have their dead letter already: a process that
 asks it before sending sends each one once, across crashes and rebalances.
 
 Also here: the settings every producer of trips uses (``PRODUCER_CONFIG``:
-``kafka_producer.py`` and the API-simulation DAG), whether a topic exists, and
-reading a topic's keys back (the producer's resume).
+``kafka_producer.py`` and the API-simulation DAG), whether a topic exists,
+reading a topic's keys back (the producer's resume), and running a start-up
+step again when the broker restarts under it (``through_broker_restarts``).
 """
 from __future__ import annotations
 
