@@ -11,7 +11,11 @@ where the file recorded nothing). The trips before it are the batch layer's hist
 (``batch_processor.py import``), so each trip of the shipped sample reaches the
 system once: January-May 2016 as history, June 2016 as the stream. The speed
 layer (``kafka_consumer.py``, ``spark_streaming.py``) and the batch layer read
-the topic back, each in its own consumer group. A broker must be up (``make kafka-up``)::
+the topic back, each in its own consumer group. A broker must be up (``make kafka-up``):
+the producer waits up to ``--wait`` seconds for it, at the start and whenever it goes
+away during start-up, saying so; the step it broke (the topic check, reading the keys
+back, connecting, asking for the partitions) then runs again, whole, so the resume
+still sees every key::
 
     python kafka_producer.py                              # June 2016 of the shipped sample, at once
     python kafka_producer.py --rate 200 --retime --loop   # an endless live feed at 200 trips/s
@@ -75,10 +79,11 @@ from periscope.schema import format_time, parse_cutoff
 from periscope.send_loop import Deliveries, send_chunks, topic_partitions
 from periscope.sources import CsvLayoutError, LoadReport, read_trips
 from periscope.stream import (DELIVERY_TIMEOUT_MS, PRODUCER_CONFIG, BrokerUnavailable, read_topic_keys,
-                              topic_exists, wait_for_broker)
+                              through_broker_restarts, topic_exists, wait_for_broker)
 
 log = logging.getLogger("kafka_producer")
 EXIT_INTERRUPTED = 130
+PURPOSE = "replay trips"
 
 
 # --- the steps ------------------------------------------------------------------------------------
@@ -128,8 +133,9 @@ def cut_at_the_cutoff(trips: pd.DataFrame, args: argparse.Namespace, out: TextIO
 
 def wait_for_the_topic(args: argparse.Namespace) -> None:
     """Wait for the broker (``--wait``); refused if the topic does not exist (it is never auto-created)."""
-    wait_for_broker(args.bootstrap, "replay trips", timeout_s=args.wait, log=log)
-    if not topic_exists(args.bootstrap, args.topic):
+    wait_for_broker(args.bootstrap, PURPOSE, timeout_s=args.wait, log=log)
+    if not through_broker_restarts(lambda: topic_exists(args.bootstrap, args.topic), args.bootstrap, PURPOSE,
+                                   args.wait, log):
         raise Refused(f"topic {args.topic} does not exist at {args.bootstrap}; create it with "
                       f"`python -m periscope.kafka_local create-topics --bootstrap {args.bootstrap}` "
                       "(`make kafka-up` creates taxi-trips), or choose another with --topic")
@@ -143,10 +149,12 @@ def already_on_topic(args: argparse.Namespace, trips: pd.DataFrame, planned: int
     messages here). The replay itself does not change (``--limit`` still counts the trips sent
     before), so a restart with the same arguments completes it.
     """
+    print(f"resume: reading back the keys already on {args.topic} (--from-start skips this)", file=out, flush=True)
     report = key_reading_progress(args.topic, out) if args.progress > 0 else None
     longest_key = int(trips["id"].str.len().max()) * 4 + 12  # the longest id in UTF-8, a pass suffix
-    keys, _ = read_topic_keys(args.bootstrap, args.topic, max_key_bytes=longest_key, report=report,
-                              report_every_s=args.progress or 1.0)
+    keys, _ = through_broker_restarts(  # a broker restart meanwhile: the keys are read again, all of them
+        lambda: read_topic_keys(args.bootstrap, args.topic, max_key_bytes=longest_key, report=report,
+                                report_every_s=args.progress or 1.0), args.bootstrap, PURPOSE, args.wait, log)
     skip = positions_on_topic(trips["id"], keys, planned, args.loop)
     if len(skip):
         print(f"resuming after {len(skip):,} trips already on {args.topic} (--from-start sends them again)",
@@ -231,7 +239,9 @@ def replay(args: argparse.Namespace, out: TextIO | None = None) -> tuple[ReplayR
             print(f"nothing left to send: all {planned:,} trips of the replay are already on {args.topic}",
                   file=out)
             return ReplayResult(0, 0, 0, 0.0, 0, {}, [], 1, None, **counts), 0
-        producer = KafkaProducer(bootstrap_servers=args.bootstrap, **PRODUCER_CONFIG)  # acks=all, idempotent
+        producer = through_broker_restarts(  # acks=all, idempotent
+            lambda: KafkaProducer(bootstrap_servers=args.bootstrap, **PRODUCER_CONFIG), args.bootstrap, PURPOSE,
+            args.wait, log)
         partitions = topic_partitions(producer, args.topic, args.wait)  # the broker may restart meanwhile
     except (Refused, BrokerUnavailable) as refusal:
         out.flush()
@@ -295,8 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "them twice; the views still count each trip once (default: read the topic's keys "
                              "back and resume after the trips already on it)")
     parser.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
-                        help="how long to wait for the broker to answer before giving up, 0 = do not wait "
-                             "(default: %(default)g)")
+                        help="how long to wait for the broker to answer before giving up, at the start and "
+                             "whenever it goes away during start-up, 0 = do not wait (default: %(default)g)")
     parser.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT, metavar="N",
                         help="trips sent but not yet acknowledged, at most; the replay waits for the broker "
                              "beyond that, so memory stays bounded")

@@ -17,8 +17,9 @@ records which source offsets have their dead letter already: a process that
 asks it before sending sends each one once, across crashes and rebalances.
 
 Also here: the settings every producer of trips uses (``PRODUCER_CONFIG``:
-``kafka_producer.py`` and the API-simulation DAG), whether a topic exists, and
-reading a topic's keys back (the producer's resume).
+``kafka_producer.py`` and the API-simulation DAG), whether a topic exists,
+reading a topic's keys back (the producer's resume), and running a start-up
+step again when the broker restarts under it (``through_broker_restarts``).
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaError, KafkaTimeoutError, RetriableError, UnknownTopicOrPartitionError
 
 from periscope.kafka_local import is_reachable
 
@@ -44,6 +45,13 @@ DLQ_READ_TIMEOUT_S = 30.0
 READER_FETCH_MAX_WAIT_MS = 50
 """A reader's fetch at the end of the topic waits this long for more (default 500 ms): the broker answers
 a connection's requests in order, so the next read's first request would wait behind it."""
+
+STARTUP_BOOTSTRAP_TIMEOUT_MS = 5_000
+"""How long the producer's start-up clients (the topic check, the key reader) try to connect before they
+fail (kafka-python's default: 30 s, silently), so ``through_broker_restarts`` says it waits."""
+RETRY_PAUSE_S = 0.5
+"""Before a step that failed runs again (``through_broker_restarts``), so a broker that answers but keeps
+failing it is not asked in a tight loop."""
 
 DELIVERY_TIMEOUT_MS = 120_000
 """How long a producer retries each batch; a broker restart takes a few seconds."""
@@ -68,15 +76,19 @@ class BrokerUnavailable(RuntimeError):
     """The broker did not answer within the allowed time."""
 
 
+T = TypeVar("T")
+
+
 def wait_for_broker(bootstrap: str, purpose: str, timeout_s: float | None = None,
-                    log: logging.Logger | None = None) -> None:
+                    log: logging.Logger | None = None, since: float | None = None) -> None:
     """Block until a Kafka broker answers at ``bootstrap``, backing off 1, 2, 4 ... 10 s.
 
     Says clearly what it waits for and how to fix it; raises
-    ``BrokerUnavailable`` after ``timeout_s`` (never, if None).
+    ``BrokerUnavailable`` after ``timeout_s`` (never, if None), counted from
+    ``since`` (a ``time.monotonic()`` of when the broker went away) or from now.
     """
     log = log or logging.getLogger(__name__)
-    started, delay, attempt = time.monotonic(), 1.0, 1
+    started, delay, attempt = time.monotonic() if since is None else since, 1.0, 1
     while not is_reachable(bootstrap, timeout=2.0):
         waited = time.monotonic() - started
         if timeout_s is not None and waited >= timeout_s:
@@ -90,11 +102,45 @@ def wait_for_broker(bootstrap: str, purpose: str, timeout_s: float | None = None
         delay, attempt = min(delay * 2, MAX_BACKOFF_S), attempt + 1
 
 
+def through_broker_restarts(step: Callable[[], T], bootstrap: str, purpose: str, timeout_s: float,
+                            log: logging.Logger | None = None) -> T:
+    """``step()``, run again from its beginning once the broker answers if the broker went away under it.
+
+    A step that talks to Kafka (making a client, asking for metadata or
+    offsets) fails with a retriable ``KafkaError`` (connection refused, a
+    timeout, nothing to bootstrap from) when the broker restarts meanwhile: the
+    failure is logged, ``wait_for_broker`` waits for the broker with its lines
+    and backoff, and the step runs again, so it must be safe to repeat (it
+    reads, or makes a client). ``timeout_s`` counts from the step's first
+    failure; after it, ``BrokerUnavailable`` (``wait_for_broker``'s message)
+    if the broker still does not answer, else the step's own error. Errors that
+    are not retriable propagate at once.
+    """
+    log = log or logging.getLogger(__name__)
+    first_failure: float | None = None
+    while True:
+        try:
+            return step()
+        except KafkaError as error:
+            if not (isinstance(error, RetriableError) or getattr(error, "retriable", False)):
+                raise
+            first_failure = time.monotonic() if first_failure is None else first_failure
+            out_of_time = time.monotonic() - first_failure >= timeout_s
+            if not out_of_time:
+                log.warning("Kafka at %s went away while starting to %s (%s: %s); waiting for it, then trying "
+                            "again", bootstrap, purpose, type(error).__name__, error)
+                time.sleep(RETRY_PAUSE_S)
+            wait_for_broker(bootstrap, purpose, timeout_s, log, since=first_failure)
+            if out_of_time:
+                raise
+
+
 def topic_exists(bootstrap: str, topic: str) -> bool:
     """Whether the cluster at ``bootstrap`` has ``topic`` (one admin call)."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="periscope-producer-check")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="periscope-producer-check",
+                             bootstrap_timeout_ms=STARTUP_BOOTSTRAP_TIMEOUT_MS)
     try:
         return topic in admin.list_topics()
     finally:
@@ -118,17 +164,21 @@ def read_topic_keys(bootstrap: str, topic: str, *, max_key_bytes: int | None = N
 
     ``report(read, total)`` is called about every ``report_every_s`` seconds
     while reading. Raises ``BrokerUnavailable`` when nothing arrives for
-    ``stall_timeout_s`` seconds while messages are still missing.
+    ``stall_timeout_s`` seconds while messages are still missing, and a
+    retriable ``KafkaError`` when the broker goes away before the read began
+    (or shows no partition of the topic): read again, from the start, the keys
+    are those of the topic then (``through_broker_restarts``).
     """
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", client_id="periscope-key-reader",
-                             max_poll_records=KEY_BATCH, max_partition_fetch_bytes=8 << 20)
+                             max_poll_records=KEY_BATCH, max_partition_fetch_bytes=8 << 20,
+                             bootstrap_timeout_ms=STARTUP_BOOTSTRAP_TIMEOUT_MS)
     try:
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not partitions:
-            return np.empty(0, dtype="S1"), 0
+        if not partitions:  # a topic has at least one: its metadata is not known (yet), e.g. just after a restart
+            raise UnknownTopicOrPartitionError(f"no partitions of {topic} known at {bootstrap}")
         consumer.assign(partitions)
         begin, end = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
         total = sum(end[tp] - begin[tp] for tp in partitions)

@@ -494,6 +494,86 @@ def topic_keys(bootstrap: str, topic: str) -> Counter:
     return Counter(m.key.decode() for m in consume_all(bootstrap, topic))
 
 
+def read_until(process: subprocess.Popen, text: str) -> str:
+    """The process's output up to and including the first line containing ``text`` (AssertionError at EOF)."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"the output ended without {text!r}:\n{''.join(seen)}")
+
+
+def start_resuming_while_the_broker_stops(bootstrap, topic: str, *argv: str) -> tuple[subprocess.Popen, str]:
+    """A producer resuming on ``topic``, paused (SIGSTOP) on the line it prints just before the key reader
+    connects while the broker stops, then continued: the broker is away during its start-up."""
+    producer = subprocess.Popen(
+        [sys.executable, "kafka_producer.py", "--bootstrap", bootstrap, "--topic", topic, *argv],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = read_until(producer, f"resume: reading back the keys already on {topic}")
+        producer.send_signal(signal.SIGSTOP)
+        try:
+            bootstrap.stop()
+        finally:
+            producer.send_signal(signal.SIGCONT)
+    except BaseException:
+        producer.kill()
+        raise
+    return producer, out
+
+
+@pytest.mark.kafka
+def test_a_broker_restart_during_start_up_is_waited_for_and_the_resume_stays_exact(kafka_bootstrap, topics,
+                                                                                   sample_csv, capsys):
+    """The broker restarts while the producer starts reading the topic's keys back: it says it waits,
+    reads them again once the broker is back, and sends each trip of the replay once."""
+    topic, _ = topics
+    expected = list(stream_ids(sample_csv))
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "5000", "--progress", "0")
+    assert code == 0, out
+    producer, out = start_resuming_while_the_broker_stops(kafka_bootstrap, topic, "--wait", "120")
+    watchdog = threading.Timer(240, producer.kill)
+    watchdog.start()
+    try:
+        try:
+            out += read_until(producer, f"waiting for Kafka at {kafka_bootstrap} to replay trips")
+        finally:
+            kafka_bootstrap.start()  # only once the producer waits for it, or whatever happened
+        out += producer.communicate(timeout=180)[0]
+    finally:
+        watchdog.cancel()
+        if producer.poll() is None:
+            producer.kill()
+    assert producer.returncode == 0, out
+    assert "Traceback" not in out
+    assert f"Kafka at {kafka_bootstrap} went away while starting to replay trips" in out
+    assert f"resuming after 5,000 trips already on {topic}" in out
+    assert f"replaying {len(expected) - 5000:,} trips to {topic}" in out
+    keys = topic_keys(kafka_bootstrap, topic)
+    assert set(keys) == set(expected) and sum(keys.values()) == len(expected)  # each trip once
+
+
+@pytest.mark.kafka
+def test_a_broker_gone_for_longer_than_wait_during_start_up_is_the_one_line_error(kafka_bootstrap, topics, capsys):
+    topic, _ = topics
+    code, out, _ = run(capsys, "--bootstrap", kafka_bootstrap, "--topic", topic, "--limit", "100", "--progress", "0")
+    assert code == 0, out
+    producer, out = start_resuming_while_the_broker_stops(kafka_bootstrap, topic, "--wait", "3")
+    try:
+        out += producer.communicate(timeout=60)[0]
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+        kafka_bootstrap.start()
+    assert producer.returncode == 1, out
+    assert "Traceback" not in out
+    assert f"waiting for Kafka at {kafka_bootstrap} to replay trips" in out
+    assert out.rstrip().splitlines()[-1] == (
+        f"error: no Kafka broker answered at {kafka_bootstrap} within 3 s; start the local one with "
+        "`make kafka-up` or point KAFKA_BOOTSTRAP_SERVERS at a running broker")
+
+
 def test_nothing_after_the_cutoff_is_a_clear_error(capsys, sample_csv):
     pickups = pd.read_csv(sample_csv, usecols=["pickup_datetime"])["pickup_datetime"]
     code, out, err = run(capsys, "--input", str(sample_csv), "--cutoff", "2016-07-01", "--wait", "0")
