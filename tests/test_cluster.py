@@ -141,10 +141,10 @@ def test_a_broker_killed_mid_stream_loses_and_duplicates_no_trip(clusters, sampl
     try:
         wait_for(lambda: speed_view.read_statuses(speed_dir), 90, "the speed layer polling")
         with open(tmp_path / "producer.log", "wb") as log:
-            producer = subprocess.Popen([sys.executable, "kafka_producer.py", "--topic", topics[0], "--rate", "1000"],
+            producer = subprocess.Popen([sys.executable, "kafka_producer.py", "--topic", topics[0], "--rate", "500"],
                                         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: len(speed_view.read_speed(speed_dir)) >= 2000 if speed_view.batch_files(speed_dir) else 0,
-                 60, "the first trips in the speed view")
+        # the first trips through, then the kill: 23 s of sending at 500/s leave time under any load
+        wait_for(lambda: bool(speed_view.batch_files(speed_dir)), 60, "the first trips in the speed view")
         assert producer.poll() is None, "the broker must die while the producer sends"
         os.kill(daemons.running_pid(victim.files.daemon), signal.SIGKILL)
         assert producer.wait(timeout=120) == 0, (tmp_path / "producer.log").read_text()
