@@ -48,9 +48,8 @@ import pandas as pd
 
 from periscope import config, speed_view, zones
 from periscope.model import TripDurationModel, current_version, load_model
-from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, NOT_RECORDED, REVENUE_FIELDS, RULE_NAMES, TIME_FIELDS,
-                              ZONE_FIELDS,
-                              InvalidTrip, first_broken_rule, parse_json)
+from periscope.schema import (FIELDS, FLOAT_FIELDS, INT_FIELDS, NOT_RECORDED, REVENUE_FIELDS, RULE_NAMES,
+                              TIME_FIELDS, ZONE_FIELDS, InvalidTrip, first_broken_rule, parse_json)
 from periscope.speed_view import SpeedStatus, StatusLatency, StatusLiveError, StatusTotals
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,9 @@ log = logging.getLogger(__name__)
 INT_COLUMNS = INT_FIELDS + TIME_FIELDS + ZONE_FIELDS
 TRIP_COLUMNS: tuple[str, ...] = FIELDS + ZONE_FIELDS + REVENUE_FIELDS
 """The trip as the speed layer holds it: the Kaggle fields, the zones and the revenue (NaN where the
-message has none), what the views read. A valid trip whose message
-has no zone (a Kaggle trip, a TLC trip of the coordinates era) gets the zone of its coordinates, as
-the batch layer gives it in master data (``NO_ZONE`` outside every zone), so the views keyed by zone
-merge exactly."""
+message has none), what the views read. A valid trip whose message has no zone (a Kaggle trip, a TLC
+trip of the coordinates era) gets the zone of its coordinates, as the batch layer gives it in master
+data (``NO_ZONE`` outside every zone), so the views keyed by zone merge exactly."""
 POSITION_COLUMNS: tuple[str, ...] = ("partition", "offset", "kafka_timestamp_ms")
 STATUS_INTERVAL_S = 1.0
 MODEL_CHECK_INTERVAL_S = 10.0

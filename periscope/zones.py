@@ -72,11 +72,18 @@ def zone_table(directory: Path = ZONES_DIR) -> pd.DataFrame:
 
 
 @lru_cache(maxsize=4)
+def zone_geojson(directory: Path = ZONES_DIR) -> dict[str, Any]:
+    """The shipped zone polygons as GeoJSON (a FeatureCollection, ``properties.location_id`` each; read
+    once per process): what ``load_zones`` indexes and the dashboard's zone map draws. Do not modify it."""
+    with (directory / POLYGONS).open("rb") as packed, gzip.open(packed, "rt", encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+@lru_cache(maxsize=4)
 def load_zones(directory: Path = ZONES_DIR) -> Zones:
     """The shipped zones with their polygons (read once per process)."""
     table = zone_table(directory)
-    with (directory / POLYGONS).open("rb") as packed, gzip.open(packed, "rt", encoding="utf-8") as handle:
-        features = json.load(handle)["features"]
+    features = zone_geojson(directory)["features"]
     polygons = [shape(feature["geometry"]) for feature in features]
     ids = np.array([feature["properties"]["location_id"] for feature in features], dtype=np.int64)
     return Zones(table=table, polygon_ids=ids, tree=shapely.STRtree(polygons))
@@ -111,9 +118,8 @@ def zones_at(trips: Mapping[str, Any], end: str, zones: Zones | ZoneGrid | None 
     unknown = np.flatnonzero(result == NOT_RECORDED)
     if len(unknown):
         lat = np.asarray(trips[f"{end}_latitude"], dtype=np.float64)
-        located = zones.zone_of(lon[unknown], lat[unknown]) if isinstance(zones, ZoneGrid) else \
+        result[unknown] = zones.zone_of(lon[unknown], lat[unknown]) if isinstance(zones, ZoneGrid) else \
             zone_of(lon[unknown], lat[unknown], zones)
-        result[unknown] = located
     return result
 
 

@@ -25,6 +25,7 @@ import batch_processor
 from periscope import serving, speed_view, storage, views, zones
 from periscope.dashboard import data
 from periscope.schema import FIELDS, NOT_RECORDED, REVENUE_FIELDS, ZONE_FIELDS, first_broken_rule
+from tests.conftest import views_as_the_batch_layer_holds_them
 
 TOPIC = "taxi-trips"
 PARTITIONS = 3
@@ -58,9 +59,7 @@ def distinct_facts(copies: pd.DataFrame) -> pd.DataFrame:
 
 
 def aggregate(trips: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The views of trips as the batch layer holds them: with the zones of their coordinates."""
-    placed = zones.assign_zones(trips)
-    return views.aggregate({name: placed[name].to_numpy() for name in FIELDS + ZONE_FIELDS})
+    return views_as_the_batch_layer_holds_them(trips[list(FIELDS)])
 
 
 @pytest.fixture(scope="module")

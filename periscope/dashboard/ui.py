@@ -9,8 +9,6 @@ are a few kilobytes and change every second, so they are read on every run.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ import pandas as pd
 import pydeck as pdk
 import streamlit as st
 
-from periscope import kafka_local, model, serving, speed_view, storage, zones
+from periscope import kafka_local, model, serving, speed_view, storage
 from periscope.dashboard import data
 
 SETTINGS_KEY = "periscope_settings"
@@ -119,13 +117,6 @@ def _versions(views_dir: str, names: tuple[str, ...], current: str | None) -> pd
 def versions(current: Settings) -> pd.DataFrame:
     names = tuple(path.name for path in storage.version_dirs(current.views_dir))
     return _versions(str(current.views_dir), names, storage.current_version(current.views_dir))
-
-
-@st.cache_data(max_entries=1, show_spinner=False)
-def zone_polygons(path: str = str(zones.ZONES_DIR / zones.POLYGONS)) -> dict[str, Any]:
-    """The shipped zone polygons (GeoJSON, about 290 kB), read once: pydeck draws them as they are."""
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        return json.load(handle)
 
 
 # --- charts --------------------------------------------------------------------------------------------
@@ -241,7 +232,7 @@ def revenue_metrics(table: pd.DataFrame, where: str) -> None:
     if table["recorded by"].sum() == 0:
         st.info(f"No revenue to show: none of the {trips:,} trips {where} records a fare, tip or total "
                 "amount. The Kaggle sample has no such fields; TLC trip records do "
-                "(`python batch_processor.py import FILE`).")
+                "(`python batch_processor.py import --cutoff none FILE`).")
         return
     for column, (_, row) in zip(st.columns(len(table)), table.iterrows()):
         total, mean = data.REVENUE_LABELS[row["field"]]

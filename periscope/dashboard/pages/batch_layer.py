@@ -98,7 +98,7 @@ def render(settings: ui.Settings) -> None:
                     "in the flows, not on the map." if unzoned else "")
     st.caption("The TLC's taxi zones of the chosen boroughs, each coloured by the chosen measure of the trips "
                f"picked up in it; grey: no trip, or no value to colour by.{unzoned_text}")
-    ui.zone_section(summary, ui.zone_polygons(), key="batch_zone_measure")
+    ui.zone_section(summary, zones.zone_geojson(), key="batch_zone_measure")
     ui.flow_section(flows, "Trips from borough to borough")
 
 

@@ -76,7 +76,7 @@ def render(settings: ui.Settings) -> None:
                f"batch, {summary['speed_trips'].sum():,} speed in all). So does the flow table, per pair of "
                "boroughs.")
     ui.revenue_metrics(data.revenue(summary), "in the merged view")
-    ui.zone_section(summary, ui.zone_polygons(), key="lambda_zone_measure", layered=True)
+    ui.zone_section(summary, zones.zone_geojson(), key="lambda_zone_measure", layered=True)
     flow_parts = dict(zip(data.LAYERS, (merged.batch_views["borough_flows"], merged.speed_views["borough_flows"])))
     ui.flow_section(data.borough_flows(merged.views["borough_flows"], boroughs, flow_parts),
                     "Trips from borough to borough (batch + speed)")
