@@ -17,9 +17,9 @@ no Python code runs on the executors and no trip reaches the driver:
   which grows with the row order inside a Spark partition; a split is read in
   file order by one task, so the three together order the rows exactly as the
   python engine reads them. A first, light job counts the rows of each file;
-* **drop duplicates**: ``groupBy("id")`` keeps the row with the smallest
-  place (``min`` of a struct that starts with it), so the first copy in
-  source order counts, whatever the copies hold: the python engine's rule
+* **drop duplicates**: a window over each trip id keeps the row with the
+  smallest place (``row_number() == 1``), so the first copy in source order
+  counts, whatever the copies hold: the python engine's rule
   (``periscope.dedupe``);
 * **clean**: the first broken rule of each distinct trip, a Spark column
   generated from ``schema.RULES`` (``expressions.to_spark``), the very
@@ -57,7 +57,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F  # noqa: N812
 
 from periscope import config, views
@@ -141,10 +141,12 @@ def rank_files(spark: SparkSession, trips: DataFrame, ranks: dict[str, int]) -> 
 
 
 def drop_duplicates(trips: DataFrame) -> DataFrame:
-    """One row per trip id: the first copy in source order (the smallest ``SOURCE_ORDER``)."""
-    carried = ("file_rank", *rule_and_fact_fields())
-    first = F.min(F.struct(*SOURCE_ORDER, *carried[1:])).alias("first")
-    return trips.groupBy("id").agg(first).select("id", *(f"first.{name}" for name in carried))
+    """One row per trip id: the first copy in source order (``row_number`` 1 over ``SOURCE_ORDER``,
+    which no two rows share). The window sorts the copies of an id by their place and keeps the
+    first; it says what the python engine's rule says (``periscope.dedupe``) in one line."""
+    first_in_source_order = Window.partitionBy("id").orderBy(*SOURCE_ORDER)
+    return (trips.withColumn("copy", F.row_number().over(first_in_source_order)).where(F.col("copy") == 1)
+            .select("id", "file_rank", *rule_and_fact_fields()))
 
 
 def clean(distinct: DataFrame) -> DataFrame:

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from periscope import config, storage
-from periscope.spark_session import MASTER_AVRO_OPTIONS, SparkSetupError, get_session
+from periscope.spark_session import JIT_HUGE_METHODS, MASTER_AVRO_OPTIONS, SparkSetupError, get_session
 from periscope.sql_prompt import quiet_query_errors, sql_prompt
 
 DATABASE = "periscope"
@@ -71,7 +71,7 @@ def catalog_conf(catalog_dir: Path) -> dict[str, str]:
         "spark.sql.catalogImplementation": "hive",
         "spark.sql.warehouse.dir": str((catalog_dir / "warehouse").resolve()),
         "spark.hadoop.javax.jdo.option.ConnectionURL": f"jdbc:derby:;databaseName={metastore};create=true",
-        "spark.driver.extraJavaOptions": f"-Dderby.system.home={catalog_dir.resolve()}",
+        "spark.driver.extraJavaOptions": f"{JIT_HUGE_METHODS} -Dderby.system.home={catalog_dir.resolve()}",
         "spark.sql.files.ignoreMissingFiles": "true",  # a speed file pruned between listing and reading
         "spark.sql.legacy.parquet.nanosAsLong": "true",  # the views' pandas timestamps: see _columns
     }
