@@ -236,7 +236,6 @@ def start(spark: SparkSession, args: argparse.Namespace) -> SparkSpeedLayer:
     """Start both queries on ``spark`` and return the running layer (tests and notebooks call this)."""
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     layer = SparkSpeedLayer(spark, args, COMPONENT, log)
-    log.info("Python workers ready in %.1f s", layer.models.warm_up())
     # The stream of messages from Kafka, from the checkpoint or after the speed view's last files
     messages = read_kafka(spark, args, layer.starting_offsets())
     # Validate, predict, dead-letter and write the speed files, per micro-batch

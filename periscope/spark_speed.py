@@ -281,6 +281,7 @@ class SparkSpeedLayer:
     def __init__(self, spark: SparkSession, args: argparse.Namespace, component: str, log: logging.Logger):
         self.spark, self.args, self.log = spark, args, log
         self.models = BroadcastModel(spark, args.model_dir, log)
+        log.info("Python workers ready in %.1f s", self.models.warm_up())  # before the idle clock starts
         self.dead_letters = DeadLetterSender(args.bootstrap, args.dlq_topic, args.topic, component, args.consumer_id,
                                              lambda: self.stopping, log, Warnings(log),
                                              reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
