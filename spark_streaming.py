@@ -10,7 +10,8 @@ consume and where the work runs. Two streaming queries run side by side:
 
 1. **speed**, the speed layer's steps per micro-batch: **read Kafka**
    (Spark's Kafka source, ``spark-sql-kafka-0-10``: ``make spark-fetch``),
-   **validate and predict** on the executors in one pass, then on the driver,
+   **validate and predict** on the executors in one pass (a small batch, as
+   at a steady rate, on the driver), then on the driver,
    with the rows as Arrow (never pandas), **dead-letter** the invalid
    messages and **write the speed files** (``foreachBatch``); Spark commits
    the batch in its checkpoint.
@@ -115,11 +116,18 @@ def kafka_messages(source: DataFrame) -> DataFrame:
                          F.unix_millis("timestamp").alias("timestamp_ms"))
 
 
-def validate_and_predict(messages: DataFrame, models: BroadcastModel) -> DataFrame:
-    """2-3. (executors) Each message checked by the core's ``validate_frame``, and each valid trip's seconds
-    predicted by the broadcast model, in one ``mapInArrow`` pass: the plain consumer's verdicts, reason
-    codes and predictions; the raw bytes and the reason of an invalid message."""
-    return messages.mapInArrow(models.speed_rows, SPEED_ROWS_SCHEMA)
+def validate_and_predict(messages: DataFrame, models: BroadcastModel, expected_rows: int | None) -> pa.Table:
+    """2-3. Each message checked by the core's ``validate_frame``, and each valid trip's seconds predicted by
+    the broadcast model, in one ``mapInArrow`` pass on the executors: the plain consumer's verdicts, reason
+    codes and predictions; the raw bytes and the reason of an invalid message. The rows as Arrow, on the
+    driver.
+
+    A micro-batch expected to be small (``speed_tuning.DRIVER_BATCH_ROWS``) comes to the driver as it is
+    and the same function runs there: its rows come to the driver anyway.
+    """
+    if expected_rows is not None and expected_rows <= tuning.DRIVER_BATCH_ROWS:
+        return models.on_driver(messages.toArrow())
+    return messages.mapInArrow(models.speed_rows, SPEED_ROWS_SCHEMA).toArrow()
 
 
 def dead_letter(layer: SparkSpeedLayer, rows: pa.Table, offsets: dict[int, tuple[int, int]],
@@ -144,8 +152,8 @@ def write_speed_batch(layer: SparkSpeedLayer, messages: DataFrame, batch_id: int
     """
     began = time.perf_counter()
     model = layer.models.current()
-    # 2-3. validate and predict on the executors; the rows come back to the driver as Arrow, not pandas
-    rows = validate_and_predict(messages, layer.models).toArrow()
+    # 2-3. validate and predict (on the executors, unless the batch is small); the rows as Arrow, not pandas
+    rows = validate_and_predict(messages, layer.models, layer.next_batch_rows())
     offsets = batch_offsets(rows)
     # 2. dead letters first: a speed file moves the resume point past every message of its batch
     reasons, already_sent = dead_letter(layer, rows, offsets, batch_id)

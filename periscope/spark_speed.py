@@ -8,7 +8,8 @@ module keeps, each behind a name:
   (``KAFKA_SOURCE_SCHEMA``, ``VALIDATED_SCHEMA``);
 - what the executors run per micro-batch: validation and prediction in one
   pass over Arrow batches (``validate_and_predict_batches``), with the model
-  broadcast to them (``BroadcastModel``);
+  broadcast to them (``BroadcastModel``, which also runs it once per core at
+  start, ``warm_up``, and on the driver for a small batch, ``on_driver``);
 - what the driver does with the Arrow rows they hand back, without pandas:
   the offsets of the batch (``batch_offsets``) and the speed files
   (``write_speed_tables``);
@@ -16,8 +17,8 @@ module keeps, each behind a name:
   files, within what Kafka holds, as ``startingOffsets`` JSON);
 - what a failed query means (``explain_failure``: Kafka data loss);
 - the running layer (``SparkSpeedLayer``): its Kafka clients (dead letters
-  through ``consumer_group.DeadLetterSender``), the lag from the query's
-  progress, statistics, status file, the wait until it is stopped, idle or
+  through ``consumer_group.DeadLetterSender``), the lag and the next batch's
+  expected size from the query's progress (``expected_rows``), statistics, status file, the wait until it is stopped, idle or
   failed, and the stop.
 """
 from __future__ import annotations
@@ -38,12 +39,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from kafka import KafkaConsumer, TopicPartition
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.streaming import StreamingQuery
 from pyspark.sql.types import (BinaryType, DoubleType, IntegerType, LongType, StringType, StructField, StructType,
                                TimestampType)
 
 from periscope import speed_core, speed_view
+from periscope import speed_tuning as tuning
 from periscope.consumer_group import DeadLetterSender, Warnings
 from periscope.model import TripDurationModel
 from periscope.spark_session import trip_struct
@@ -79,6 +82,12 @@ SPEED_ROWS_SCHEMA = StructType([*VALIDATED_SCHEMA.fields, StructField("predicted
 
 ArrowBatches = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
+WARM_UP_TRIP = (b'{"id":"warm-up","vendor_id":1,"pickup_datetime":"2016-06-01 00:12:05",'
+                b'"dropoff_datetime":"2016-06-01 00:16:49","passenger_count":1,"pickup_longitude":-73.9918,'
+                b'"pickup_latitude":40.7274,"dropoff_longitude":-73.9823,"dropoff_latitude":40.7278,'
+                b'"store_and_fwd_flag":"N","trip_duration":284}')
+"""A valid trip for ``BroadcastModel.warm_up``: it goes through validation and the model."""
+
 
 # --- on the executors: validate and predict, in one pass ------------------------------------------
 
@@ -113,6 +122,29 @@ class BroadcastModel(ModelWatcher):
         super().__init__(model_dir, logger=logger)
         self.broadcast = spark.sparkContext.broadcast(self.model)
         self.speed_rows = validate_and_predict_batches(self.broadcast)
+
+    def warm_up(self) -> float:
+        """Run the executors' function once per core on a made-up trip; the seconds it took.
+
+        Each Python worker starts, imports pandas and scikit-learn and loads the broadcast model
+        once; done here, before the speed query starts, that costs no micro-batch (the first one
+        took 4-5 s more than the next ones without it). Spark reuses its Python workers after.
+        """
+        began = time.perf_counter()
+        tasks = self.spark.sparkContext.defaultParallelism
+        trips = self.spark.range(tasks, numPartitions=tasks).select(
+            F.lit(b"warm-up").alias("key"), F.lit(WARM_UP_TRIP).alias("value"),
+            F.lit("warm-up").alias("topic"), F.col("id").cast("int").alias("partition"),
+            F.lit(0).cast("long").alias("offset"), F.lit(0).cast("long").alias("timestamp_ms"))
+        trips.mapInArrow(self.speed_rows, SPEED_ROWS_SCHEMA).collect()
+        return time.perf_counter() - began
+
+    def on_driver(self, messages: pa.Table) -> pa.Table:
+        """The executors' function (``speed_rows``) run here, over a micro-batch's messages collected as they
+        are: for a batch too small to pay a Python worker's round trip (``speed_tuning.DRIVER_BATCH_ROWS``)."""
+        tuning.one_model_thread_here()
+        return pa.Table.from_batches(list(self.speed_rows(iter(messages.to_batches()))),
+                                     to_arrow_schema(SPEED_ROWS_SCHEMA))
 
     def switched(self, model: TripDurationModel) -> None:
         old, self.broadcast = self.broadcast, self.spark.sparkContext.broadcast(model)
@@ -163,6 +195,15 @@ def progress_offsets(progress: Any, topic: str) -> tuple[dict[int, int], dict[in
             end, latest = ({int(partition): int(offset) for partition, offset in end[topic].items()} for end in ends)
             return end, latest
     return None
+
+
+def expected_rows(progress: Any, topic: str) -> int:
+    """The size of the next micro-batch as a speed query's last progress tells it: the messages of the
+    batch before (the rate it read at), or those the broker held beyond it (a backlog), the larger."""
+    offsets = progress_offsets(progress, topic)
+    backlog = sum(max(offset - offsets[0].get(partition, offset), 0)
+                  for partition, offset in offsets[1].items()) if offsets else 0
+    return max(int((progress or {}).get("numInputRows") or 0), backlog)
 
 
 # --- where a fresh checkpoint starts, and what a failure means -----------------------------------
@@ -240,6 +281,7 @@ class SparkSpeedLayer:
     def __init__(self, spark: SparkSession, args: argparse.Namespace, component: str, log: logging.Logger):
         self.spark, self.args, self.log = spark, args, log
         self.models = BroadcastModel(spark, args.model_dir, log)
+        log.info("Python workers ready in %.1f s", self.models.warm_up())  # before the idle clock starts
         self.dead_letters = DeadLetterSender(args.bootstrap, args.dlq_topic, args.topic, component, args.consumer_id,
                                              lambda: self.stopping, log, Warnings(log),
                                              reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS)
@@ -304,6 +346,12 @@ class SparkSpeedLayer:
             self.latest.update({partition: max(self.latest.get(partition, end), end)
                                 for partition, end in latest.items()})
         self.lag = self.known_lag()
+
+    def next_batch_rows(self) -> int | None:
+        """How many messages the micro-batch about to run holds, as far as the speed query's last progress
+        tells (``expected_rows``); None before its first progress."""
+        progress = self.queries[0].lastProgress if self.queries else None
+        return None if progress is None else expected_rows(progress, self.args.topic)
 
     def known_lag(self) -> dict[int, int | None]:
         """Per partition with a position: the broker's end as last known minus it (None: end not known yet)."""

@@ -7,8 +7,10 @@ skip this file; a reader tuning them starts here.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -59,6 +61,17 @@ def one_model_thread() -> None:
     threadpool_limits(MODEL_THREADS, "openmp")
 
 
+def one_model_thread_here() -> None:
+    """``one_model_thread`` for the calling thread, once: the Spark driver predicts on the thread
+    Spark's ``foreachBatch`` calls it on, batch after batch."""
+    _one_model_thread_in(threading.get_ident())
+
+
+@functools.cache
+def _one_model_thread_in(_thread: int) -> None:
+    one_model_thread()
+
+
 @contextmanager
 def quick_gil_handoff() -> Iterator[None]:
     """``GIL_SWITCH_INTERVAL_S`` while the speed layer runs; the interpreter's own interval after."""
@@ -89,8 +102,28 @@ def quick_gil_handoff() -> Iterator[None]:
 # CPU seconds of the whole process tree (driver, JVM, Python workers; Spark's start-up included)
 # 93.7 -> 67.0, 75.4 -> 51.7 and 55.2 -> 43.4 (-28, -31, -21 %). Latency at 1,000 trips/s
 # (~500 trips a batch): p99 10.4 -> 3.3 s at load 8-13, 2.2 -> 2.7 s at load 4-5, no gain to call:
-# there Spark's fixed cost per micro-batch dominates, not the data path. Neither target (p99 <= 1.5 s,
-# >= 15,000 trips/s) is met; the next step is that fixed cost, measured on a quiet machine.
+# there Spark's fixed cost per micro-batch dominates, not the data path.
+#
+# Where a micro-batch's time went at 1,000 trips/s (~500-900 trips, query progress ``durationMs`` and
+# timings in ``foreachBatch``, medians, load 5-7 with another Spark job beside it): triggerExecution
+# 700-900 ms = addBatch 600-700 (the Spark job through a Python worker ~550, of which validation and
+# prediction 10-30; speed files 35-55; dead letters ~10) + walCommit ~55 + commitOffsets ~65 +
+# latestOffset and queryPlanning ~15 each. A trivial ``mapInArrow`` job costs 130 ms more than the same
+# job without Python (on a quiet machine), the round trip through the worker, not the work. And the first
+# batch took 4-5 s more than the others: Python workers starting, importing pandas and scikit-learn,
+# loading the model. Hence ``DRIVER_BATCH_ROWS`` and ``BroadcastModel.warm_up`` (spark_speed.py), measured
+# with bench/bench_spark.py, old = the code before, alternated on this machine (2026-12-02):
+# latency at 1,000 trips/s, median of 3 runs each (load 2-5): p50 830 -> 530 ms, p99 1,731 -> 884 ms
+# (the run at load 4-5: p99 4,363 -> 1,475 ms); throughput of 200,000 pre-produced trips, median of 3
+# (load 2-6): 6,892 -> 15,473 trips/s in micro-batches, the process's wall time 53 -> 36 s (Spark's start
+# 5-10 s longer for the warm-up, the first batch that much shorter). Tried and left out (in-process runs
+# at 1,000 trips/s, load 6-8, so only large differences count): a 200 ms trigger (p50 672 against
+# 653 ms at 500 ms, p99 2.2 against 2.3 s); the checkpoint on Hadoop's RawLocalFileSystem, no ``.crc``
+# files (walCommit 49 -> 31 ms, commitOffsets 60 -> 46 ms, ~30 ms of ~600); ``spark.locality.wait`` 0
+# (p50 896 against 747 ms); one task per small batch by ``coalesce`` (p50 1,523 -> 667 ms, p99 2.3 s
+# against 1.65 s on the driver); one OpenMP thread in the Python workers (they predict a batch in 3-17
+# ms already: Spark sets their ``OMP_NUM_THREADS`` to the task's cores; on the driver it matters: 173 trips
+# took 159 ms with two threads against 2.4 ms with one, load 5; ``one_model_thread_here``).
 
 MAX_OFFSETS_PER_TRIGGER = 20_000
 """``--max-offsets-per-trigger``: messages per micro-batch at most, so a catch-up of millions runs as many
@@ -102,3 +135,11 @@ TRIGGER = "500 milliseconds"
 """``--trigger``: a new micro-batch at most twice a second; when idle, Spark asks the broker for new
 offsets that often. A batch that takes longer starts the next one at once, so at a steady rate the
 latency is about one trigger interval plus one batch."""
+
+DRIVER_BATCH_ROWS = 5_000
+"""A micro-batch expected to hold at most this many messages (the one before it did, and the broker held no
+more behind it) is validated and predicted on the driver: collected as Spark's Kafka rows, it skips the
+round trip through a Python worker (the JVM's Arrow to the worker, and back, then to the driver), which
+costs more than the work for a few hundred trips. Bigger ones (a catch-up) run on the executors, so a
+cluster's cores share them. At 5,000 the driver's pass takes ~0.15 s (validation ~20 us a message, the
+model ~3 us, one thread), about the round trip it saves at load 5; the gain at 1,000 trips/s: above."""

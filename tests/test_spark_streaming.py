@@ -219,6 +219,17 @@ def test_the_lag_comes_from_the_progress_of_sparks_kafka_source():
     assert spark_speed.progress_offsets(None, "t") is None, "no batch has run yet"
 
 
+def test_the_next_batch_is_expected_as_big_as_the_last_one_or_the_backlog_behind_it():
+    def progress(rows: int, end: str, latest: str) -> dict:
+        return {"numInputRows": rows, "sources": [{"endOffset": end, "latestOffset": latest}]}
+
+    assert spark_speed.expected_rows(progress(500, '{"t": {"0": 45, "1": 33}}', '{"t": {"0": 45, "1": 33}}'),
+                                     "t") == 500, "a steady rate"
+    assert spark_speed.expected_rows(progress(700, '{"t": {"0": 45, "1": 33}}', '{"t": {"0": 9045, "1": 133}}'),
+                                     "t") == 9100, "a catch-up: the backlog"
+    assert spark_speed.expected_rows({"numInputRows": 0, "sources": []}, "t") == 0, "idle"
+
+
 def test_kafka_data_loss_is_explained_and_other_failures_left_alone():
     lost = "Some data may have been lost because they are not available in Kafka any more ... failOnDataLoss ..."
     assert "delete the checkpoint" in spark_speed.explain_failure(lost)
@@ -278,6 +289,23 @@ def test_spark_speed_view_equals_the_plain_consumers_and_malformed_messages_reac
     # over the last 10 s: none if the windows query, which follows the speed files, took longer than that
     assert status["latency_ms"]["p50"] is None or status["latency_ms"]["p50"] > 0
     assert status["assigned_partitions"] == [0, 1, 2] and status["model_version"] == "test-v1"
+
+
+def test_a_small_batch_on_the_driver_gives_the_rows_the_executors_give(spark, trained_model_dir, sample_trips):
+    trips = sample_trips.head(100)
+    messages = pd.DataFrame({"key": [t.encode() for t in trips["id"]] + [b"bad"],
+                             "value": [record_to_json(r) for r in trips.to_dict("records")] + [b"{oops"],
+                             "topic": "t", "partition": [i % 3 for i in range(len(trips) + 1)],
+                             "offset": [i // 3 for i in range(len(trips) + 1)],
+                             "timestamp": pd.Timestamp("2023-11-14 22:13:20"), "timestampType": 0})
+    batch = spark_streaming.kafka_messages(spark.createDataFrame(messages, schema=spark_speed.KAFKA_SOURCE_SCHEMA))
+    models = spark_speed.BroadcastModel(spark, trained_model_dir, spark_streaming.log)
+    assert models.warm_up() > 0
+    on_executors = spark_streaming.validate_and_predict(batch, models, None).sort_by([("partition", "ascending"),
+                                                                                     ("offset", "ascending")])
+    on_driver = spark_streaming.validate_and_predict(batch, models, len(messages)).sort_by(
+        [("partition", "ascending"), ("offset", "ascending")])
+    assert on_driver.equals(on_executors) and on_driver.num_rows == len(messages)
 
 
 @pytest.mark.kafka
