@@ -18,8 +18,8 @@ module keeps, each behind a name:
 - what a failed query means (``explain_failure``: Kafka data loss);
 - the running layer (``SparkSpeedLayer``): its Kafka clients (dead letters
   through ``consumer_group.DeadLetterSender``), the lag and the next batch's
-  expected size from the query's progress (``expected_rows``), statistics, status file, the wait until it is stopped, idle or
-  failed, and the stop.
+  expected size from the query's progress (``expected_rows``), statistics,
+  status file, the wait until it is stopped, idle or failed, and the stop.
 """
 from __future__ import annotations
 
