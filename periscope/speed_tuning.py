@@ -113,9 +113,9 @@ def quick_gil_handoff() -> Iterator[None]:
 # batch took 4-5 s more than the others: Python workers starting, importing pandas and scikit-learn,
 # loading the model. Hence ``DRIVER_BATCH_ROWS`` and ``BroadcastModel.warm_up`` (spark_speed.py), measured
 # with bench/bench_spark.py, old = the code before, alternated on this machine (2026-12-02):
-# latency at 1,000 trips/s, median of 3 runs each (load 2-5): p50 830 -> 530 ms, p99 1,731 -> 884 ms
-# (the run at load 4-5: p99 4,363 -> 1,475 ms); throughput of 200,000 pre-produced trips, median of 3
-# (load 2-6): 6,892 -> 15,473 trips/s in micro-batches, the process's wall time 53 -> 36 s (Spark's start
+# latency at 1,000 trips/s, median of 4-5 runs each (load 0.1-6): p50 830 -> 512 ms, p99 1,731 -> 894 ms
+# (the run at load 4-5: p99 4,363 -> 1,475 ms); throughput of 200,000 pre-produced trips, median of 4
+# (load 0.1-6): 7,156 -> 15,626 trips/s in micro-batches, the process's wall time 53 -> 36 s (Spark's start
 # 5-10 s longer for the warm-up, the first batch that much shorter). Tried and left out (in-process runs
 # at 1,000 trips/s, load 6-8, so only large differences count): a 200 ms trigger (p50 672 against
 # 653 ms at 500 ms, p99 2.2 against 2.3 s); the checkpoint on Hadoop's RawLocalFileSystem, no ``.crc``
