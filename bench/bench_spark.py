@@ -20,7 +20,9 @@ starts and stops (temporary state dir, free ports, the project's Maven-fetched j
    into a scratch master dataset, then recomputed ``--repeat`` times by each
    engine, alternately: wall time from start to exit (JVM and Python start-up
    included), CPU time, peak RSS of the process tree (the JVM and Spark's
-   Python workers included). Both engines' results are checked equal.
+   Python workers included). Both engines' results are checked equal. Beside
+   them, ``python -m periscope.spark_session start`` (a session and a one-line
+   job, no trips): the floor under any Spark recompute on that master.
 
 Run it (needs a trained model, ``python train_model.py``, and Spark's Kafka and Avro
 connectors, ``make spark-fetch``)::
@@ -52,13 +54,15 @@ import batch_processor  # noqa: E402
 from bench.bench_batch import ensure_csv, parse_counts, recompute_command, run_measured  # noqa: E402
 from bench.bench_speed_layer import latency_summary, produce, wait_with_usage  # noqa: E402
 from bench.machine import print_machine  # noqa: E402
-from periscope import config, generate, kafka_local, speed_view, storage, views  # noqa: E402
+from periscope import config, generate, kafka_local, speed_tuning, speed_view, storage, views  # noqa: E402
 from periscope.model import current_version  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_ROOT / "bench" / "results"
 PARTS = ("latency", "throughput", "batch")
 ENGINES = ("python", "spark")
+SPARK_START = [sys.executable, "-m", "periscope.spark_session", "start"]
+"""Spark's start alone: a session and a one-line job, no trips. The least any Spark recompute costs."""
 DRAIN_IDLE_S = 3.0
 LATENCY_IDLE_S = 30.0  # the producer may take 10 s to start on a busy machine
 
@@ -148,7 +152,7 @@ def bench_batch_size(rows: int, repeat: int, workers: int, seed: int, work: Path
         import_s = time.perf_counter() - started
         files = storage.master_files(scratch / "master")
         print(f"  {rows:,} trips imported in {import_s:.0f} s into {len(files)} master files", flush=True)
-        runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in ENGINES}
+        runs: dict[str, list[dict[str, Any]]] = {engine: [] for engine in (*ENGINES, "spark start")}
         published: dict[str, Any] = {}
         for run in range(1, repeat + 1):
             for engine in ENGINES:
@@ -162,6 +166,9 @@ def bench_batch_size(rows: int, repeat: int, workers: int, seed: int, work: Path
                 print(f"  {engine:>6} run {run}/{repeat}: {result['wall_s']:.1f} s wall, {result['cpu_s']:.0f} CPU s, "
                       f"peak RSS {result['peak_rss_total_mb']:,.0f} MB over {result['processes']} processes; "
                       f"others used {result['others_cpu_s']:.0f} CPU s", flush=True)
+            runs["spark start"].append(run_measured(SPARK_START, scratch / f"start-{run}.log"))
+            print(f"  Spark start alone (a session, a one-line job) run {run}/{repeat}: "
+                  f"{runs['spark start'][-1]['wall_s']:.1f} s wall", flush=True)
         if not views.views_equal(published["python"][0], published["spark"][0]):
             raise RuntimeError(f"the engines disagree on {rows:,} trips")
     finally:
@@ -181,6 +188,9 @@ def batch_table(results: list[dict[str, Any]]) -> list[str]:
             m = result["median"][engine]
             lines.append(f"{result['rows']:>11,} {engine:>7} {m['wall_s']:>7.1f} {m['cpu_s']:>6.0f} "
                          f"{m['compute_s']:>10.1f} {m['peak_rss_total_mb']:>11,.0f} {m['processes']:>5.0f}")
+        start = result["median"]["spark start"]
+        lines.append(f"{'':>11} {'start':>7} {start['wall_s']:>7.1f} {start['cpu_s']:>6.0f} {'':>10} "
+                     f"{start['peak_rss_total_mb']:>11,.0f} {start['processes']:>5.0f}   (Spark start alone)")
     return lines
 
 
@@ -197,7 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds the latency run produces for")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds at the start of the latency run not measured")
     parser.add_argument("--trips", type=int, default=200_000, help="trips pre-produced for the throughput run")
-    parser.add_argument("--max-offsets-per-trigger", type=int, default=20_000,
+    parser.add_argument("--max-offsets-per-trigger", type=int, default=speed_tuning.MAX_OFFSETS_PER_TRIGGER,
                         help="spark_streaming.py --max-offsets-per-trigger")
     parser.add_argument("--sizes", default="1500000,10000000", help="batch sizes (trips), comma-separated")
     parser.add_argument("--repeat", type=int, default=1, help="recompute runs per engine and size (medians reported)")

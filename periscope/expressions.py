@@ -265,7 +265,7 @@ def to_spark(expr: Expr, columns: Mapping[str, Any], float_fields: frozenset[str
         value = F.when(missing(args[0], a), F.lit(len(bounds))).otherwise(counted).cast("long")
     elif op == "lookup":
         table, index = args[0], arg(1)
-        values = F.array(*(F.lit(v) for v in table))
+        values = F.lit(np.asarray(table))  # one array literal, one call to the JVM (not one per value)
         value = F.when((index >= 0) & (index < len(table)), F.element_at(values, (index + 1).cast("int"))
                        ).otherwise(F.lit(float("nan")))
     elif op == "to_int":
