@@ -189,7 +189,7 @@ def test_combined_view_equals_a_recompute_over_the_distinct_trips_while_trips_st
 
         # 3. trips keep flowing while batch runs ingest, recompute and publish; copies of trips the batch
         #    version holds arrive meanwhile (across a publish)
-        producer = produce(kafka_bootstrap, topic, chunks[1], "--rate", "600")
+        producer = produce(kafka_bootstrap, topic, chunks[1], "--rate", "300")  # 5 s: two batch cycles, loaded
         checks = 0
         while producer.poll() is None:
             batcher = threading.Thread(target=batch_cycle)
